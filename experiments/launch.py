@@ -1,0 +1,143 @@
+"""Start a private local SuperLink and submit ``flwr run`` to it (tests, experiments, benchmarks).
+
+``flwr run .`` on the default ``local`` connection starts a detached SuperLink on fixed
+ports that outlives the run, installs dependencies at run time unless told not to, and
+resolves relative paths against its own working directory. For anything automated we
+start our own ``flower-superlink --simulation`` on a free port, with runtime dependency
+installation disabled, inside a throwaway ``FLWR_HOME``, and stop it (its whole process
+group) when done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def executable(name: str) -> str:
+    """A console script of this interpreter's environment (works without an activated venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as the TOML literal ``flwr run -c`` expects."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    raise TypeError(f"Run-config values must be bool, int, float or str; got {value!r}")
+
+
+def run_config_arg(overrides: dict[str, Any]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+
+
+class LocalSuperLink:
+    """A simulation SuperLink of our own: ``with LocalSuperLink(workdir) as link: link.run(...)``."""
+
+    def __init__(self, workdir: Path, log_path: Path | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
+        self.log_path = log_path or self.home / "superlink.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        bin_dir = str(Path(sys.executable).parent)
+        env.update({
+            "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
+            "FLWR_HOME": str(self.home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_DATASETS_OFFLINE": env.get("HF_DATASETS_OFFLINE", "1"),
+            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "FL_APP_WORKDIR": str(self.workdir),
+        })
+        return env
+
+    def start(self, timeout: float = 60.0) -> "LocalSuperLink":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "private"\n\n[superlink.private]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
+        self.process = subprocess.Popen(
+            [executable("flower-superlink"), "--insecure", "--simulation",
+             "--disable-runtime-dependency-installation", "--port", str(self.port)],
+            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited early; see {self.log_path}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not listen on {self.port} within {timeout}s")
+
+    def run(
+        self,
+        overrides: dict[str, Any],
+        *,
+        num_supernodes: int,
+        num_cpus: float = 1,
+        app: Path = REPO,
+        timeout: float = 3600,
+        output: Path | None = None,
+    ) -> subprocess.CompletedProcess:
+        """``flwr run <app> private --stream`` with run-config and federation overrides."""
+        cmd = [executable("flwr"), "run", str(app), "private", "--stream",
+               "--federation-config",
+               f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}"]
+        if overrides:
+            cmd += ["--run-config", run_config_arg(overrides)]
+        if output is None:
+            return subprocess.run(cmd, env=self.env, cwd=self.workdir, capture_output=True,
+                                  text=True, timeout=timeout)
+        with open(output, "w") as handle:
+            return subprocess.run(cmd, env=self.env, cwd=self.workdir, stdout=handle,
+                                  stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.process = None
+
+    def __enter__(self) -> "LocalSuperLink":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""The Flower apps (ServerApp, ClientApp) and everything that runs inside them."""

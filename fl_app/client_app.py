@@ -1,0 +1,98 @@
+"""ClientApp: trains and evaluates on this node's partition.
+
+The node's partition comes from its node config (``partition-id``, ``num-partitions``:
+set by the simulation engine, or by ``flower-supernode --node-config`` in deployment).
+The run config comes with every message (``wire.RUN_CONFIG``), validated again here, so
+the server alone decides what a round means (a sweep changes it between runs).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from partitions import dataset_info, load_client_data
+
+from . import wire
+from .config import RunConfig
+from .model import build_model
+from .training import derive_seed, evaluate, train_local
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=8)
+def _run_config(text: str) -> RunConfig:
+    return RunConfig.from_json(text)
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config, checked."""
+    try:
+        pid = int(context.node_config[wire.PARTITION_ID])
+        num = int(context.node_config[wire.NUM_PARTITIONS])
+    except KeyError as err:
+        raise ValueError(
+            f"Node config lacks {err}; start each SuperNode with --node-config "
+            "'partition-id=<i> num-partitions=<n>'"
+        ) from None
+    if not 0 <= pid < num:
+        raise ValueError(f"Node config partition-id={pid} is not in [0, num-partitions={num})")
+    return pid, num
+
+
+def _setup(msg: Message, context: Context):
+    cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
+    pid, num = node_partition(context)
+    data = load_client_data(cfg.data, pid, num)
+    model = build_model(dataset_info(cfg.dataset))
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict(), strict=True)
+    return cfg, pid, data, model
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (for reproducible sampling)."""
+    pid, num = node_partition(context)
+    return Message(
+        RecordDict({wire.METRICS: MetricRecord({wire.PARTITION_ID: pid, wire.NUM_PARTITIONS: num})}),
+        reply_to=msg,
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, pid, data, model = _setup(msg, context)
+    server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    result = train_local(
+        model,
+        data.train,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=float(cfg.lr),
+        momentum=float(cfg.momentum),
+        seed=derive_seed(cfg.seed, server_round, pid),
+    )
+    metrics = MetricRecord({
+        wire.NUM_EXAMPLES: result.num_examples,
+        wire.TRAIN_LOSS: result.loss,
+        wire.TRAIN_ACCURACY: result.accuracy,
+        wire.LOCAL_STEPS: result.steps,
+    })
+    content = RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    _, _, data, model = _setup(msg, context)
+    loss, accuracy = evaluate(model, data.val)
+    metrics = MetricRecord({
+        wire.NUM_EXAMPLES: len(data.val),
+        wire.VAL_LOSS: loss,
+        wire.VAL_ACCURACY: accuracy,
+    })
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+

@@ -1,0 +1,256 @@
+"""The run config, read once at the boundary into a frozen, validated dataclass.
+
+The defaults live in one place, ``[tool.flwr.app.config]`` of pyproject.toml; Flower
+merges them with ``flwr run -c ...`` overrides and hands the result to both apps as
+``context.run_config``. ``RunConfig.from_mapping`` checks every key (unknown keys,
+missing keys, types and ranges) and raises ``ValueError`` naming the key and what is
+accepted, before any training starts. Clients rebuild the same object from the JSON the
+server sends each round (``wire.RUN_CONFIG``), so a sweep can change it between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import strategies
+from partitions import PARTITIONERS, DataConfig, resolve_source
+
+AUTO = "auto"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key of the app (kebab-case in TOML, snake_case here)."""
+
+    strategy: str
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    seed: int
+    dataset: str
+    partitioner: str
+    alpha: float
+    classes_per_partition: int
+    shards_per_partition: int
+    validation_fraction: float
+    server_lr: float | str
+    server_momentum: float
+    beta_1: float
+    beta_2: float
+    tau: float
+    trim_fraction: float
+    results_dir: str
+    run_name: str
+    sweep_file: str
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [_key(f.name) for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
+        """Validate a full run config (kebab-case keys) and build the dataclass."""
+        expected = cls.keys()
+        unknown = sorted(set(mapping) - set(expected))
+        if unknown:
+            raise ValueError(f"Unknown run-config key(s) {unknown}; accepted keys: {expected}")
+        missing = [k for k in expected if k not in mapping]
+        if missing:
+            raise ValueError(f"Missing run-config key(s) {missing}")
+        return cls(**{f.name: mapping[_key(f.name)] for f in fields(cls)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.from_mapping(json.loads(text))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **overrides: Any) -> "RunConfig":
+        """A new, re-validated config with kebab-case overrides."""
+        return RunConfig.from_mapping({**self.to_dict(), **overrides})
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        _choice("strategy", self.strategy, strategies.NAMES)
+        _int("num-server-rounds", self.num_server_rounds, minimum=1)
+        _unit_interval("fraction-train", self.fraction_train)
+        _unit_interval("fraction-evaluate", self.fraction_evaluate)
+        _int("min-train-nodes", self.min_train_nodes, minimum=1)
+        _int("local-epochs", self.local_epochs, minimum=1)
+        _int("batch-size", self.batch_size, minimum=1)
+        _positive("lr", self.lr)
+        _fraction("momentum", self.momentum)
+        _int("seed", self.seed, minimum=0)
+        _str("dataset", self.dataset)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _positive("alpha", self.alpha)
+        _int("classes-per-partition", self.classes_per_partition, minimum=1)
+        _int("shards-per-partition", self.shards_per_partition, minimum=1)
+        _open_interval("validation-fraction", self.validation_fraction)
+        if self.server_lr != AUTO:
+            _positive("server-lr", self.server_lr, also=f'or the string "{AUTO}"')
+        _fraction("server-momentum", self.server_momentum)
+        _fraction("beta-1", self.beta_1)
+        _fraction("beta-2", self.beta_2)
+        _positive("tau", self.tau)
+        _number("trim-fraction", self.trim_fraction)
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"Run config 'trim-fraction' must be in [0, 0.5); got {self.trim_fraction!r}")
+        _str("results-dir", self.results_dir)
+        if not isinstance(self.run_name, str) or (self.run_name and not _RUN_NAME.match(self.run_name)):
+            raise ValueError(
+                "Run config 'run-name' must be empty (automatic) or letters, digits and "
+                f"'._=+-' not starting with a symbol; got {self.run_name!r}"
+            )
+        if not isinstance(self.sweep_file, str):
+            raise ValueError(f"Run config 'sweep-file' must be a path string; got {self.sweep_file!r}")
+        if self.sweep_file and not Path(self.sweep_file).expanduser().is_file():
+            raise ValueError(f"Run config 'sweep-file': no such file: {self.sweep_file!r}")
+        resolve_source(self.dataset)  # unknown name or missing file
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def data(self) -> DataConfig:
+        return DataConfig(
+            dataset=self.dataset,
+            partitioner=self.partitioner,
+            alpha=float(self.alpha),
+            classes_per_partition=self.classes_per_partition,
+            shards_per_partition=self.shards_per_partition,
+            validation_fraction=float(self.validation_fraction),
+            seed=self.seed,
+        )
+
+    @property
+    def effective_server_lr(self) -> float:
+        """``server-lr``, with ``"auto"`` replaced by the strategy's default."""
+        if self.server_lr == AUTO:
+            return strategies.default_server_lr(self.strategy)
+        return float(self.server_lr)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as written to the results: "auto" replaced by the value used."""
+        out = self.to_dict()
+        out["server-lr"] = self.effective_server_lr
+        return out
+
+    def default_run_name(self, timestamp: str) -> str:
+        source = resolve_source(self.dataset)
+        data = self.dataset if source.kind in ("digits",) or self.dataset == "fashion-mnist" else (
+            Path(source.location).stem if source.kind != "hub" else source.location.split("/")[-1]
+        )
+        split = self.partitioner
+        if self.partitioner == "dirichlet":
+            split += f"{self.alpha:g}"
+        elif self.partitioner == "pathological":
+            split += f"{self.classes_per_partition}"
+        elif self.partitioner == "shard":
+            split += f"{self.shards_per_partition}"
+        return f"{self.strategy}-{data}-{split}-s{self.seed}-{timestamp}"
+
+
+# ---------------------------------------------------------------------- checks
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(key: str, value: Any) -> None:
+    if not _is_number(value) or value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"Run config '{key}' must be a finite number; got {value!r}")
+
+
+def _positive(key: str, value: Any, also: str = "") -> None:
+    if not _is_number(value) or not 0 < value < float("inf"):
+        extra = f" {also}" if also else ""
+        raise ValueError(f"Run config '{key}' must be a number > 0{extra}; got {value!r}")
+
+
+def _fraction(key: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Run config '{key}' must be a number in [0, 1); got {value!r}")
+
+
+def _unit_interval(key: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"Run config '{key}' must be a number in (0, 1]; got {value!r}")
+
+
+def _open_interval(key: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 < value < 1.0:
+        raise ValueError(f"Run config '{key}' must be a number in (0, 1); got {value!r}")
+
+
+def _int(key: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Run config '{key}' must be an integer >= {minimum}; got {value!r}")
+
+
+def _str(key: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"Run config '{key}' must be a non-empty string; got {value!r}")
+
+
+def _choice(key: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"Run config '{key}' must be one of {list(accepted)}; got {value!r}")
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults of ``[tool.flwr.app.config]`` in the repository's pyproject.toml."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    with pyproject.open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def load_sweep(base: RunConfig) -> list[RunConfig]:
+    """The runs of ``sweep-file`` (a JSON list of overrides), each validated on ``base``.
+
+    Every entry must set ``run-name`` (so a later sitting can skip finished runs) and may
+    not set ``sweep-file``. All entries are validated before the first run starts.
+    """
+    if not base.sweep_file:
+        return [base]
+    path = Path(base.sweep_file).expanduser()
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Run config 'sweep-file' {path} is not valid JSON: {err}") from err
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or not entries:
+        raise ValueError(f"Run config 'sweep-file' {path} must hold a non-empty JSON list of objects")
+    runs: list[RunConfig] = []
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        if "sweep-file" in entry:
+            raise ValueError(f"sweep-file entry {i} may not set 'sweep-file'")
+        if not entry.get("run-name"):
+            raise ValueError(f"sweep-file entry {i} must set a non-empty 'run-name'")
+        try:
+            cfg = base.replace(**entry, **{"sweep-file": ""})
+        except ValueError as err:
+            raise ValueError(f"sweep-file entry {i} ({entry.get('run-name')}): {err}") from err
+        if cfg.run_name in names:
+            raise ValueError(f"sweep-file entry {i}: duplicate run-name {cfg.run_name!r}")
+        names.add(cfg.run_name)
+        runs.append(cfg)
+    return runs

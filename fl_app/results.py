@@ -1,0 +1,128 @@
+"""Everything a run leaves behind, under ``<results-dir>/<run-name>/``.
+
+- ``config.json``: the resolved run config (``server-lr = "auto"`` replaced by its value);
+- ``summary.json``: rewritten after every round, so a crash loses at most the round in
+  flight; ``complete`` turns true at the end. It holds ``final_test_accuracy``,
+  ``num_rounds`` and ``history``: one record per round (round 0 = the initial model) with
+  ``test_accuracy``, ``test_loss``, the aggregated client metrics and round statistics;
+- ``final_model.pt``: the final global weights (a PyTorch state dict);
+- ``accuracy.png``: test accuracy per round.
+
+Nothing is overwritten: a run whose directory already exists gets a numbered suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+MODEL = "final_model.pt"
+PLOT = "accuracy.png"
+
+
+def resolve_results_dir(results_dir: str) -> Path:
+    """Relative ``results-dir`` values resolve against ``$FL_APP_WORKDIR`` if set, else
+    the current directory (for a simulation, the one the SuperLink was started from)."""
+    path = Path(results_dir).expanduser()
+    if not path.is_absolute():
+        path = Path(os.environ.get("FL_APP_WORKDIR", os.getcwd())) / path
+    return path
+
+
+def is_complete(run_dir: Path) -> bool:
+    """True if ``run_dir`` holds the summary of a finished run."""
+    try:
+        return bool(json.loads((run_dir / SUMMARY).read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def fresh_run_dir(root: Path, name: str) -> Path:
+    """``root/name``, or ``root/name-2``, ``-3``... if taken; created empty."""
+    root.mkdir(parents=True, exist_ok=True)
+    candidate, n = root / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = root / f"{name}-{n}"
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Collects the per-round history of one run and keeps ``summary.json`` current."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], extra: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.extra = extra
+        self.history: list[dict[str, Any]] = []
+        write_json(run_dir / CONFIG, config)
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self._write(complete=False)
+
+    def summary(self, complete: bool) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "complete": complete,
+            "run_name": self.run_dir.name,
+            "num_rounds": self.config.get("num-server-rounds"),
+            "rounds_completed": max((r["round"] for r in self.history), default=0),
+            "final_test_accuracy": last.get("test_accuracy"),
+            "final_test_loss": last.get("test_loss"),
+            "best_test_accuracy": max((r["test_accuracy"] for r in self.history), default=None),
+            **self.extra,
+            "config": self.config,
+            "history": self.history,
+        }
+
+    def _write(self, complete: bool) -> None:
+        write_json(self.run_dir / SUMMARY, self.summary(complete))
+
+    def finish(self, state_dict: Any) -> dict[str, Any]:
+        import torch
+
+        torch.save(state_dict, self.run_dir / MODEL)
+        plot_accuracy(self.history, self.run_dir / PLOT, title=self.run_dir.name)
+        self._write(complete=True)
+        return self.summary(True)
+
+
+def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r["test_accuracy"] for r in history], marker="o", ms=3, label="test (server)")
+    val = [(r["round"], r["val_accuracy"]) for r in history if r.get("val_accuracy") is not None]
+    if val:
+        ax.plot(*zip(*val), marker="s", ms=3, ls="--", label="validation (clients)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

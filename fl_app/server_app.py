@@ -1,0 +1,172 @@
+"""ServerApp: validates the run config, checks the split, runs the strategy, records it.
+
+One ``flwr run`` executes one run, or, with ``sweep-file``, a list of runs one after
+another on the same nodes (the simulation's start-up is paid once). Before any training:
+the config is validated, the nodes are asked which partition they hold, and the split is
+computed and checked (every partition at least 2 samples); any problem raises here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import datetime
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+import strategies
+from partitions import check_partitions, dataset_info, load_test_data
+from strategies.guard import Guarded
+from strategies.sampling import PartitionSampler
+
+from . import wire
+from .config import RunConfig, load_sweep
+from .model import build_model, num_parameters
+from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
+from .training import derive_seed, evaluate
+
+app = ServerApp()
+
+INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
+QUERY_TIMEOUT = 120.0
+NODE_WAIT_TIMEOUT = 600.0
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT) -> list[int]:
+    """The connected node ids, once at least ``minimum`` are connected."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"Only {len(nodes)} node(s) connected after {timeout:.0f}s; "
+                f"'min-train-nodes' asks for {minimum}"
+            )
+        log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+        time.sleep(1.0)
+    return nodes
+
+
+class NodeDirectory:
+    """Which partition each node holds, learned once per node with a query message."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.partition: dict[int, tuple[int, int]] = {}
+
+    def discover(self, node_ids: list[int]) -> dict[int, int]:
+        unknown = [n for n in node_ids if n not in self.partition]
+        if unknown:
+            messages = [
+                Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in unknown
+            ]
+            for reply in self.grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    log(WARNING, "Node %s did not say which partition it holds: %s",
+                        node, reply.error.reason)
+                    continue
+                metrics = reply.content[wire.METRICS]
+                self.partition[node] = (int(metrics[wire.PARTITION_ID]),
+                                        int(metrics[wire.NUM_PARTITIONS]))
+        return {n: self.partition[n][0] for n in node_ids if n in self.partition}
+
+    def num_partitions(self, node_ids: list[int]) -> int:
+        self.discover(node_ids)
+        counts = {self.partition[n][1] for n in node_ids if n in self.partition}
+        if not counts:
+            raise RuntimeError("No node reported its partition; check the ClientApp logs")
+        if len(counts) > 1:
+            raise ValueError(f"Nodes disagree on num-partitions: {sorted(counts)}")
+        return counts.pop()
+
+
+def _history_record(server_round: int, metrics: MetricRecord | None, prefix: str = "") -> dict:
+    if metrics is None:
+        return {}
+    return {prefix + k.replace("-", "_"): v for k, v in metrics.items()}
+
+
+def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str) -> dict:
+    """Train one run config to the end and record it; returns its summary."""
+    node_ids = wait_for_nodes(grid, cfg.min_train_nodes)
+    num_partitions = nodes.num_partitions(node_ids)
+    sizes = check_partitions(cfg.data, num_partitions)  # raises before any training
+    info = dataset_info(cfg.dataset)
+    test = load_test_data(cfg.dataset)
+    model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG))
+    initial = ArrayRecord(model.state_dict())
+
+    strategy = Guarded(
+        strategies.build(cfg),
+        sampler=PartitionSampler(cfg.seed, nodes.discover),
+        min_valid_replies=cfg.min_train_nodes,
+    )
+    run_dir = fresh_run_dir(resolve_results_dir(cfg.results_dir), run_dir_name)
+    recorder = RunRecorder(
+        run_dir,
+        cfg.resolved(),
+        extra={
+            "num_partitions": num_partitions,
+            "num_nodes": len(node_ids),
+            "partition_sizes": sizes,
+            "model_parameters": num_parameters(model),
+            "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
+                        "num_train": info.num_train, "num_test": info.num_test},
+        },
+    )
+    log(INFO, "Run %s: %s, %d partitions of %s (%s), results in %s", run_dir.name,
+        cfg.strategy, num_partitions, cfg.dataset, cfg.partitioner, run_dir)
+    clock = {"last": time.perf_counter()}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test)
+        now = time.perf_counter()
+        record = {"round": server_round, "test_accuracy": accuracy, "test_loss": loss,
+                  "round_seconds": now - clock["last"] if server_round else 0.0}
+        clock["last"] = now
+        if server_round > 0:
+            record.update(_history_record(server_round, strategy.last_train_metrics))
+            record.update(_history_record(server_round, strategy.last_evaluate_metrics))
+        recorder.add_round(record)
+        log(INFO, "[%s] round %d/%d: test accuracy %.4f, test loss %.4f", run_dir.name,
+            server_round, cfg.num_server_rounds, accuracy, loss)
+        return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
+
+    round_config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json()})
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds,
+        train_config=round_config,
+        evaluate_config=ConfigRecord({wire.RUN_CONFIG: cfg.to_json()}),
+        evaluate_fn=evaluate_fn,
+    )
+    final = result.arrays if len(result.arrays) else initial
+    summary = recorder.finish(final.to_torch_state_dict())
+    log(INFO, "Run %s finished: final test accuracy %.4f (summary: %s)", run_dir.name,
+        summary["final_test_accuracy"], run_dir / "summary.json")
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    base = RunConfig.from_mapping(context.run_config)
+    runs = load_sweep(base)  # every entry validated before the first run starts
+    nodes = NodeDirectory(grid)
+    timestamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i, cfg in enumerate(runs, start=1):
+        name = cfg.run_name or cfg.default_run_name(timestamp)
+        if base.sweep_file:
+            run_dir = resolve_results_dir(cfg.results_dir) / name
+            if is_complete(run_dir):
+                log(INFO, "Sweep %d/%d: %s already complete, skipped", i, len(runs), name)
+                continue
+            if run_dir.exists():  # an interrupted earlier attempt: keep it aside
+                shutil.move(str(run_dir), str(run_dir.with_name(f"{name}.incomplete-{timestamp}")))
+            log(INFO, "Sweep %d/%d: %s", i, len(runs), name)
+        run_one(grid, cfg, nodes, name)

@@ -1,0 +1,32 @@
+"""Keys of the records that travel between ServerApp and ClientApp (kebab-case).
+
+Server and client import these names; a typo becomes an ImportError, not a silent miss.
+"""
+
+# RecordDict keys
+ARRAYS = "arrays"  # the model (FedAvg's default ArrayRecord key)
+CONFIG = "config"  # the round's ConfigRecord
+METRICS = "metrics"  # the reply's MetricRecord
+
+# ConfigRecord entries sent by the server
+SERVER_ROUND = "server-round"  # injected by Flower's FedAvg.configure_*
+RUN_CONFIG = "run-config"  # the validated RunConfig as JSON (sweeps change it per run)
+
+# MetricRecord entries in replies
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+VAL_LOSS = "val-loss"
+VAL_ACCURACY = "val-accuracy"
+LOCAL_STEPS = "local-steps"
+
+# Query reply: which partition a node holds
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+# Round statistics the server adds to the aggregated train metrics
+REPLIES_VALID = "replies-valid"
+REPLIES_REJECTED = "replies-rejected"
+UPLOAD_BYTES = "upload-bytes-per-client"
+DOWNLOAD_BYTES = "download-bytes-per-client"
+TRAIN_SECONDS = "train-seconds"

@@ -1,0 +1,35 @@
+"""Datasets and Non-IID splits through flwr-datasets partitioners (no Flower app code)."""
+
+from .federated import (
+    ClientData,
+    DataConfig,
+    DatasetInfo,
+    check_partitions,
+    dataset_info,
+    load_client_data,
+    load_test_data,
+    partition_indices,
+    partition_labels,
+    train_val_split,
+)
+from .partitioners import PARTITIONERS, build_partitioner
+from .sources import ImageArrays, SourceSpec, read_idx, resolve_source
+
+__all__ = [
+    "PARTITIONERS",
+    "ClientData",
+    "DataConfig",
+    "DatasetInfo",
+    "ImageArrays",
+    "SourceSpec",
+    "build_partitioner",
+    "check_partitions",
+    "dataset_info",
+    "load_client_data",
+    "load_test_data",
+    "partition_indices",
+    "partition_labels",
+    "read_idx",
+    "resolve_source",
+    "train_val_split",
+]

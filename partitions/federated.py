@@ -1,0 +1,254 @@
+"""A dataset cut into client partitions: what a client trains on, what the server tests on.
+
+One code path for every source: the train split becomes a ``datasets.Dataset`` holding
+the label column, is shuffled with the run's ``seed``, and is handed to a flwr-datasets
+partitioner (``partitioner.dataset = ...``). Hub and parquet sources are loaded, and
+a single parquet file divided into train/test, by flwr-datasets' ``FederatedDataset``;
+in-memory sources (digits, IDX) keep their pixels in NumPy and give the partitioner
+only labels plus an ``index`` column (the row in the train split; every source has it),
+so no pixels are copied through Arrow.
+
+The test split does not depend on ``seed`` (``DATA_SPLIT_SEED``), so runs with different
+seeds are scored on the same images; ``seed`` changes the partitions, the train/validation
+split of each client, the model's initial weights and the client sampling.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .partitioners import PARTITIONERS, build_partitioner
+from .sources import (
+    IMAGE_KEYS,
+    LABEL_KEYS,
+    ImageArrays,
+    SourceSpec,
+    federated_dataset_args,
+    find_column,
+    hf_to_arrays,
+    load_digits_split,
+    load_idx_folder,
+    resolve_source,
+)
+
+DATA_SPLIT_SEED = 0  # fixes the train/test division of sources that ship without one
+INDEX_KEY = "index"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The part of the run config that decides which samples a client holds."""
+
+    dataset: str
+    partitioner: str
+    alpha: float
+    classes_per_partition: int
+    shards_per_partition: int
+    validation_fraction: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.partitioner not in PARTITIONERS:
+            raise ValueError(
+                f"Run config 'partitioner' must be one of {list(PARTITIONERS)}; got "
+                f"{self.partitioner!r}"
+            )
+        resolve_source(self.dataset)  # raises on an unknown name or a missing file
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model needs to know about a dataset."""
+
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    num_train: int
+    num_test: int
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's partition, split into a training and a validation part."""
+
+    train: ImageArrays
+    val: ImageArrays
+
+
+class _PreparedSource:
+    """A loaded source: train labels (for partitioning), train pixels, and the test split."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        import datasets
+
+        datasets.disable_progress_bars()
+        self.spec = spec
+        if spec.kind in ("digits", "idx"):
+            if spec.kind == "digits":
+                train, test = load_digits_split(DATA_SPLIT_SEED)
+            else:
+                from pathlib import Path
+
+                train, test = load_idx_folder(Path(spec.location))
+            self._train_pixels: ImageArrays | None = train
+            self.label_key = "label"
+            self.train_ds = datasets.Dataset.from_dict(
+                {"label": train.y, INDEX_KEY: np.arange(len(train.y), dtype=np.int64)}
+            )
+            self.test = test
+            self.num_classes = int(max(train.y.max(), test.y.max())) + 1
+        else:
+            from flwr_datasets import FederatedDataset
+
+            # The partitioner passed here only satisfies FederatedDataset's signature; the
+            # real one is built per DataConfig and given the train split below.
+            fds = FederatedDataset(
+                **federated_dataset_args(spec),
+                partitioners={"train": 1},
+                shuffle=True,
+                seed=DATA_SPLIT_SEED,
+            )
+            train_ds = fds.load_split("train")
+            test_ds = fds.load_split("test")
+            columns = list(train_ds.column_names)
+            self.label_key = find_column(columns, LABEL_KEYS, "label")
+            self._image_key = find_column(columns, IMAGE_KEYS, "image")
+            self._train_pixels = None
+            self.train_ds = train_ds.add_column(INDEX_KEY, np.arange(len(train_ds), dtype=np.int64))
+            self.test = hf_to_arrays(test_ds, self._image_key, self.label_key)
+            feature = train_ds.features[self.label_key]
+            self.num_classes = int(
+                getattr(feature, "num_classes", 0)
+                or max(int(np.max(train_ds[self.label_key])), int(self.test.y.max())) + 1
+            )
+        if len(self.train_ds) == 0 or len(self.test) == 0:
+            raise ValueError(f"Dataset {spec.describe()} has an empty train or test split")
+
+    @property
+    def info(self) -> DatasetInfo:
+        c, h, w = self.test.x.shape[1:]
+        return DatasetInfo((int(c), int(h), int(w)), self.num_classes,
+                           len(self.train_ds), len(self.test))
+
+    def arrays_of(self, part) -> ImageArrays:
+        """Pixels and labels of a partition (a ``datasets.Dataset``)."""
+        if self._train_pixels is not None:
+            idx = np.asarray(part[INDEX_KEY], dtype=np.int64)
+            return ImageArrays(self._train_pixels.x[idx], self._train_pixels.y[idx])
+        return hf_to_arrays(part, self._image_key, self.label_key)
+
+
+def _offline_if_local(spec: SourceSpec) -> None:
+    if spec.kind != "hub":
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@lru_cache(maxsize=2)
+def _prepared(spec: SourceSpec) -> _PreparedSource:
+    _offline_if_local(spec)
+    return _PreparedSource(spec)
+
+
+@lru_cache(maxsize=4)
+def _partitioner(cfg: DataConfig, num_partitions: int):
+    source = _prepared(resolve_source(cfg.dataset))
+    if num_partitions > len(source.train_ds):
+        raise ValueError(
+            f"num-partitions = {num_partitions} is more than the {len(source.train_ds)} "
+            f"training samples of dataset {cfg.dataset!r}"
+        )
+    partitioner = build_partitioner(
+        cfg.partitioner,
+        num_partitions,
+        label_key=source.label_key,
+        alpha=cfg.alpha,
+        classes_per_partition=cfg.classes_per_partition,
+        shards_per_partition=cfg.shards_per_partition,
+        seed=cfg.seed,
+    )
+    if cfg.partitioner == "pathological" and cfg.classes_per_partition > source.num_classes:
+        raise ValueError(
+            f"Run config 'classes-per-partition' = {cfg.classes_per_partition} exceeds the "
+            f"{source.num_classes} classes of dataset {cfg.dataset!r}"
+        )
+    order = np.random.default_rng(cfg.seed).permutation(len(source.train_ds))
+    partitioner.dataset = source.train_ds.select(order).flatten_indices()
+    return source, partitioner
+
+
+def dataset_info(dataset: str) -> DatasetInfo:
+    """Image shape, number of classes and split sizes of a dataset."""
+    return _prepared(resolve_source(dataset)).info
+
+
+def load_test_data(dataset: str) -> ImageArrays:
+    """The server's test split (independent of the run's seed)."""
+    return _prepared(resolve_source(dataset)).test
+
+
+def partition_labels(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
+    """The labels of every partition, in partition-id order (for checks and reports)."""
+    source, partitioner = _partitioner(cfg, num_partitions)
+    try:
+        return [
+            np.asarray(partitioner.load_partition(pid)[source.label_key], dtype=np.int64)
+            for pid in range(num_partitions)
+        ]
+    except ValueError as err:  # e.g. Dirichlet could not meet its minimum size
+        raise ValueError(
+            f"Could not split dataset {cfg.dataset!r} into {num_partitions} partitions "
+            f"with partitioner {cfg.partitioner!r} (alpha={cfg.alpha}, classes-per-partition="
+            f"{cfg.classes_per_partition}, shards-per-partition={cfg.shards_per_partition}): "
+            f"{err}"
+        ) from err
+
+
+def partition_indices(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
+    """The train-split row indices of every partition, in partition-id order."""
+    _, partitioner = _partitioner(cfg, num_partitions)
+    return [np.asarray(partitioner.load_partition(pid)[INDEX_KEY], dtype=np.int64)
+            for pid in range(num_partitions)]
+
+
+def check_partitions(cfg: DataConfig, num_partitions: int) -> list[int]:
+    """Partition sizes; raises if any client would hold fewer than 2 samples."""
+    sizes = [len(labels) for labels in partition_labels(cfg, num_partitions)]
+    too_small = [pid for pid, n in enumerate(sizes) if n < 2]
+    if too_small:
+        raise ValueError(
+            f"Partitions {too_small} of dataset {cfg.dataset!r} hold fewer than 2 samples "
+            f"(sizes {sizes}); each client needs at least one training and one validation "
+            f"sample. Use fewer partitions or a larger 'alpha'."
+        )
+    return sizes
+
+
+def train_val_split(data: ImageArrays, fraction: float, seed: int) -> ClientData:
+    """Seeded split of one partition; at least one sample on each side."""
+    n = len(data)
+    if n < 2:
+        raise ValueError(f"A partition of {n} samples cannot be split into train and validation")
+    n_val = min(max(1, int(round(fraction * n))), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return ClientData(
+        train=ImageArrays(data.x[train_idx], data.y[train_idx]),
+        val=ImageArrays(data.x[val_idx], data.y[val_idx]),
+    )
+
+
+@lru_cache(maxsize=4)
+def load_client_data(cfg: DataConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """Partition ``partition_id`` of ``num_partitions``, split into train and validation."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition-id must be in [0, {num_partitions}), got {partition_id}"
+        )
+    source, partitioner = _partitioner(cfg, num_partitions)
+    data = source.arrays_of(partitioner.load_partition(partition_id))
+    split_seed = int(np.random.SeedSequence([cfg.seed, partition_id]).generate_state(1)[0])
+    return train_val_split(data, cfg.validation_fraction, split_seed)

@@ -1,0 +1,184 @@
+"""Guarded: bad replies are left out (with reasons), the model never goes non-finite,
+too few valid replies leave it unchanged, and sampling is reproducible in partition space."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
+
+from strategies.guard import Guarded
+from strategies.sampling import PartitionSampler
+from strategies.validation import array_spec, check_reply, record_nbytes, split_replies
+from tests.conftest import make_grid, make_reply
+
+W = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([0.5], dtype=np.float32)}
+
+
+def global_arrays() -> ArrayRecord:
+    return ArrayRecord({k: Array(v.copy()) for k, v in W.items()})
+
+
+def arrays(w, b) -> dict:
+    return {"w": np.asarray(w, dtype=np.float32), "b": np.asarray(b, dtype=np.float32)}
+
+
+BAD_REPLIES = {
+    "missing key": (dict(arrays=arrays([1, 1], [1]) | {"extra": np.zeros(1, np.float32)}), "array keys differ"),
+    "dropped key": (dict(arrays={"w": np.zeros(2, np.float32)}), "array keys differ"),
+    "wrong shape": (dict(arrays=arrays([1, 1, 1], [1])), "has shape (3,)"),
+    "wrong dtype": (dict(arrays={"w": np.zeros(2, np.float64), "b": np.zeros(1, np.float32)}), "dtype float64"),
+    "nan": (dict(arrays=arrays([np.nan, 1], [1])), "NaN or Inf"),
+    "inf": (dict(arrays=arrays([1, 1], [np.inf])), "NaN or Inf"),
+    "zero examples": (dict(arrays=arrays([1, 1], [1]), num_examples=0), "must be a finite number > 0"),
+    "negative examples": (dict(arrays=arrays([1, 1], [1]), num_examples=-5), "must be a finite number > 0"),
+    "no num-examples": (dict(arrays=arrays([1, 1], [1]), num_examples=None), "'num-examples' is missing"),
+    "nan metric": (dict(arrays=arrays([1, 1], [1]), extra_metrics={"train-loss": float("nan")}), "'train-loss' is not finite"),
+    "no arrays": (dict(arrays=None), "exactly one ArrayRecord"),
+    "client error": (dict(arrays=None, error="boom"), "client error: boom"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REPLIES))
+def test_each_bad_reply_is_rejected_with_its_reason(name):
+    kwargs, reason = BAD_REPLIES[name]
+    good = make_reply(arrays([1, 1], [1]), node_id=1)
+    bad = make_reply(**kwargs, node_id=2)
+    valid, rejected = split_replies([good, bad], array_spec(global_arrays()))
+    assert valid == [good]
+    assert len(rejected) == 1 and reason in rejected[0][1]
+
+
+def test_evaluate_replies_need_no_arrays():
+    assert check_reply(make_reply(None, num_examples=4).content, None) is None
+
+
+def guarded_fedavg(min_valid=1, sampler=None) -> Guarded:
+    return Guarded(FedAvg(min_train_nodes=1, min_available_nodes=1), sampler=sampler,
+                   min_valid_replies=min_valid)
+
+
+def configure(strategy: Guarded, nodes=(11, 12, 13)) -> list:
+    return list(strategy.configure_train(1, global_arrays(), ConfigRecord(), make_grid(list(nodes))))
+
+
+def test_aggregate_is_fedavg_of_the_valid_replies_only():
+    """Hand-computed: weighted mean of (1,1|1) x10 and (4,7|-2) x20 = (3,5|-1)."""
+    # Prepare
+    strategy = guarded_fedavg()
+    configure(strategy)
+    replies = [
+        make_reply(arrays([1, 1], [1]), num_examples=10, node_id=11),
+        make_reply(arrays([4, 7], [-2]), num_examples=20, node_id=12),
+        make_reply(arrays([np.nan, 1e9], [1]), num_examples=1000, node_id=13),
+    ]
+    # Execute
+    agg, metrics = strategy.aggregate_train(1, replies)
+    # Assert
+    np.testing.assert_allclose(agg["w"].numpy(), [3.0, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(agg["b"].numpy(), [-1.0], rtol=1e-6)
+    assert metrics["replies-valid"] == 2 and metrics["replies-rejected"] == 1
+    wire_bytes = record_nbytes(global_arrays())  # 12 bytes of float32 plus .npy headers
+    assert wire_bytes > 12
+    assert metrics["upload-bytes-per-client"] == wire_bytes
+    assert metrics["download-bytes-per-client"] == wire_bytes
+
+
+def test_too_few_valid_replies_leave_the_model_unchanged():
+    strategy = guarded_fedavg(min_valid=2)
+    configure(strategy)
+    replies = [make_reply(arrays([1, 1], [1]), node_id=11),
+               make_reply(arrays([1, 1], [1]), num_examples=0, node_id=12)]
+    agg, metrics = strategy.aggregate_train(1, replies)
+    assert agg is None
+    assert metrics["replies-valid"] == 1 and metrics["replies-rejected"] == 1
+
+
+def test_all_replies_failed_leaves_the_model_unchanged():
+    strategy = guarded_fedavg()
+    configure(strategy)
+    agg, metrics = strategy.aggregate_train(1, [make_reply(None, error="timeout", node_id=11)])
+    assert agg is None and metrics["replies-rejected"] == 1
+
+
+class _Exploding(FedAvg):
+    """A stand-in for a server optimizer that overflows: state changes, output is NaN."""
+
+    def __init__(self):
+        super().__init__(min_train_nodes=1, min_available_nodes=1)
+        self.state = 0
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.state += 1
+        return ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}), metrics
+
+
+def test_non_finite_aggregate_is_discarded_and_strategy_state_rolled_back():
+    inner = _Exploding()
+    strategy = Guarded(inner)
+    configure(strategy)
+    agg, _ = strategy.aggregate_train(1, [make_reply(arrays([1, 1], [1]), node_id=11)])
+    assert agg is None
+    assert inner.state == 0
+
+
+def test_server_momentum_state_is_kept_when_round_is_valid():
+    """FedAvgM (lr 1, momentum 0.5): Δ = x - mean = (1,2|.5) - (0,0|0) -> x' = x - Δ."""
+    strategy = Guarded(FedAvgM(min_train_nodes=1, min_available_nodes=1,
+                               server_learning_rate=1.0, server_momentum=0.5))
+    configure(strategy)
+    agg, _ = strategy.aggregate_train(1, [make_reply(arrays([0, 0], [0]), node_id=11)])
+    np.testing.assert_allclose(agg["w"].numpy(), [0.0, 0.0], atol=1e-6)
+    assert strategy.inner.momentum_vector is not None
+
+
+# ----------------------------------------------------------------- sampling
+def sampler_for(mapping: dict[int, int], seed: int) -> PartitionSampler:
+    return PartitionSampler(seed, lambda nodes: {n: mapping[n] for n in nodes})
+
+
+def test_same_seed_samples_same_partitions_whatever_the_node_ids():
+    # Two "runs" whose nodes hold the same partitions under different node ids.
+    run_a = {101: 0, 205: 1, 377: 2, 412: 3, 999: 4}
+    run_b = {7: 3, 8: 0, 9: 4, 10: 1, 11: 2}
+    for server_round in (1, 2, 3):
+        a = sampler_for(run_a, seed=5).choose(run_a, 2, server_round, "train")
+        b = sampler_for(run_b, seed=5).choose(run_b, 2, server_round, "train")
+        assert sorted(run_a[n] for n in a) == sorted(run_b[n] for n in b)
+
+
+def test_other_seed_or_round_samples_other_partitions():
+    mapping = {n: n for n in range(20)}
+    picks = {tuple(sampler_for(mapping, seed).choose(mapping, 5, r, "train"))
+             for seed in (0, 1) for r in (1, 2, 3)}
+    assert len(picks) == 6
+    chosen = sampler_for(mapping, 0).choose(mapping, 5, 1, "train")
+    assert len(set(chosen)) == 5
+
+
+def test_guarded_readdresses_messages_to_the_sampled_nodes():
+    mapping = {31: 2, 32: 0, 33: 1, 34: 3}
+    sampler = sampler_for(mapping, seed=0)
+    inner = FedAvg(fraction_train=0.5, min_train_nodes=1, min_available_nodes=1)
+    strategy = Guarded(inner, sampler=sampler)
+    messages = configure(strategy, nodes=mapping)
+    expected = sampler_for(mapping, seed=0).choose(list(mapping), 2, 1, "train")
+    assert [m.metadata.dst_node_id for m in messages] == expected
+
+
+class _NeverCalled(Strategy):
+    def configure_train(self, *a): raise AssertionError
+    def aggregate_train(self, *a): raise AssertionError
+    def configure_evaluate(self, *a): raise AssertionError
+    def aggregate_evaluate(self, *a): raise AssertionError
+    def summary(self): pass
+
+
+def test_inner_strategy_is_not_called_without_enough_valid_replies():
+    strategy = Guarded(_NeverCalled(), min_valid_replies=1)
+    strategy._expected_spec = array_spec(global_arrays())
+    strategy._global_spec = strategy._expected_spec
+    agg, metrics = strategy.aggregate_train(1, [make_reply(arrays([np.nan, 0], [0]))])
+    assert agg is None and isinstance(metrics, MetricRecord)
