@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import strategies
 from partitions import dataset_info, load_client_data
 
 from . import wire
@@ -66,6 +67,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    half = strategies.client_half(cfg.strategy, model, msg.content, context.state)
     result = train_local(
         model,
         data.train,
@@ -74,14 +76,18 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(cfg.lr),
         momentum=float(cfg.momentum),
         seed=derive_seed(cfg.seed, server_round, pid),
+        hooks=half.hooks,
     )
+    arrays = ArrayRecord(model.state_dict())
+    for key, value in half.finish(model, result.steps).items():
+        arrays[key] = Array(value)
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: result.num_examples,
         wire.TRAIN_LOSS: result.loss,
         wire.TRAIN_ACCURACY: result.accuracy,
         wire.LOCAL_STEPS: result.steps,
     })
-    content = RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.METRICS: metrics})
+    content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 

@@ -47,6 +47,7 @@ class RunConfig:
     classes_per_partition: int
     shards_per_partition: int
     validation_fraction: float
+    proximal_mu: float
     server_lr: float | str
     server_momentum: float
     beta_1: float
@@ -106,6 +107,9 @@ class RunConfig:
         _int("classes-per-partition", self.classes_per_partition, minimum=1)
         _int("shards-per-partition", self.shards_per_partition, minimum=1)
         _open_interval("validation-fraction", self.validation_fraction)
+        _number("proximal-mu", self.proximal_mu)
+        if self.proximal_mu < 0:
+            raise ValueError(f"Run config 'proximal-mu' must be a number >= 0; got {self.proximal_mu!r}")
         if self.server_lr != AUTO:
             _positive("server-lr", self.server_lr, also=f'or the string "{AUTO}"')
         _fraction("server-momentum", self.server_momentum)

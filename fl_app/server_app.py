@@ -101,7 +101,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     initial = ArrayRecord(model.state_dict())
 
     strategy = Guarded(
-        strategies.build(cfg),
+        strategies.build(cfg, num_partitions),
         sampler=PartitionSampler(cfg.seed, nodes.discover),
         min_valid_replies=cfg.min_train_nodes,
     )
@@ -137,13 +137,15 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
             server_round, cfg.num_server_rounds, accuracy, loss)
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
 
-    round_config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json()})
+    def round_config() -> ConfigRecord:
+        return ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_dir.name})
+
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
-        train_config=round_config,
-        evaluate_config=ConfigRecord({wire.RUN_CONFIG: cfg.to_json()}),
+        train_config=round_config(),
+        evaluate_config=round_config(),
         evaluate_fn=evaluate_fn,
     )
     final = result.arrays if len(result.arrays) else initial

@@ -11,6 +11,7 @@ METRICS = "metrics"  # the reply's MetricRecord
 # ConfigRecord entries sent by the server
 SERVER_ROUND = "server-round"  # injected by Flower's FedAvg.configure_*
 RUN_CONFIG = "run-config"  # the validated RunConfig as JSON (sweeps change it per run)
+RUN_TAG = "run-tag"  # unique name of the run (client state from another run is reset)
 
 # MetricRecord entries in replies
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key

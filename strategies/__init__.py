@@ -1,8 +1,12 @@
-"""Strategy registry: run-config name -> a configured Message-API Strategy.
+"""Strategy registry: run-config name -> a configured Message-API Strategy + client half.
 
-Every strategy the registry builds is wrapped by ``guard.Guarded`` (reply validation,
-deterministic partition-aware sampling, round statistics), so the wrapped classes stay
-exactly the algorithm.
+The ServerApp wraps every strategy the registry builds in ``guard.Guarded`` (reply
+validation, deterministic partition-aware sampling, round statistics), so the strategy
+classes stay exactly the algorithm.
+
+Our own implementations, one module each, server and client half together:
+``fedprox`` (Li et al. 2020), ``scaffold`` (Karimireddy et al. 2020, Option II),
+``fedadam`` (Reddi et al. 2021).
 
 Flower's built-ins are here as comparison baselines:
 ``fedavg`` (McMahan et al. 2017), ``fedavgm`` (Hsu et al. 2019), ``fedyogi`` and
@@ -12,8 +16,12 @@ Flower's built-ins are here as comparison baselines:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from flwr.app import RecordDict
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAvg,
@@ -23,17 +31,27 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Strategy,
 )
+from torch import nn
+
+from fl_app import wire
+from fl_app.training import LocalHooks
+
+from .fedadam import FedAdam
+from .fedprox import PROXIMAL_MU, FedProx, client_hooks
+from .scaffold import Scaffold, ScaffoldClient
 
 if TYPE_CHECKING:  # pragma: no cover
     from fl_app.config import RunConfig
 
 # server-lr when the run config says "auto"
-_DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedyogi": 0.01, "fedadagrad": 0.01}
+_DEFAULT_SERVER_LR = {"fedavgm": 1.0, "scaffold": 1.0, "fedadam": 0.01, "fedyogi": 0.01,
+                      "fedadagrad": 0.01}
 
 # Strategies whose aggregate is a num-examples-weighted mean of the replies (optionally
 # followed by a server optimizer step): the only ones that stay correct when secure
 # aggregation hides the individual replies and reveals only their weighted sum.
-LINEAR = ("fedavg", "fedavgm", "fedyogi", "fedadagrad")
+# SCAFFOLD is not: its control-variate update is an unweighted mean.
+LINEAR = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
 
 
 def _common(cfg: "RunConfig") -> dict[str, Any]:
@@ -46,11 +64,29 @@ def _common(cfg: "RunConfig") -> dict[str, Any]:
     }
 
 
-def _fedavg(cfg: "RunConfig") -> Strategy:
+def _fedavg(cfg: "RunConfig", num_clients: int) -> Strategy:
     return FedAvg(**_common(cfg))
 
 
-def _fedavgm(cfg: "RunConfig") -> Strategy:
+def _fedprox(cfg: "RunConfig", num_clients: int) -> Strategy:
+    return FedProx(**_common(cfg), proximal_mu=float(cfg.proximal_mu))
+
+
+def _scaffold(cfg: "RunConfig", num_clients: int) -> Strategy:
+    return Scaffold(**_common(cfg), num_clients=num_clients, server_lr=cfg.effective_server_lr)
+
+
+def _fedadam(cfg: "RunConfig", num_clients: int) -> Strategy:
+    return FedAdam(
+        **_common(cfg),
+        eta=cfg.effective_server_lr,
+        beta_1=float(cfg.beta_1),
+        beta_2=float(cfg.beta_2),
+        tau=float(cfg.tau),
+    )
+
+
+def _fedavgm(cfg: "RunConfig", num_clients: int) -> Strategy:
     return FedAvgM(
         **_common(cfg),
         server_learning_rate=cfg.effective_server_lr,
@@ -58,7 +94,7 @@ def _fedavgm(cfg: "RunConfig") -> Strategy:
     )
 
 
-def _fedyogi(cfg: "RunConfig") -> Strategy:
+def _fedyogi(cfg: "RunConfig", num_clients: int) -> Strategy:
     return FedYogi(
         **_common(cfg),
         eta=cfg.effective_server_lr,
@@ -69,22 +105,25 @@ def _fedyogi(cfg: "RunConfig") -> Strategy:
     )
 
 
-def _fedadagrad(cfg: "RunConfig") -> Strategy:
+def _fedadagrad(cfg: "RunConfig", num_clients: int) -> Strategy:
     return FedAdagrad(
         **_common(cfg), eta=cfg.effective_server_lr, eta_l=float(cfg.lr), tau=float(cfg.tau)
     )
 
 
-def _fedmedian(cfg: "RunConfig") -> Strategy:
+def _fedmedian(cfg: "RunConfig", num_clients: int) -> Strategy:
     return FedMedian(**_common(cfg))
 
 
-def _fedtrimmedavg(cfg: "RunConfig") -> Strategy:
+def _fedtrimmedavg(cfg: "RunConfig", num_clients: int) -> Strategy:
     return FedTrimmedAvg(**_common(cfg), beta=float(cfg.trim_fraction))
 
 
-_BUILDERS: dict[str, Callable[["RunConfig"], Strategy]] = {
+_BUILDERS: dict[str, Callable[["RunConfig", int], Strategy]] = {
     "fedavg": _fedavg,
+    "fedprox": _fedprox,
+    "scaffold": _scaffold,
+    "fedadam": _fedadam,
     "fedavgm": _fedavgm,
     "fedyogi": _fedyogi,
     "fedadagrad": _fedadagrad,
@@ -99,12 +138,43 @@ def default_server_lr(name: str) -> float:
     return _DEFAULT_SERVER_LR.get(name, 1.0)
 
 
-def build(cfg: "RunConfig") -> Strategy:
-    """The bare strategy named by ``cfg.strategy`` (not yet wrapped by ``Guarded``)."""
+def build(cfg: "RunConfig", num_clients: int) -> Strategy:
+    """The bare strategy named by ``cfg.strategy`` (not yet wrapped by ``Guarded``).
+
+    ``num_clients`` is the number of partitions (N in SCAFFOLD's c update).
+    """
     try:
         builder = _BUILDERS[cfg.strategy]
     except KeyError:
         raise ValueError(
             f"Run config 'strategy' must be one of {list(NAMES)}; got {cfg.strategy!r}"
         ) from None
-    return builder(cfg)
+    return builder(cfg, num_clients)
+
+
+@dataclass
+class ClientHalf:
+    """What a strategy asks of the client's local training.
+
+    ``hooks`` go into ``train_local``; ``finish(model, steps)`` returns extra arrays for
+    the reply (SCAFFOLD's Delta c_i) and updates the node's state.
+    """
+
+    hooks: LocalHooks = field(default_factory=LocalHooks)
+    finish: Callable[[nn.Module, int], dict[str, np.ndarray]] = lambda model, steps: {}
+
+
+def client_half(name: str, model: nn.Module, content: RecordDict, state: RecordDict) -> ClientHalf:
+    """The client half of strategy ``name``, set up from the train message ``content``.
+
+    ``model`` must already hold the global weights (FedProx and SCAFFOLD copy them).
+    """
+    config = content[wire.CONFIG]
+    if name == "fedprox":
+        if PROXIMAL_MU not in config:
+            raise ValueError(f"FedProx client: the train config carries no '{PROXIMAL_MU}'")
+        return ClientHalf(hooks=client_hooks(model, float(config[PROXIMAL_MU])))
+    if name == "scaffold":
+        scaffold = ScaffoldClient(model, content, state, str(config[wire.RUN_TAG]))
+        return ClientHalf(hooks=scaffold.hooks, finish=scaffold.finish)
+    return ClientHalf()

@@ -79,7 +79,7 @@ def test_auto_server_lr_resolves_per_strategy(make_config):
 
 def test_every_registered_strategy_builds(make_config):
     for name in strategies.NAMES:
-        strategy = strategies.build(make_config(strategy=name))
+        strategy = strategies.build(make_config(strategy=name), 10)
         assert strategy.fraction_train == 1.0
 
 

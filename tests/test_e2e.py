@@ -1,9 +1,10 @@
 """End to end: real `flwr run` simulations against a SuperLink this module starts and stops.
 
-One sweep of two identical runs (4 nodes, half of them sampled per round) checks that
-the app learns (accuracy far above chance, read from summary.json), that a run leaves
-all its files, and that the same config and seed reproduce the same run exactly
-(partitions, initial model, sampling). Re-submitting the sweep skips finished runs.
+One `flwr run` executes a sweep (4 nodes, half of them sampled per round): two
+identical FedAvg runs and one run of each of our strategies (FedProx, SCAFFOLD, FedAdam).
+It checks that each learns (accuracy far above chance, read from summary.json), that a
+run leaves all its files, and that the same config and seed reproduce the same run
+exactly (partitions, initial model, sampling). Re-submitting the sweep skips them all.
 A bad config fails before training with an error naming the key.
 """
 
@@ -18,6 +19,7 @@ from experiments.launch import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 
+OURS = ("fedprox", "scaffold", "fedadam")
 TINY = {"dataset": "digits", "num-server-rounds": 4, "fraction-train": 0.5,
         "partitioner": "dirichlet", "alpha": 1.0, "local-epochs": 2}
 
@@ -35,7 +37,9 @@ def link(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep_run(link):
     sweep = link.workdir / "sweep.json"
-    sweep.write_text(json.dumps([{"run-name": "twin-a", **TINY}, {"run-name": "twin-b", **TINY}]))
+    runs = [{"run-name": "twin-a", **TINY}, {"run-name": "twin-b", **TINY}]
+    runs += [{"run-name": name, **TINY, "strategy": name} for name in OURS]
+    sweep.write_text(json.dumps(runs))
     overrides = {"sweep-file": str(sweep), "results-dir": str(link.workdir / "results")}
     first = link.run(overrides, num_supernodes=4, timeout=900)
     return link.workdir / "results", overrides, first
@@ -79,8 +83,20 @@ def test_resubmitted_sweep_skips_finished_runs(link, sweep_run):
     results, overrides, _ = sweep_run
     before = (results / "twin-a" / "summary.json").stat().st_mtime_ns
     again = link.run(overrides, num_supernodes=4, timeout=600)
-    assert again.stdout.count("already complete, skipped") == 2, again.stdout[-2000:]
+    assert again.stdout.count("already complete, skipped") == 2 + len(OURS), again.stdout[-2000:]
     assert (results / "twin-a" / "summary.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_each_custom_strategy_learns_end_to_end(sweep_run, name):
+    results, _, _ = sweep_run
+    s = summary(results, name)
+    assert s["complete"] and s["config"]["strategy"] == name
+    assert s["final_test_accuracy"] > 0.5, [r["test_accuracy"] for r in s["history"]]
+    assert all(r.get("replies_rejected", 0) == 0 for r in s["history"])
+    fedavg_upload = summary(results, "twin-a")["history"][-1]["upload_bytes_per_client"]
+    factor = 2 if name == "scaffold" else 1  # SCAFFOLD uploads Delta c_i beside the model
+    assert s["history"][-1]["upload_bytes_per_client"] == factor * fedavg_upload
 
 
 def test_bad_config_fails_before_training_naming_the_key(link):

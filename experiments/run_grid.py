@@ -1,0 +1,77 @@
+"""Run a named grid of run configs in ONE `flwr run` (a sweep), then tabulate and plot it.
+
+    python -m experiments.run_grid smoke                 # run what is missing, then report
+    python -m experiments.run_grid baselines-digits --seeds 0 1
+    python -m experiments.run_grid baselines-digits --report-only
+    python -m experiments.run_grid --list
+
+All pending runs of the grid go into one sweep file that a single `flwr run` executes
+one after another on the same simulated nodes, so SuperLink, Ray and actor start-up and
+data loading are paid once, not per run. Finished runs (``summary.json`` complete) are
+skipped, so an interrupted grid is completed by running the same command again.
+Outputs: ``docs/results/<grid>/`` (table.md, table.csv, curves.png, flwr.log) and
+``docs/results/<grid>/runs/<run-name>/`` (summary.json, config.json; weights and per-run
+plots stay local, see .gitignore).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fl_app.results import is_complete
+
+from .grids import GRIDS
+from .launch import REPO, LocalSuperLink
+from .report import write_report
+
+DEFAULT_OUT = REPO / "docs" / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", nargs="?", help="grid name (see --list)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="subset of the grid's seeds")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="root of grid outputs")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
+    parser.add_argument("--list", action="store_true", help="list the grids")
+    parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds for the whole sweep")
+    args = parser.parse_args(argv)
+
+    if args.list or not args.grid:
+        for name, grid in GRIDS.items():
+            print(f"{name:24s} {len(grid.runs()):3d} runs  {grid.description}")
+        return 0
+    if args.grid not in GRIDS:
+        parser.error(f"unknown grid {args.grid!r}; known: {sorted(GRIDS)}")
+    grid = GRIDS[args.grid]
+    out_dir = args.out / grid.name
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    if not args.report_only:
+        runs = grid.runs(tuple(args.seeds) if args.seeds else None)
+        pending = [r for r in runs if not is_complete(runs_dir / r["run-name"])]
+        print(f"grid {grid.name}: {len(runs) - len(pending)} of {len(runs)} runs complete, "
+              f"{len(pending)} to run", flush=True)
+        if pending:
+            sweep = out_dir / "sweep.json"
+            sweep.write_text(json.dumps(pending, indent=1))
+            started = time.monotonic()
+            with LocalSuperLink(out_dir, log_path=out_dir / "superlink.log") as link:
+                proc = link.run({"sweep-file": str(sweep), "results-dir": str(runs_dir)},
+                                num_supernodes=grid.num_supernodes, timeout=args.timeout,
+                                output=out_dir / "flwr.log")
+            done = sum(is_complete(runs_dir / r["run-name"]) for r in pending)
+            print(f"sweep finished in {time.monotonic() - started:.0f}s (exit {proc.returncode}): "
+                  f"{done} of {len(pending)} pending runs complete; log: {out_dir / 'flwr.log'}")
+    rows = write_report(grid, out_dir)
+    print((out_dir / "table.md").read_text())
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""SCAFFOLD (Option II): pure updates by hand, the full algorithm on quadratics against a
+NumPy reference with partial participation, and the client half on the real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from fl_app.model import build_model
+from fl_app.training import LocalHooks, train_local
+from partitions import DataConfig, dataset_info, load_client_data
+from strategies.guard import Guarded
+from strategies.scaffold import (
+    C_RECORD,
+    DC_PREFIX,
+    STATE_CI,
+    Scaffold,
+    ScaffoldClient,
+    control_variate_update,
+    gradient_mean_update,
+    server_update,
+)
+from tests.conftest import make_grid, make_reply
+
+
+def test_option_ii_control_variate_by_hand():
+    """c_i = .5, c = 1, x = 2, y = 1, K = 2, eta_l = .25: Delta c = -1 + (2-1)/(2*.25) = 1,
+    c_i+ = .5 + 1 = 1.5."""
+    new_c_i, delta_c = control_variate_update(
+        {"w": np.array([0.5])}, {"w": np.array([1.0])}, {"w": np.array([2.0])},
+        {"w": np.array([1.0])}, num_steps=2, lr=0.25)
+    assert delta_c["w"][0] == pytest.approx(1.0) and new_c_i["w"][0] == pytest.approx(1.5)
+
+
+def test_server_update_by_hand():
+    """x = (1, 1), c = (0, 0), mean dy = (.5, -1), mean dc = (2, 4), |S| = 2, N = 4, eta_g = .5:
+    x' = (1.25, .5), c' = (1, 2)."""
+    x, c = server_update({"w": np.array([1.0, 1.0])}, {"w": np.zeros(2)},
+                         {"w": np.array([0.5, -1.0])}, {"w": np.array([2.0, 4.0])},
+                         num_sampled=2, num_clients=4, server_lr=0.5)
+    np.testing.assert_allclose(x["w"], [1.25, 0.5])
+    np.testing.assert_allclose(c["w"], [1.0, 2.0])
+
+
+def test_gradient_mean_update_by_hand():
+    """Raw gradients summed over K = 4 steps = (8, -4): c_i+ = (2, -1); c_i = (1, 1): dc = (1, -2)."""
+    new_c_i, dc = gradient_mean_update({"w": np.array([1.0, 1.0])}, {"w": np.array([8.0, -4.0])}, 4)
+    np.testing.assert_allclose(new_c_i["w"], [2.0, -1.0])
+    np.testing.assert_allclose(dc["w"], [1.0, -2.0])
+
+
+# ---------------------------------------------------------------- quadratic clients
+class Point(nn.Module):
+    def __init__(self, w: np.ndarray):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w, dtype=torch.float64))
+
+
+def client_round(x, c_record, state, a, b, K, lr, tag="run"):
+    """One SCAFFOLD client on f(w) = a/2 ||w - b||^2 with plain SGD: (y, Delta c, reply arrays)."""
+    model = Point(x)
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(x)}),
+                          "config": ConfigRecord({"run-tag": tag}), C_RECORD: c_record})
+    client = ScaffoldClient(model, content, state, tag)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(K):
+        opt.zero_grad()
+        (0.5 * a * (model.w - torch.from_numpy(b)).pow(2).sum()).backward()
+        client.hooks.after_backward(model)
+        opt.step()
+    extra = client.finish(model, K)
+    return model.w.detach().numpy().copy(), extra[DC_PREFIX + "w"]
+
+
+def reference_round(x, c, c_i, a, b, K, lr):
+    """Algorithm 1 by the book: corrected SGD, then Option II's displacement formula."""
+    y = x.copy()
+    for _ in range(K):
+        y = y - lr * (a * (y - b) - c_i + c)
+    new_c_i = c_i - c + (x - y) / (K * lr)
+    return y, new_c_i - c_i, new_c_i
+
+
+def test_client_matches_closed_form_and_option_ii_formula():
+    x, c, a, b = np.array([1.0, -2.0]), np.array([0.3, -0.1]), 2.0, np.array([0.5, 0.5])
+    state = RecordDict()
+    state[STATE_CI] = ArrayRecord({"w": Array(np.array([0.2, 0.4]))})
+    state["scaffold-meta"] = ConfigRecord({"run-tag": "run"})
+    y, dc = client_round(x, ArrayRecord({"w": Array(c)}), state, a, b, K=5, lr=0.1)
+    y_ref, dc_ref, c_i_ref = reference_round(x, c, np.array([0.2, 0.4]), a, b, 5, 0.1)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12)
+    np.testing.assert_allclose(dc, dc_ref, rtol=1e-10)  # gradient mean == displacement formula
+    np.testing.assert_allclose(state[STATE_CI]["w"].numpy(), c_i_ref, rtol=1e-10)
+    # ... and the paper's pure formula agrees
+    _, dc_formula = control_variate_update({"w": np.array([0.2, 0.4])}, {"w": c}, {"w": x},
+                                           {"w": y}, 5, 0.1)
+    np.testing.assert_allclose(dc, dc_formula["w"], rtol=1e-10)
+
+
+def test_full_algorithm_with_partial_participation_matches_reference():
+    """N = 3 quadratic clients, rounds sample {0, 1}, {1, 2}, {0, 2}: server x and c and every
+    client's c_i follow Algorithm 1; unsampled clients keep c_i; c = mean_i c_i throughout."""
+    rng = np.random.default_rng(1)
+    N, K, lr, eta_g = 3, 4, 0.05, 0.7
+    a = [1.0, 2.0, 4.0]
+    b = [rng.normal(size=3) for _ in range(N)]
+    strategy = Scaffold(num_clients=N, server_lr=eta_g, min_train_nodes=1, min_available_nodes=1)
+    states = [RecordDict() for _ in range(N)]
+    x = np.zeros(3)
+    ref_x, ref_c, ref_ci = np.zeros(3), np.zeros(3), [np.zeros(3) for _ in range(N)]
+    for rnd, sampled in enumerate(([0, 1], [1, 2], [0, 2]), start=1):
+        messages = list(strategy.configure_train(
+            rnd, ArrayRecord({"w": Array(x)}), ConfigRecord(), make_grid([10, 11, 12])))
+        c_record = messages[0].content[C_RECORD]
+        replies, dys, dcs = [], [], []
+        before = [s[STATE_CI]["w"].numpy().copy() if STATE_CI in s else None for s in states]
+        for i in sampled:
+            y, dc = client_round(x, c_record, states[i], a[i], b[i], K, lr)
+            replies.append(make_reply({"w": y, DC_PREFIX + "w": dc}, num_examples=5, node_id=10 + i))
+            y_ref, dc_ref, ref_ci[i] = reference_round(ref_x, ref_c, ref_ci[i], a[i], b[i], K, lr)
+            dys.append(y_ref - ref_x)
+            dcs.append(dc_ref)
+        new, _ = strategy.aggregate_train(rnd, replies)
+        x = new["w"].numpy()
+        ref_x = ref_x + eta_g * np.mean(dys, axis=0)
+        ref_c = ref_c + len(sampled) / N * np.mean(dcs, axis=0)
+        np.testing.assert_allclose(x, ref_x, rtol=1e-9)
+        np.testing.assert_allclose(strategy.c["w"], ref_c, rtol=1e-9)
+        for i in range(N):
+            if i not in sampled:  # unsampled: c_i untouched
+                if before[i] is None:
+                    assert STATE_CI not in states[i]
+                else:
+                    np.testing.assert_array_equal(states[i][STATE_CI]["w"].numpy(), before[i])
+            else:
+                np.testing.assert_allclose(states[i][STATE_CI]["w"].numpy(), ref_ci[i], rtol=1e-9)
+        all_ci = [s[STATE_CI]["w"].numpy() if STATE_CI in s else np.zeros(3) for s in states]
+        np.testing.assert_allclose(strategy.c["w"], np.mean(all_ci, axis=0), rtol=1e-9, atol=1e-12)
+
+
+def test_zero_control_variates_and_unit_server_lr_is_fedavg():
+    x = ArrayRecord({"w": Array(np.array([1.0, 1.0], dtype=np.float32))})
+    strategy = Scaffold(num_clients=4, server_lr=1.0, min_train_nodes=1, min_available_nodes=1)
+    strategy.configure_train(1, x, ConfigRecord(), make_grid([1, 2]))
+    ys = [np.array([0, 3], np.float32), np.array([3, 0], np.float32)]
+    zeros = np.zeros(2, np.float32)
+    replies = [make_reply({"w": y, DC_PREFIX + "w": zeros}, num_examples=n, node_id=i)
+               for i, (y, n) in enumerate(zip(ys, (1, 2)))]
+    got, _ = strategy.aggregate_train(1, replies)
+    ref, _ = FedAvg(min_train_nodes=1, min_available_nodes=1).aggregate_train(
+        1, [make_reply({"w": y}, num_examples=n) for y, n in zip(ys, (1, 2))])
+    np.testing.assert_allclose(got["w"].numpy(), ref["w"].numpy(), rtol=1e-6)
+
+
+def test_gradient_correction_equals_a_linear_penalty_on_the_real_model():
+    """Adding v = c - c_i to every gradient is gradient descent on loss + <v, w>."""
+    data = load_client_data(DataConfig("digits", "iid", 0.5, 2, 2, 0.2, 0), 0, 3).train
+    info = dataset_info("digits")
+    torch.manual_seed(0)
+    v = {k: 0.05 * torch.randn_like(p) for k, p in build_model(info, seed=0).named_parameters()}
+
+    def scaffold_model():
+        model = build_model(info, seed=0)
+        x = {k: Array(t.numpy()) for k, t in model.state_dict().items()}
+        content = RecordDict({"arrays": ArrayRecord(x), "config": ConfigRecord({"run-tag": "t"}),
+                              C_RECORD: ArrayRecord({k: Array(v[k].numpy()) for k in x})})
+        client = ScaffoldClient(model, content, RecordDict(), "t")  # c_i = 0: correction = v
+        train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1, hooks=client.hooks)
+        return model
+
+    def penalty_model():
+        model = build_model(info, seed=0)
+        penalty = lambda m: sum((v[k] * p).sum() for k, p in m.named_parameters())  # noqa: E731
+        train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1,
+                    hooks=LocalHooks(penalty=penalty))
+        return model
+
+    a, b = scaffold_model().state_dict(), penalty_model().state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_client_state_persists_within_a_run_and_resets_for_another():
+    x = np.array([1.0, 1.0])
+    c = ArrayRecord({"w": Array(np.zeros(2))})
+    state = RecordDict()
+    client_round(x, c, state, 1.0, np.zeros(2), K=3, lr=0.1, tag="run-a")
+    stored = state[STATE_CI]["w"].numpy().copy()
+    assert np.abs(stored).sum() > 0
+    # same run: starts from the stored c_i
+    assert np.array_equal(ScaffoldClient(Point(x), _content(x, c, "run-a"), state, "run-a").c_i["w"], stored)
+    # another run in the same process (a sweep): starts from zero
+    assert not ScaffoldClient(Point(x), _content(x, c, "run-b"), state, "run-b").c_i["w"].any()
+
+
+def _content(x, c, tag):
+    return RecordDict({"arrays": ArrayRecord({"w": Array(x)}),
+                       "config": ConfigRecord({"run-tag": tag}), C_RECORD: c})
+
+
+def test_client_without_server_control_variate_fails_clearly():
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2))}),
+                          "config": ConfigRecord({"run-tag": "t"})})
+    with pytest.raises(ValueError, match="carries no 'scaffold-c' record"):
+        ScaffoldClient(Point(np.zeros(2)), content, RecordDict(), "t")
+
+
+def test_reply_without_delta_c_is_rejected_and_upload_is_doubled():
+    x = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32))})
+    strategy = Guarded(Scaffold(num_clients=2, min_train_nodes=1, min_available_nodes=1))
+    messages = list(strategy.configure_train(1, x, ConfigRecord(), make_grid([1, 2])))
+    assert C_RECORD in messages[0].content
+    good = make_reply({"w": np.ones(4, np.float32), DC_PREFIX + "w": np.ones(4, np.float32)}, node_id=1)
+    no_dc = make_reply({"w": np.ones(4, np.float32)}, node_id=2)
+    new, metrics = strategy.aggregate_train(1, [good, no_dc])
+    assert metrics["replies-rejected"] == 1 and metrics["replies-valid"] == 1
+    np.testing.assert_allclose(new["w"].numpy(), np.ones(4))
+    model_bytes = sum(len(a.data) for a in x.values())
+    assert metrics["upload-bytes-per-client"] == 2 * model_bytes
+    assert metrics["download-bytes-per-client"] == 2 * model_bytes  # x and c go down
+
+
+def test_server_state_round_trips():
+    strategy = Scaffold(num_clients=2, min_train_nodes=1, min_available_nodes=1)
+    strategy.c = {"w": np.array([1.0, 2.0])}
+    other = Scaffold(num_clients=2)
+    other.load_state_dict(strategy.state_dict())
+    np.testing.assert_array_equal(other.c["w"], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_clients=0), "num_clients"), (dict(num_clients=2, server_lr=0.0), "server_lr"),
+])
+def test_bad_hyperparameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Scaffold(**kwargs)
