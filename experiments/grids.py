@@ -79,3 +79,23 @@ register(Grid(
     num_supernodes=10,
     target_accuracy=0.9,
 ))
+
+FMNIST_BASE = {"dataset": "fashion-mnist", "num-server-rounds": 20, "local-epochs": 1,
+               "batch-size": 32, "lr": 0.05, "momentum": 0.9, "fraction-train": 1.0}
+
+register(Grid(
+    name="tune-fmnist",
+    description="Tuning on a held-out seed (100), Fashion-MNIST, 8 rounds: "
+                "FedAdam's server lr and FedProx's mu.",
+    base={**FMNIST_BASE, "num-server-rounds": 8},
+    strategies={
+        "fedavg": {"strategy": "fedavg"},
+        **{f"fedadam-eta{eta:g}": {"strategy": "fedadam", "server-lr": eta}
+           for eta in (0.001, 0.003, 0.01, 0.03, 0.1)},
+        **{f"fedprox-mu{mu:g}": {"strategy": "fedprox", "proximal-mu": mu}
+           for mu in (0.001, 0.01, 0.1)},
+    },
+    splits=("dir0.5", "path2"),
+    seeds=(100,),
+    target_accuracy=0.8,
+))

@@ -84,10 +84,11 @@ class NodeDirectory:
         return counts.pop()
 
 
-def _history_record(server_round: int, metrics: MetricRecord | None, prefix: str = "") -> dict:
+def _history_record(metrics: MetricRecord | None) -> dict:
+    """MetricRecord entries as snake_case history fields ("val-accuracy" -> "val_accuracy")."""
     if metrics is None:
         return {}
-    return {prefix + k.replace("-", "_"): v for k, v in metrics.items()}
+    return {k.replace("-", "_"): v for k, v in metrics.items()}
 
 
 def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str) -> dict:
@@ -130,8 +131,8 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
                   "round_seconds": now - clock["last"] if server_round else 0.0}
         clock["last"] = now
         if server_round > 0:
-            record.update(_history_record(server_round, strategy.last_train_metrics))
-            record.update(_history_record(server_round, strategy.last_evaluate_metrics))
+            record.update(_history_record(strategy.last_train_metrics))
+            record.update(_history_record(strategy.last_evaluate_metrics))
         recorder.add_round(record)
         log(INFO, "[%s] round %d/%d: test accuracy %.4f, test loss %.4f", run_dir.name,
             server_round, cfg.num_server_rounds, accuracy, loss)
