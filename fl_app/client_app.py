@@ -67,7 +67,8 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
-    half = strategies.client_half(cfg.strategy, model, msg.content, context.state)
+    half = strategies.client_half(cfg.strategy, model, msg.content, context.state,
+                                  lr=float(cfg.lr))
     result = train_local(
         model,
         data.train,

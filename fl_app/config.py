@@ -48,6 +48,7 @@ class RunConfig:
     shards_per_partition: int
     validation_fraction: float
     proximal_mu: float
+    scaffold_control_variate: str
     server_lr: float | str
     server_momentum: float
     beta_1: float
@@ -110,6 +111,7 @@ class RunConfig:
         _number("proximal-mu", self.proximal_mu)
         if self.proximal_mu < 0:
             raise ValueError(f"Run config 'proximal-mu' must be a number >= 0; got {self.proximal_mu!r}")
+        _choice("scaffold-control-variate", self.scaffold_control_variate, strategies.SCAFFOLD_VARIATES)
         if self.server_lr != AUTO:
             _positive("server-lr", self.server_lr, also=f'or the string "{AUTO}"')
         _fraction("server-momentum", self.server_momentum)

@@ -38,6 +38,7 @@ from fl_app.training import LocalHooks
 
 from .fedadam import FedAdam
 from .fedprox import PROXIMAL_MU, FedProx, client_hooks
+from .scaffold import VARIATES as SCAFFOLD_VARIATES
 from .scaffold import Scaffold, ScaffoldClient
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,7 +74,8 @@ def _fedprox(cfg: "RunConfig", num_clients: int) -> Strategy:
 
 
 def _scaffold(cfg: "RunConfig", num_clients: int) -> Strategy:
-    return Scaffold(**_common(cfg), num_clients=num_clients, server_lr=cfg.effective_server_lr)
+    return Scaffold(**_common(cfg), num_clients=num_clients, server_lr=cfg.effective_server_lr,
+                    control_variate=cfg.scaffold_control_variate)
 
 
 def _fedadam(cfg: "RunConfig", num_clients: int) -> Strategy:
@@ -164,7 +166,8 @@ class ClientHalf:
     finish: Callable[[nn.Module, int], dict[str, np.ndarray]] = lambda model, steps: {}
 
 
-def client_half(name: str, model: nn.Module, content: RecordDict, state: RecordDict) -> ClientHalf:
+def client_half(name: str, model: nn.Module, content: RecordDict, state: RecordDict,
+                *, lr: float) -> ClientHalf:
     """The client half of strategy ``name``, set up from the train message ``content``.
 
     ``model`` must already hold the global weights (FedProx and SCAFFOLD copy them).
@@ -175,6 +178,6 @@ def client_half(name: str, model: nn.Module, content: RecordDict, state: RecordD
             raise ValueError(f"FedProx client: the train config carries no '{PROXIMAL_MU}'")
         return ClientHalf(hooks=client_hooks(model, float(config[PROXIMAL_MU])))
     if name == "scaffold":
-        scaffold = ScaffoldClient(model, content, state, str(config[wire.RUN_TAG]))
+        scaffold = ScaffoldClient(model, content, state, str(config[wire.RUN_TAG]), lr)
         return ClientHalf(hooks=scaffold.hooks, finish=scaffold.finish)
     return ClientHalf()

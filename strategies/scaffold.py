@@ -23,6 +23,8 @@ are the same number (tested to float tolerance against ``control_variate_update`
 paper's formula); with momentum the displacement formula overstates the mean gradient
 by up to 1/(1 - momentum) and, in our runs with momentum 0.9, made SCAFFOLD diverge
 (docs/strategies.md), while the gradient mean stays what Option II means to estimate.
+``control_variate="displacement"`` (run-config ``scaffold-control-variate``) selects the
+paper's formula literally, for comparison.
 
 Deliberate departure: mean_S(Delta y_i) is weighted by num-examples, as FedAvg (and
 NIID-Bench's SCAFFOLD) do: SCAFFOLD with c = c_i = 0 and eta_g = 1 is then exactly
@@ -55,6 +57,8 @@ from fl_app.wire import RUN_TAG
 from .validation import ArraySpec, array_spec
 
 C_RECORD = "scaffold-c"  # server -> client: the server control variate c
+CONTROL_VARIATE = "scaffold-control-variate"  # server -> client: how c_i+ is computed
+VARIATES = ("gradient-mean", "displacement")
 DC_PREFIX = "scaffold-dc/"  # client -> server: Delta c_i, beside the model
 STATE_CI = "scaffold-ci"  # Context.state: this client's c_i
 STATE_META = "scaffold-meta"  # Context.state: which run c_i belongs to (wire.RUN_TAG)
@@ -122,7 +126,11 @@ def _record(arrays: NDArrays) -> ArrayRecord:
 class Scaffold(FedAvg):
     """Server side of SCAFFOLD (see the module docstring for the update rule)."""
 
-    def __init__(self, *, num_clients: int, server_lr: float = 1.0, **fedavg_kwargs) -> None:
+    def __init__(self, *, num_clients: int, server_lr: float = 1.0,
+                 control_variate: str = "gradient-mean", **fedavg_kwargs) -> None:
+        if control_variate not in VARIATES:
+            raise ValueError(f"SCAFFOLD control_variate must be one of {list(VARIATES)}, "
+                             f"got {control_variate!r}")
         if num_clients < 1:
             raise ValueError(f"SCAFFOLD num_clients (N) must be >= 1, got {num_clients}")
         if not server_lr > 0:
@@ -130,11 +138,13 @@ class Scaffold(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.num_clients = num_clients
         self.server_lr = float(server_lr)
+        self.control_variate = control_variate
         self.c: NDArrays | None = None
         self.x: NDArrays | None = None
 
     def summary(self) -> None:
-        log(INFO, "\t├──> SCAFFOLD (Option II): eta_g = %g, N = %d", self.server_lr, self.num_clients)
+        log(INFO, "\t├──> SCAFFOLD (Option II, %s): eta_g = %g, N = %d", self.control_variate,
+            self.server_lr, self.num_clients)
         super().summary()
 
     def reply_array_spec(self, arrays: ArrayRecord) -> dict[str, ArraySpec]:
@@ -148,6 +158,7 @@ class Scaffold(FedAvg):
         self.x = {k: a.numpy() for k, a in arrays.items()}
         if self.c is None:
             self.c = {k: np.zeros_like(v) for k, v in self.x.items()}
+        config[CONTROL_VARIATE] = self.control_variate
         messages = list(super().configure_train(server_round, arrays, config, grid))
         c_record = _record(self.c)
         for content in {id(m.content): m.content for m in messages}.values():
@@ -194,9 +205,13 @@ class ScaffoldClient:
     """
 
     def __init__(self, model: nn.Module, content: RecordDict, state: RecordDict,
-                 run_tag: str) -> None:
+                 run_tag: str, lr: float) -> None:
         if C_RECORD not in content:
             raise ValueError(f"SCAFFOLD client: the train message carries no '{C_RECORD}' record")
+        self.variate = str(content["config"].get(CONTROL_VARIATE, VARIATES[0]))
+        if self.variate not in VARIATES:
+            raise ValueError(f"SCAFFOLD client: unknown control variate {self.variate!r}")
+        self.lr = lr
         self.state = state
         self.run_tag = run_tag
         self.x = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
@@ -222,9 +237,13 @@ class ScaffoldClient:
                 param.grad.add_(self.correction[name])
 
     def finish(self, model: nn.Module, num_steps: int) -> dict[str, np.ndarray]:
-        grad_sum = {k: self.grad_sum[k].numpy() if k in self.grad_sum else np.zeros_like(v)
-                    for k, v in self.x.items()}
-        new_c_i, delta_c = gradient_mean_update(self.c_i, grad_sum, num_steps)
+        if self.variate == "displacement":
+            y = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+            new_c_i, delta_c = control_variate_update(self.c_i, self.c, self.x, y, num_steps, self.lr)
+        else:
+            grad_sum = {k: self.grad_sum[k].numpy() if k in self.grad_sum else np.zeros_like(v)
+                        for k, v in self.x.items()}
+            new_c_i, delta_c = gradient_mean_update(self.c_i, grad_sum, num_steps)
         self.state[STATE_CI] = _record({k: v.astype(self.x[k].dtype) for k, v in new_c_i.items()})
         self.state[STATE_META] = ConfigRecord({RUN_TAG: self.run_tag})
         return {DC_PREFIX + k: v.astype(self.x[k].dtype) for k, v in delta_c.items()}

@@ -41,6 +41,8 @@ def test_round_trip_through_json(make_config):
     ("momentum", 1.0, r"'momentum' must be a number in \[0, 1\)"),
     ("classes-per-partition", 0, r"'classes-per-partition' must be an integer >= 1"),
     ("validation-fraction", 1.0, r"'validation-fraction' must be a number in \(0, 1\)"),
+    ("proximal-mu", -0.01, r"'proximal-mu' must be a number >= 0"),
+    ("scaffold-control-variate", "option-i", r"'scaffold-control-variate' must be one of \['gradient-mean', 'displacement'\]"),
     ("server-lr", 0.0, r"'server-lr' must be a number > 0 or the string \"auto\""),
     ("server-lr", "fast", r"'server-lr' must be a number > 0"),
     ("beta-2", 1.0, r"'beta-2' must be a number in \[0, 1\)"),

@@ -16,6 +16,8 @@ from partitions import DataConfig, dataset_info, load_client_data
 from strategies.guard import Guarded
 from strategies.scaffold import (
     C_RECORD,
+    CONTROL_VARIATE,
+    VARIATES,
     DC_PREFIX,
     STATE_CI,
     Scaffold,
@@ -60,13 +62,13 @@ class Point(nn.Module):
         self.w = nn.Parameter(torch.tensor(w, dtype=torch.float64))
 
 
-def client_round(x, c_record, state, a, b, K, lr, tag="run"):
-    """One SCAFFOLD client on f(w) = a/2 ||w - b||^2 with plain SGD: (y, Delta c, reply arrays)."""
+def client_round(x, c_record, state, a, b, K, lr, tag="run", variate="gradient-mean", momentum=0.0):
+    """One SCAFFOLD client on f(w) = a/2 ||w - b||^2 with SGD: (y, Delta c)."""
     model = Point(x)
-    content = RecordDict({"arrays": ArrayRecord({"w": Array(x)}),
-                          "config": ConfigRecord({"run-tag": tag}), C_RECORD: c_record})
-    client = ScaffoldClient(model, content, state, tag)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(x)}), C_RECORD: c_record,
+                          "config": ConfigRecord({"run-tag": tag, CONTROL_VARIATE: variate})})
+    client = ScaffoldClient(model, content, state, tag, lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     for _ in range(K):
         opt.zero_grad()
         (0.5 * a * (model.w - torch.from_numpy(b)).pow(2).sum()).backward()
@@ -85,12 +87,14 @@ def reference_round(x, c, c_i, a, b, K, lr):
     return y, new_c_i - c_i, new_c_i
 
 
-def test_client_matches_closed_form_and_option_ii_formula():
+@pytest.mark.parametrize("variate", VARIATES)
+def test_client_matches_closed_form_and_option_ii_formula(variate):
+    """With plain SGD both ways of computing c_i+ are Option II's formula."""
     x, c, a, b = np.array([1.0, -2.0]), np.array([0.3, -0.1]), 2.0, np.array([0.5, 0.5])
     state = RecordDict()
     state[STATE_CI] = ArrayRecord({"w": Array(np.array([0.2, 0.4]))})
     state["scaffold-meta"] = ConfigRecord({"run-tag": "run"})
-    y, dc = client_round(x, ArrayRecord({"w": Array(c)}), state, a, b, K=5, lr=0.1)
+    y, dc = client_round(x, ArrayRecord({"w": Array(c)}), state, a, b, K=5, lr=0.1, variate=variate)
     y_ref, dc_ref, c_i_ref = reference_round(x, c, np.array([0.2, 0.4]), a, b, 5, 0.1)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12)
     np.testing.assert_allclose(dc, dc_ref, rtol=1e-10)  # gradient mean == displacement formula
@@ -99,6 +103,27 @@ def test_client_matches_closed_form_and_option_ii_formula():
     _, dc_formula = control_variate_update({"w": np.array([0.2, 0.4])}, {"w": c}, {"w": x},
                                            {"w": y}, 5, 0.1)
     np.testing.assert_allclose(dc, dc_formula["w"], rtol=1e-10)
+
+
+def test_with_momentum_gradient_mean_is_the_mean_raw_gradient_and_displacement_is_not():
+    """Momentum .9, K = 20: c_i+ (gradient-mean) = mean of a(y_k - b) over the visited y_k;
+    the displacement formula is then far larger (it counts momentum's extra distance)."""
+    x, a, b, K, lr = np.array([3.0]), 1.0, np.array([0.0]), 20, 0.01
+    zero_c = ArrayRecord({"w": Array(np.zeros(1))})
+    states = {v: RecordDict() for v in VARIATES}
+    for variate in VARIATES:
+        client_round(x, zero_c, states[variate], a, b, K, lr, variate=variate, momentum=0.9)
+    # reference: heavy-ball iterates and their raw gradients
+    y, buf, grads = x.copy(), np.zeros(1), []
+    for _ in range(K):
+        g = a * (y - b)
+        grads.append(g)
+        buf = 0.9 * buf + g
+        y = y - lr * buf
+    mean_grad = np.mean(grads, axis=0)
+    np.testing.assert_allclose(states["gradient-mean"][STATE_CI]["w"].numpy(), mean_grad, rtol=1e-10)
+    np.testing.assert_allclose(states["displacement"][STATE_CI]["w"].numpy(), (x - y) / (K * lr), rtol=1e-10)
+    assert states["displacement"][STATE_CI]["w"].numpy()[0] > 3 * mean_grad[0]
 
 
 def test_full_algorithm_with_partial_participation_matches_reference():
@@ -168,7 +193,7 @@ def test_gradient_correction_equals_a_linear_penalty_on_the_real_model():
         x = {k: Array(t.numpy()) for k, t in model.state_dict().items()}
         content = RecordDict({"arrays": ArrayRecord(x), "config": ConfigRecord({"run-tag": "t"}),
                               C_RECORD: ArrayRecord({k: Array(v[k].numpy()) for k in x})})
-        client = ScaffoldClient(model, content, RecordDict(), "t")  # c_i = 0: correction = v
+        client = ScaffoldClient(model, content, RecordDict(), "t", 0.05)  # c_i = 0: correction = v
         train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1, hooks=client.hooks)
         return model
 
@@ -192,9 +217,9 @@ def test_client_state_persists_within_a_run_and_resets_for_another():
     stored = state[STATE_CI]["w"].numpy().copy()
     assert np.abs(stored).sum() > 0
     # same run: starts from the stored c_i
-    assert np.array_equal(ScaffoldClient(Point(x), _content(x, c, "run-a"), state, "run-a").c_i["w"], stored)
+    assert np.array_equal(ScaffoldClient(Point(x), _content(x, c, "run-a"), state, "run-a", 0.1).c_i["w"], stored)
     # another run in the same process (a sweep): starts from zero
-    assert not ScaffoldClient(Point(x), _content(x, c, "run-b"), state, "run-b").c_i["w"].any()
+    assert not ScaffoldClient(Point(x), _content(x, c, "run-b"), state, "run-b", 0.1).c_i["w"].any()
 
 
 def _content(x, c, tag):
@@ -206,7 +231,7 @@ def test_client_without_server_control_variate_fails_clearly():
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2))}),
                           "config": ConfigRecord({"run-tag": "t"})})
     with pytest.raises(ValueError, match="carries no 'scaffold-c' record"):
-        ScaffoldClient(Point(np.zeros(2)), content, RecordDict(), "t")
+        ScaffoldClient(Point(np.zeros(2)), content, RecordDict(), "t", 0.1)
 
 
 def test_reply_without_delta_c_is_rejected_and_upload_is_doubled():
@@ -234,6 +259,7 @@ def test_server_state_round_trips():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_clients=0), "num_clients"), (dict(num_clients=2, server_lr=0.0), "server_lr"),
+    (dict(num_clients=2, control_variate="option-i"), "control_variate"),
 ])
 def test_bad_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
