@@ -3,6 +3,7 @@
     python -m experiments.benchmark_round                 # 10 clients, Fashion-MNIST IID
     python -m experiments.benchmark_round --clients 4 --dataset digits --rounds 3
     python -m experiments.benchmark_round --sweep-check   # also: sweep vs separate runs
+    python -m experiments.benchmark_round --strategies fedavg fedprox scaffold fedadam
 
 Floor: the same N local trainings (same partitions, same training function, same
 hyperparameters) in plain PyTorch, spread over P worker processes of one thread each
@@ -13,6 +14,8 @@ worker's training time. Flower: ``flwr run`` in simulation, one ClientApp actor 
 training phase of a warm round (configure, client training, replies, aggregation) with
 the floor, and report the whole round (with federated and centralized evaluation), and
 the fixed cost of the whole ``flwr run`` (total wall time minus R warm rounds).
+With ``--strategies``, each strategy's warm training phase is divided by FedAvg's, all
+in one sweep (two passes in alternating order, to spread drift in machine load).
 
 The machine is shared and noisy: read the ratio, not the seconds. Results are appended
 to docs/benchmarks/round_overhead.jsonl.
@@ -47,6 +50,11 @@ def _worker(partition_ids, cfg_kwargs, num_partitions, hyper, barrier, queue) ->
     info = dataset_info(cfg.dataset)
     data = {pid: load_client_data(cfg, pid, num_partitions).train for pid in partition_ids}
     models = {pid: build_model(info, seed=0) for pid in partition_ids}
+    # Warm up (first convolutions allocate and pick kernels), as a Flower actor is warm
+    # after its first round.
+    warm = data[partition_ids[0]]
+    train_local(build_model(info, seed=1), type(warm)(warm.x[:256], warm.y[:256]), epochs=1,
+                batch_size=hyper["batch-size"], lr=hyper["lr"], momentum=hyper["momentum"])
     barrier.wait()
     start = time.perf_counter()
     for pid in partition_ids:
@@ -86,22 +94,46 @@ def flower_run(link: LocalSuperLink, overrides: dict, clients: int, num_cpus: fl
     return total, json.loads(summary_path.read_text())
 
 
+def strategy_costs(link: LocalSuperLink, base: dict, args, results: Path) -> dict[str, float]:
+    """Median warm training-phase seconds of each strategy, divided by FedAvg's."""
+    names = ["fedavg"] + [n for n in args.strategies if n != "fedavg"]
+    order = names + names[::-1]
+    configs = [{**base, "strategy": n, "num-server-rounds": args.rounds, "run-name": f"{n}-{i}"}
+               for i, n in enumerate(order)]
+    sweep_file = results.parent / "strategies.json"
+    sweep_file.write_text(json.dumps(configs))
+    link.run({"sweep-file": str(sweep_file), "results-dir": str(results)},
+             num_supernodes=args.clients, num_cpus=args.num_cpus)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for cfg in configs:
+        history = json.loads((results / cfg["run-name"] / "summary.json").read_text())["history"]
+        seconds[cfg["strategy"]] += [r["train_seconds"] for r in history if r["round"] >= 2]
+    medians = {n: statistics.median(v) for n, v in seconds.items()}
+    ratios = {n: medians[n] / medians["fedavg"] for n in names}
+    for n in names:
+        print(f"strategy {n:10s}: warm training phase {medians[n]:.2f} s, {ratios[n]:.3f}x fedavg")
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="client-resources-num-cpus")
+    parser.add_argument("--num-cpus", type=int, default=1, help="client-resources-num-cpus")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--sweep-check", action="store_true",
                         help="also time 3 short configs as one sweep vs 3 separate flwr runs")
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help="also time these strategies' warm rounds against fedavg's")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
     hyper = {"local-epochs": 1, "batch-size": 32, "lr": 0.05, "momentum": 0.9,
              "validation-fraction": 0.1}
     base = {"dataset": args.dataset, "partitioner": "iid", "strategy": "fedavg", **hyper}
-    record: dict = {"date": datetime.now().isoformat(timespec="seconds"), "clients": args.clients,
+    record: dict = {"date": datetime.now().isoformat(timespec="seconds"), "floor_warmed_up": True,
+                    "clients": args.clients,
                     "dataset": args.dataset, "rounds": args.rounds, "num_cpus": args.num_cpus,
                     "workers": args.workers, "cores": os.cpu_count()}
 
@@ -149,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                            "separate_3x2_rounds_seconds": separate_total})
             print(f"3 configs x 2 rounds: one sweep {sweep_total:.1f} s, three flwr runs "
                   f"{separate_total:.1f} s ({separate_total / sweep_total:.2f}x)")
+
+        if args.strategies:
+            record["strategy_round_ratio"] = strategy_costs(link, base, args, results / "strategies")
 
     if not args.no_save:
         OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ class LocalSuperLink:
         """``flwr run <app> private --stream`` with run-config and federation overrides."""
         cmd = [executable("flwr"), "run", str(app), "private", "--stream",
                "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}"]
+               f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus:g}"]
         if overrides:
             cmd += ["--run-config", run_config_arg(overrides)]
         if output is None:

@@ -8,8 +8,10 @@ the server alone decides what a round means (a sweep changes it between runs).
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -69,6 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     half = strategies.client_half(cfg.strategy, model, msg.content, context.state,
                                   lr=float(cfg.lr))
+    started = time.perf_counter()
     result = train_local(
         model,
         data.train,
@@ -79,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=derive_seed(cfg.seed, server_round, pid),
         hooks=half.hooks,
     )
+    seconds = time.perf_counter() - started
     arrays = ArrayRecord(model.state_dict())
     for key, value in half.finish(model, result.steps).items():
         arrays[key] = Array(value)
@@ -87,6 +91,8 @@ def train(msg: Message, context: Context) -> Message:
         wire.TRAIN_LOSS: result.loss,
         wire.TRAIN_ACCURACY: result.accuracy,
         wire.LOCAL_STEPS: result.steps,
+        wire.LOCAL_SECONDS: seconds,
+        "torch-threads": torch.get_num_threads(),
     })
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     return Message(content, reply_to=msg)

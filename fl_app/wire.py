@@ -20,6 +20,7 @@ TRAIN_ACCURACY = "train-accuracy"
 VAL_LOSS = "val-loss"
 VAL_ACCURACY = "val-accuracy"
 LOCAL_STEPS = "local-steps"
+LOCAL_SECONDS = "local-seconds"  # wall time of the local training loop on the client
 
 # Query reply: which partition a node holds
 PARTITION_ID = "partition-id"
