@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
-import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -92,7 +91,6 @@ def train(msg: Message, context: Context) -> Message:
         wire.TRAIN_ACCURACY: result.accuracy,
         wire.LOCAL_STEPS: result.steps,
         wire.LOCAL_SECONDS: seconds,
-        "torch-threads": torch.get_num_threads(),
     })
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     return Message(content, reply_to=msg)

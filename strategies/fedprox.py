@@ -11,9 +11,14 @@ FedProx is FedAvg.
 
 Parameters and symbols: ``proximal_mu`` = mu (run-config ``proximal-mu``, >= 0).
 
+The client adds the term's gradient, mu * (w - w^t), to each local gradient directly
+(``add_proximal_gradient``) instead of differentiating the term through autograd: the
+update is the same, and a step costs one in-place add per tensor. The tests check it
+against autograd on ``proximal_term``, the paper's objective.
+
 Two known slips this module avoids (both in Flower's docs snippet): the term is the
-*squared* norm with the 1/2 factor, and w^t is a *detached copy* taken before training
-(a live reference makes the term identically zero).
+*squared* norm with the 1/2 factor (its gradient is mu * (w - w^t), not a unit vector),
+and w^t is a *detached copy* taken before training (a live reference makes it zero).
 """
 
 from __future__ import annotations
@@ -40,12 +45,20 @@ def proximal_term(model: nn.Module, global_params: dict[str, torch.Tensor], mu: 
     return 0.5 * mu * total
 
 
+@torch.no_grad()
+def add_proximal_gradient(model: nn.Module, global_params: dict[str, torch.Tensor], mu: float) -> None:
+    """grad += mu * (w - w^t): the gradient of ``proximal_term``, added in place."""
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            param.grad.add_(param - global_params[name], alpha=mu)
+
+
 def client_hooks(model: nn.Module, mu: float) -> LocalHooks:
-    """Hooks for ``train_local``: the proximal term against a frozen copy of w^t."""
+    """Hooks for ``train_local``: the proximal gradient against a frozen copy of w^t."""
     if mu < 0:
         raise ValueError(f"proximal-mu must be >= 0, got {mu}")
     global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return LocalHooks(penalty=lambda m: proximal_term(m, global_params, mu))
+    return LocalHooks(after_backward=lambda m: add_proximal_gradient(m, global_params, mu))
 
 
 class FedProx(FedAvg):

@@ -38,13 +38,30 @@ def test_proximal_gradient_is_mu_times_distance():
     torch.testing.assert_close(model.w.grad, expected)
 
 
+def test_client_hook_adds_exactly_the_autograd_gradient_of_the_term():
+    rng = np.random.default_rng(1)
+    model = Vector(rng.normal(size=6).tolist())
+    hooks = client_hooks(model, mu=0.7)  # w^t = the current w
+    w_global = model.w.detach().clone()
+    with torch.no_grad():  # training moves w away from w^t
+        model.w.add_(torch.tensor(rng.normal(size=6)))
+    model.w.grad = torch.tensor(rng.normal(size=6))
+    data_grad = model.w.grad.clone()
+    hooks.after_backward(model)
+    reference = Vector(model.w.detach().tolist())
+    proximal_term(reference, {"w": w_global}, mu=0.7).backward()
+    torch.testing.assert_close(model.w.grad, data_grad + reference.w.grad)
+
+
 def test_global_weights_are_a_detached_copy():
-    """Training moves w; the term must see w^t as it was, not follow w (the Flower-docs bug)."""
+    """Training moves w; the hook must see w^t as it was, not follow w (the Flower-docs bug)."""
     model = Vector([1.0, 1.0])
     hooks = client_hooks(model, mu=2.0)
     with torch.no_grad():
         model.w.add_(torch.tensor([3.0, 4.0], dtype=torch.float64))
-    assert float(hooks.penalty(model)) == pytest.approx(0.5 * 2.0 * 25.0)
+    model.w.grad = torch.zeros(2, dtype=torch.float64)
+    hooks.after_backward(model)
+    torch.testing.assert_close(model.w.grad, torch.tensor([6.0, 8.0], dtype=torch.float64))
 
 
 def _digits():
