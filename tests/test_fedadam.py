@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
 
 from strategies.fedadam import FedAdam, bias_correction_factor, fedadam_step
-from tests.conftest import make_grid, make_reply
+from tests.helpers import make_grid, make_reply
 
 KW = dict(min_train_nodes=1, min_available_nodes=1)
 

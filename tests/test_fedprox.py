@@ -13,7 +13,7 @@ from fl_app.model import build_model
 from fl_app.training import LocalHooks, train_local
 from partitions import DataConfig, dataset_info, load_client_data
 from strategies.fedprox import PROXIMAL_MU, FedProx, client_hooks, proximal_term
-from tests.conftest import make_grid, make_reply
+from tests.helpers import make_grid, make_reply
 
 
 class Vector(nn.Module):

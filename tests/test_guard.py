@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from strategies.guard import Guarded
 from strategies.sampling import PartitionSampler
 from strategies.validation import array_spec, check_reply, record_nbytes, split_replies
-from tests.conftest import make_grid, make_reply
+from tests.helpers import make_grid, make_reply
 
 W = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([0.5], dtype=np.float32)}
 

@@ -26,7 +26,7 @@ from strategies.scaffold import (
     gradient_mean_update,
     server_update,
 )
-from tests.conftest import make_grid, make_reply
+from tests.helpers import make_grid, make_reply
 
 
 def test_option_ii_control_variate_by_hand():

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 import strategies
 from strategies.guard import Guarded
-from tests.conftest import make_grid, make_reply
+from tests.helpers import make_grid, make_reply
 
 GLOBAL = {"conv.weight": np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 6),
           "conv.bias": np.array([0.1, -0.2], dtype=np.float32)}
