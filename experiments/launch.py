@@ -120,7 +120,7 @@ class LocalSuperLink:
         if output is None:
             return subprocess.run(cmd, env=self.env, cwd=self.workdir, capture_output=True,
                                   text=True, timeout=timeout)
-        with open(output, "w") as handle:
+        with open(output, "a") as handle:  # append: a grid completed over several sittings keeps every log
             return subprocess.run(cmd, env=self.env, cwd=self.workdir, stdout=handle,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
