@@ -19,11 +19,14 @@ def record(values) -> ArrayRecord:
 
 
 def test_one_round_by_hand():
-    """x = (1, 2); replies (1, 1) x1 and (1.75, 1) x3 -> mean (1.5625, 1), Delta = (.5625, -1).
-    eta = .1, beta_1 = .9, beta_2 = .99, tau = 1e-3:
-    m = .1 * Delta = (.05625, -.1); v = .01 * Delta^2 = (.0031640625, .01);
-    x' = x + .1 * m / (sqrt(v) + 1e-3) = (1 + .1 * .05625/.05725, 2 - .1 * .1/.101)
-       = (1.0982532751, 1.9009900990)."""
+    """Expected values from:
+
+        x = np.array([1.0, 2.0]); mean = (1 * np.array([1, 1]) + 3 * np.array([1.75, 1])) / 4
+        delta = mean - x                       # (.5625, -1)
+        m = 0.1 * delta                        # (1 - beta_1) * delta
+        v = 0.01 * delta ** 2                  # (1 - beta_2) * delta^2
+        x + 0.1 * m / (np.sqrt(v) + 1e-3)      # (1.0982532751, 1.9009900990)
+    """
     strategy = FedAdam(eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, **KW)
     strategy.configure_train(1, record([1.0, 2.0]), ConfigRecord(), make_grid([1, 2]))
     replies = [make_reply({"w": np.array([1.0, 1.0], np.float32)}, num_examples=1, node_id=1),
