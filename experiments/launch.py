@@ -1,5 +1,8 @@
 """Start a private local SuperLink and submit ``flwr run`` to it (tests, experiments, benchmarks).
 
+Simulation by default; with ``simulation=False`` it is Flower's deployment runtime: a
+SuperLink and separate ``flower-supernode`` processes (``add_supernode``), as on devices.
+
 ``flwr run .`` on the default ``local`` connection starts a detached SuperLink on fixed
 ports that outlives the run, installs dependencies at run time unless told not to, and
 resolves relative paths against its own working directory. For anything automated we
@@ -51,11 +54,27 @@ def run_config_arg(overrides: dict[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
-class LocalSuperLink:
-    """A simulation SuperLink of our own: ``with LocalSuperLink(workdir) as link: link.run(...)``."""
+def _terminate_group(process: subprocess.Popen) -> None:
+    """SIGTERM a process and its session (its children), SIGKILL after 20 s."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
-    def __init__(self, workdir: Path, log_path: Path | None = None) -> None:
+
+class LocalSuperLink:
+    """A SuperLink of our own: ``with LocalSuperLink(workdir) as link: link.run(...)``."""
+
+    def __init__(self, workdir: Path, log_path: Path | None = None, simulation: bool = True) -> None:
         self.workdir = Path(workdir)
+        self.simulation = simulation
+        self.supernodes: list[subprocess.Popen] = []
         self.port = free_port()
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
         self.log_path = log_path or self.home / "superlink.log"
@@ -84,8 +103,9 @@ class LocalSuperLink:
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
+        mode = ["--simulation"] if self.simulation else []
         self.process = subprocess.Popen(
-            [executable("flower-superlink"), "--insecure", "--simulation",
+            [executable("flower-superlink"), "--insecure", *mode,
              "--disable-runtime-dependency-installation", "--port", str(self.port)],
             cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -101,20 +121,37 @@ class LocalSuperLink:
         self.stop()
         raise RuntimeError(f"flower-superlink did not listen on {self.port} within {timeout}s")
 
+    def add_supernode(self, partition_id: int, num_partitions: int, node_config: str = "") -> None:
+        """Start a ``flower-supernode`` process holding one partition (deployment only)."""
+        if self.simulation:
+            raise RuntimeError("SuperNodes are started by the simulation engine in simulation mode")
+        config = node_config or f"partition-id={partition_id} num-partitions={num_partitions}"
+        log = open(self.home / f"supernode-{partition_id}.log", "ab")  # noqa: SIM115
+        self.supernodes.append(subprocess.Popen(
+            [executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+             "--port", str(free_port()), "--node-config", config],
+            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ))
+
     def run(
         self,
         overrides: dict[str, Any],
         *,
-        num_supernodes: int,
+        num_supernodes: int | None = None,
         num_cpus: float = 1,
         app: Path = REPO,
         timeout: float = 3600,
         output: Path | None = None,
     ) -> subprocess.CompletedProcess:
-        """``flwr run <app> private --stream`` with run-config and federation overrides."""
-        cmd = [executable("flwr"), "run", str(app), "private", "--stream",
-               "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus:g}"]
+        """``flwr run <app> private --stream`` with run-config (and, in simulation,
+        federation) overrides."""
+        cmd = [executable("flwr"), "run", str(app), "private", "--stream"]
+        if self.simulation:
+            if num_supernodes is None:
+                raise ValueError("num_supernodes is required in simulation")
+            cmd += ["--federation-config",
+                    f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus:g}"]
         if overrides:
             cmd += ["--run-config", run_config_arg(overrides)]
         if output is None:
@@ -125,15 +162,11 @@ class LocalSuperLink:
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for node in self.supernodes:
+            _terminate_group(node)
+        self.supernodes = []
+        if self.process is not None:
+            _terminate_group(self.process)
         self.process = None
 
     def __enter__(self) -> "LocalSuperLink":

@@ -1,0 +1,35 @@
+"""Flower's deployment runtime: a SuperLink and two SuperNodes as separate processes.
+
+Each SuperNode holds one partition through its node config; every message starts a
+fresh ClientApp process, as on real devices. Slow (~1.5 min): each ClientApp process
+imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.launch import LocalSuperLink
+
+pytestmark = pytest.mark.e2e
+
+
+def test_superlink_and_two_supernodes_train_and_record(tmp_path):
+    link = LocalSuperLink(tmp_path, simulation=False).start()
+    try:
+        link.add_supernode(0, 2)
+        link.add_supernode(1, 2)
+        proc = link.run({"num-server-rounds": 2, "run-name": "deployed",
+                         "results-dir": str(tmp_path / "results")}, timeout=900)
+        path = tmp_path / "results" / "deployed" / "summary.json"
+        assert path.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
+        summary = json.loads(path.read_text())
+    finally:
+        processes = [link.process, *link.supernodes]
+        link.stop()
+    assert all(p.poll() is not None for p in processes)
+    assert summary["complete"] and summary["num_nodes"] == 2 and summary["num_partitions"] == 2
+    assert summary["history"][-1]["replies_valid"] == 2
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
