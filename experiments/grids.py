@@ -29,6 +29,7 @@ class Grid:
     seeds: tuple[int, ...]
     num_supernodes: int = 10
     target_accuracy: float = 0.8  # for "rounds to target"
+    split_targets: dict[str, float] = field(default_factory=dict)  # per-split overrides
     baseline: str = "fedavg"  # the label other strategies' round times are divided by
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -42,6 +43,10 @@ class Grid:
                         "run-name": f"{label}__{split}__s{seed}",
                     })
         return out
+
+    def target_for(self, split: str) -> float:
+        """The accuracy "rounds to target" counts to on this split."""
+        return self.split_targets.get(split, self.target_accuracy)
 
     @staticmethod
     def parse_run_name(name: str) -> tuple[str, str, int]:
@@ -119,6 +124,7 @@ register(Grid(
     splits=("iid", "dir0.5", "dir0.1", "path2"),
     seeds=(0, 1, 2),
     target_accuracy=0.8,
+    split_targets={"path2": 0.65},  # no method reaches 80% on path2 in 20 rounds
 ))
 
 register(Grid(
@@ -137,5 +143,6 @@ register(Grid(
     splits=("dir0.1", "path2"),
     seeds=(0, 1, 2),
     target_accuracy=0.8,
+    split_targets={"path2": 0.65},
     baseline="fedavg-sgd",
 ))

@@ -69,7 +69,8 @@ def aggregate(grid: Grid, summaries: dict[str, dict[str, Any]]) -> list[dict[str
             if not runs:
                 continue
             final = [s["final_test_accuracy"] for s in runs]
-            reached = [r for r in (rounds_to_target(s["history"], grid.target_accuracy) for s in runs)
+            target = grid.target_for(split)
+            reached = [r for r in (rounds_to_target(s["history"], target) for s in runs)
                        if r is not None]
             seconds = statistics.fmean(_train_seconds(s["history"]) for s in runs)
             upload = statistics.fmean(s["history"][-1].get("upload_bytes_per_client", 0) for s in runs)
@@ -81,6 +82,7 @@ def aggregate(grid: Grid, summaries: dict[str, dict[str, Any]]) -> list[dict[str
                 "final_acc_mean": mean,
                 "final_acc_std": std,
                 "best_acc_mean": statistics.fmean(s["best_test_accuracy"] for s in runs),
+                "target_accuracy": target,
                 "rounds_to_target_mean": statistics.fmean(reached) if reached else None,
                 "reached_target": len(reached),
                 "train_seconds_per_round": seconds,
@@ -100,14 +102,21 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown_table(grid: Grid, rows: list[dict[str, Any]]) -> str:
-    head = (f"| split | strategy | seeds | final test acc (mean ± std) | best acc | rounds to "
-            f"{grid.target_accuracy:.0%} | upload / client |")
+    if grid.split_targets:
+        target_head = "rounds to target (see split)"
+    else:
+        target_head = f"rounds to {grid.target_accuracy:.0%}"
+    head = (f"| split | strategy | seeds | final test acc (mean ± std) | best acc | {target_head} "
+            f"| upload / client |")
     lines = [head, "|---|---|---|---|---|---|---|"]
+    def split_note(r: dict[str, Any]) -> str:
+        return f" (target {r['target_accuracy']:.0%})" if grid.split_targets else ""
+
     for r in rows:
         target = (f"{r['rounds_to_target_mean']:.1f} ({r['reached_target']}/{r['seeds']})"
                   if r["rounds_to_target_mean"] is not None else f"— (0/{r['seeds']})")
         lines.append(
-            f"| {r['split']} | {r['strategy']} | {r['seeds']} | "
+            f"| {r['split']}{split_note(r)} | {r['strategy']} | {r['seeds']} | "
             f"{100 * r['final_acc_mean']:.2f} ± {100 * r['final_acc_std']:.2f} | "
             f"{100 * r['best_acc_mean']:.2f} | {target} | "
             f"{r['upload_bytes_per_client'] / 1024:.0f} KiB |"

@@ -9,7 +9,7 @@ import torch
 
 from experiments.grids import Grid
 from experiments.launch import run_config_arg, toml_value
-from experiments.report import aggregate, rounds_to_target
+from experiments.report import aggregate, markdown_table, rounds_to_target
 from fl_app.results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
 
 
@@ -69,3 +69,16 @@ def test_report_aggregates_mean_std_rounds_to_target_and_time_ratio():
     assert rows["x"]["rounds_to_target_mean"] is None and rows["x"]["reached_target"] == 0
     assert rows["x"]["time_vs_baseline"] == pytest.approx(1.5)
     assert rounds_to_target([{"round": 0, "test_accuracy": 0.9}], 0.5) is None  # round 0 never counts
+
+
+def test_report_uses_a_split_specific_target_where_the_grid_sets_one():
+    grid = Grid("g", "d", {}, {"fedavg": {}}, ("iid", "path2"), (0,), target_accuracy=0.5,
+                split_targets={"path2": 0.3})
+    summaries = {
+        "fedavg__iid__s0": _summary(0.6, [0.1, 0.4, 0.6], 2.0),
+        "fedavg__path2__s0": _summary(0.4, [0.1, 0.35, 0.4], 2.0),
+    }
+    rows = {r["split"]: r for r in aggregate(grid, summaries)}
+    assert rows["iid"]["rounds_to_target_mean"] == 2 and rows["iid"]["target_accuracy"] == 0.5
+    assert rows["path2"]["rounds_to_target_mean"] == 1 and rows["path2"]["target_accuracy"] == 0.3
+    assert "path2 (target 30%)" in markdown_table(grid, aggregate(grid, summaries))
