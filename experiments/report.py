@@ -73,7 +73,10 @@ def aggregate(grid: Grid, summaries: dict[str, dict[str, Any]]) -> list[dict[str
             reached = [r for r in (rounds_to_target(s["history"], target) for s in runs)
                        if r is not None]
             seconds = statistics.fmean(_train_seconds(s["history"]) for s in runs)
-            upload = statistics.fmean(s["history"][-1].get("upload_bytes_per_client", 0) for s in runs)
+            # The largest round's upload: a round whose replies were all rejected uploads 0.
+            upload = statistics.fmean(
+                max((r.get("upload_bytes_per_client", 0) for r in s["history"]), default=0)
+                for s in runs)
             mean, std = _mean_std(final)
             rows.append({
                 "split": split,
