@@ -157,7 +157,10 @@ def plot_curves(grid: Grid, summaries: dict[str, dict[str, Any]], path: Path) ->
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(grid.description + "\nLines: mean over seeds; bands: min-max over seeds.", fontsize=8)
+    import textwrap
+
+    title = textwrap.fill(grid.description, width=int(40 * len(splits)))
+    fig.suptitle(title + "\nLines: mean over seeds; bands: min-max over seeds.", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
