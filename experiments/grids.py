@@ -146,3 +146,20 @@ register(Grid(
     split_targets={"path2": 0.65},
     baseline="fedavg-sgd",
 ))
+
+register(Grid(
+    name="momentum-path2",
+    description="FedProx and FedAdam with plain SGD (momentum 0) on path2, to set beside "
+                "scaffold-variates' plain-SGD FedAvg (mu and eta as tuned with momentum 0.9).",
+    base={**FMNIST_BASE, "momentum": 0.0},
+    strategies={
+        "fedprox-sgd": {"strategy": "fedprox", "proximal-mu": 0.01},
+        "fedadam-sgd": {"strategy": "fedadam", "server-lr": 0.03, "tau": 0.001,
+                        "beta-1": 0.9, "beta-2": 0.99},
+    },
+    splits=("path2",),
+    seeds=(0, 1, 2),
+    target_accuracy=0.8,
+    split_targets={"path2": 0.65},
+    baseline="fedprox-sgd",
+))
