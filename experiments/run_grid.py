@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", nargs="?", help="grid name (see --list)")
     parser.add_argument("--seeds", type=int, nargs="+", help="subset of the grid's seeds")
+    parser.add_argument("--only", nargs="+", metavar="LABEL",
+                        help="subset of the grid's strategy labels (e.g. fedavg-logreg)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="root of grid outputs")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--list", action="store_true", help="list the grids")
@@ -54,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.report_only:
         runs = grid.runs(tuple(args.seeds) if args.seeds else None)
+        if args.only:
+            unknown = sorted(set(args.only) - set(grid.strategies))
+            if unknown:
+                parser.error(f"unknown label(s) {unknown}; grid {grid.name} has {sorted(grid.strategies)}")
+            runs = [r for r in runs if grid.parse_run_name(r["run-name"])[0] in args.only]
         pending = [r for r in runs if not is_complete(runs_dir / r["run-name"])]
         print(f"grid {grid.name}: {len(runs) - len(pending)} of {len(runs)} runs complete, "
               f"{len(pending)} to run", flush=True)

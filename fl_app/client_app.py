@@ -49,7 +49,7 @@ def _setup(msg: Message, context: Context):
     cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     pid, num = node_partition(context)
     data = load_client_data(cfg.data, pid, num)
-    model = build_model(dataset_info(cfg.dataset))
+    model = build_model(dataset_info(cfg.dataset), kind=cfg.model)
     model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict(), strict=True)
     return cfg, pid, data, model
 
@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     half = strategies.client_half(cfg.strategy, model, msg.content, context.state,
-                                  lr=float(cfg.lr))
+                                  lr=float(cfg.lr), node_id=context.node_id)
     started = time.perf_counter()
     result = train_local(
         model,
@@ -91,6 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.TRAIN_ACCURACY: result.accuracy,
         wire.LOCAL_STEPS: result.steps,
         wire.LOCAL_SECONDS: seconds,
+        **half.metrics(),
     })
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     return Message(content, reply_to=msg)

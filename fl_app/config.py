@@ -19,7 +19,12 @@ from typing import Any, Mapping
 import strategies
 from partitions import PARTITIONERS, DataConfig, resolve_source
 
+from .model import MODELS
+
 AUTO = "auto"
+# Largest accepted 'max-num-examples': with at most 2**31 examples per reply, a float64
+# sum of the weights of even a million replies stays exact and far from overflow.
+MAX_NUM_EXAMPLES_LIMIT = 2**31 - 1
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
@@ -42,6 +47,7 @@ class RunConfig:
     momentum: float
     seed: int
     dataset: str
+    model: str
     partitioner: str
     alpha: float
     classes_per_partition: int
@@ -49,12 +55,14 @@ class RunConfig:
     validation_fraction: float
     proximal_mu: float
     scaffold_control_variate: str
+    scaffold_weighting: str
     server_lr: float | str
     server_momentum: float
     beta_1: float
     beta_2: float
     tau: float
     trim_fraction: float
+    max_num_examples: int
     results_dir: str
     run_name: str
     sweep_file: str
@@ -103,6 +111,7 @@ class RunConfig:
         _fraction("momentum", self.momentum)
         _int("seed", self.seed, minimum=0)
         _str("dataset", self.dataset)
+        _choice("model", self.model, MODELS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _positive("alpha", self.alpha)
         _int("classes-per-partition", self.classes_per_partition, minimum=1)
@@ -112,6 +121,7 @@ class RunConfig:
         if self.proximal_mu < 0:
             raise ValueError(f"Run config 'proximal-mu' must be a number >= 0; got {self.proximal_mu!r}")
         _choice("scaffold-control-variate", self.scaffold_control_variate, strategies.SCAFFOLD_VARIATES)
+        _choice("scaffold-weighting", self.scaffold_weighting, strategies.SCAFFOLD_WEIGHTINGS)
         if self.server_lr != AUTO:
             _positive("server-lr", self.server_lr, also=f'or the string "{AUTO}"')
         _fraction("server-momentum", self.server_momentum)
@@ -121,6 +131,10 @@ class RunConfig:
         _number("trim-fraction", self.trim_fraction)
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"Run config 'trim-fraction' must be in [0, 0.5); got {self.trim_fraction!r}")
+        _int("max-num-examples", self.max_num_examples, minimum=1)
+        if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
+            raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "
+                             f"{MAX_NUM_EXAMPLES_LIMIT}]; got {self.max_num_examples!r}")
         _str("results-dir", self.results_dir)
         if not isinstance(self.run_name, str) or (self.run_name and not _RUN_NAME.match(self.run_name)):
             raise ValueError(

@@ -18,8 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 import strategies
-from partitions import check_partitions, dataset_info, load_test_data
-from strategies.guard import Guarded
+from partitions import check_partitions, dataset_info, load_test_data, train_sizes
+from strategies.guard import ExampleLimits, Guarded
 from strategies.sampling import PartitionSampler
 
 from . import wire
@@ -98,13 +98,23 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     sizes = check_partitions(cfg.data, num_partitions)  # raises before any training
     info = dataset_info(cfg.dataset)
     test = load_test_data(cfg.dataset)
-    model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG))
+    model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
     initial = ArrayRecord(model.state_dict())
 
+    train_n = train_sizes(sizes, float(cfg.validation_fraction))
+    # In simulation the server computed the split, so it knows what each client holds: a
+    # reply claiming more examples than its partition's share is rejected.
+    limits = ExampleLimits(
+        default=cfg.max_num_examples,
+        train={pid: min(n, cfg.max_num_examples) for pid, n in enumerate(train_n)},
+        evaluate={pid: min(size - n, cfg.max_num_examples)
+                  for pid, (size, n) in enumerate(zip(sizes, train_n))},
+    )
     strategy = Guarded(
-        strategies.build(cfg, num_partitions),
+        strategies.build(cfg, num_partitions, total_examples=sum(train_n)),
         sampler=PartitionSampler(cfg.seed, nodes.discover),
         min_valid_replies=cfg.min_train_nodes,
+        example_limits=limits,
     )
     run_dir = fresh_run_dir(resolve_results_dir(cfg.results_dir), run_dir_name)
     recorder = RunRecorder(

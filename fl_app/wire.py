@@ -29,6 +29,7 @@ NUM_PARTITIONS = "num-partitions"
 # Round statistics the server adds to the aggregated train metrics
 REPLIES_VALID = "replies-valid"
 REPLIES_REJECTED = "replies-rejected"
+ROUND_AGGREGATED = "round-aggregated"  # 1 if the round's aggregate became the global model
 UPLOAD_BYTES = "upload-bytes-per-client"
 DOWNLOAD_BYTES = "download-bytes-per-client"
 TRAIN_SECONDS = "train-seconds"

@@ -10,7 +10,9 @@ from .federated import (
     load_test_data,
     partition_indices,
     partition_labels,
+    train_sizes,
     train_val_split,
+    validation_size,
 )
 from .partitioners import PARTITIONERS, build_partitioner
 from .sources import ImageArrays, SourceSpec, read_idx, resolve_source
@@ -31,5 +33,7 @@ __all__ = [
     "partition_labels",
     "read_idx",
     "resolve_source",
+    "train_sizes",
     "train_val_split",
+    "validation_size",
 ]

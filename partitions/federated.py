@@ -227,12 +227,23 @@ def check_partitions(cfg: DataConfig, num_partitions: int) -> list[int]:
     return sizes
 
 
+def validation_size(n: int, fraction: float) -> int:
+    """How many of a partition's ``n`` samples are held out for validation (>= 1, < n)."""
+    if n < 2:
+        raise ValueError(f"A partition of {n} samples cannot be split into train and validation")
+    return min(max(1, int(round(fraction * n))), n - 1)
+
+
+def train_sizes(sizes: list[int], fraction: float) -> list[int]:
+    """The training-set size of each partition (what an honest client reports as
+    ``num-examples``), from the partition sizes."""
+    return [n - validation_size(n, fraction) for n in sizes]
+
+
 def train_val_split(data: ImageArrays, fraction: float, seed: int) -> ClientData:
     """Seeded split of one partition; at least one sample on each side."""
     n = len(data)
-    if n < 2:
-        raise ValueError(f"A partition of {n} samples cannot be split into train and validation")
-    n_val = min(max(1, int(round(fraction * n))), n - 1)
+    n_val = validation_size(n, fraction)
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = order[:n_val], order[n_val:]
     return ClientData(

@@ -5,16 +5,23 @@ cross-cutting work; the same wrapper serves Flower's built-ins and our own strat
 
 Per training round it
 1. re-addresses the inner strategy's messages to nodes chosen by a ``PartitionSampler``
-   (same seed, same partitions; the inner strategy still decides how many);
+   (same seed, same partitions; the inner strategy still decides how many; a node that
+   has not said which partition it holds is not sampled);
 2. validates every reply (``validation.split_replies``) against the layout the inner
    strategy expects back (``inner.reply_array_spec(arrays)`` if it defines one, else the
-   layout of the arrays sent), logs each rejection with its reason and leaves it out;
+   layout of the arrays sent) and against the client's bound on ``num-examples``
+   (``ExampleLimits``), logs each rejection with its reason and leaves it out;
 3. skips aggregation, leaving the global model unchanged, when fewer than
-   ``min_valid_replies`` replies are valid, or when the inner aggregate is not finite or
-   has another layout than the global model (the inner strategy's state is then rolled
-   back too, so a server optimizer's moments are not poisoned);
-4. adds round statistics to the train metrics: valid/rejected replies, upload and
-   download bytes per client, and the seconds the training phase took.
+   ``min_valid_replies`` replies are valid;
+4. casts a finite aggregate back to the global model's dtypes, then discards it and
+   rolls the inner strategy's state back to before the round when the aggregate is not
+   finite, has another layout than the global model, or leaves the strategy's own state
+   (its ``state_dict()``: SCAFFOLD's c, Adam's moments; or its attributes) non-finite.
+   A rolled-back round leaves no trace: a finite model with v = Inf would otherwise
+   freeze FedAdam for the rest of the run, and c = Inf would poison SCAFFOLD;
+5. adds round statistics to the train metrics: valid/rejected replies, whether the
+   round's aggregate stood, upload and download bytes per client, and the seconds the
+   training phase took.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -32,7 +40,40 @@ from flwr.supercore import log
 from fl_app import wire
 
 from .sampling import PartitionSampler
-from .validation import ArraySpec, array_spec, check_arrays, record_nbytes, split_replies
+from .validation import (
+    ArraySpec,
+    array_spec,
+    cast_like,
+    check_arrays,
+    first_non_finite,
+    record_nbytes,
+    split_replies,
+)
+
+
+@dataclass(frozen=True)
+class ExampleLimits:
+    """The largest ``num-examples`` accepted from a client, per stage.
+
+    ``train`` / ``evaluate``: partition id -> its training / validation set size (known
+    to the server in simulation, where it computes the split); every other client gets
+    ``default`` (run-config ``max-num-examples``).
+    """
+
+    default: int
+    train: dict[int, int] = field(default_factory=dict)
+    evaluate: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default:
+            raise ValueError(f"ExampleLimits.default must be >= 1, got {self.default}")
+
+    def bound(self, partition: int | None, stage: str) -> int:
+        table = self.train if stage == "train" else self.evaluate
+        return table.get(partition, self.default) if partition is not None else self.default
+
+
+DEFAULT_MAX_NUM_EXAMPLES = 1_000_000  # run-config 'max-num-examples' default
 
 
 class Guarded(Strategy):
@@ -45,6 +86,7 @@ class Guarded(Strategy):
         sampler: PartitionSampler | None = None,
         min_valid_replies: int = 1,
         weighted_by_key: str = wire.NUM_EXAMPLES,
+        example_limits: ExampleLimits | None = None,
     ) -> None:
         if min_valid_replies < 1:
             raise ValueError(f"min_valid_replies must be >= 1, got {min_valid_replies}")
@@ -52,6 +94,7 @@ class Guarded(Strategy):
         self.sampler = sampler
         self.min_valid_replies = min_valid_replies
         self.weighted_by_key = weighted_by_key
+        self.example_limits = example_limits or ExampleLimits(default=DEFAULT_MAX_NUM_EXAMPLES)
         self._global_spec: dict[str, ArraySpec] | None = None
         self._expected_spec: dict[str, ArraySpec] | None = None
         self._download_bytes = 0
@@ -67,9 +110,29 @@ class Guarded(Strategy):
             # Per-node content: the inner strategy's own choice of nodes must stand.
             return messages
         chosen = self.sampler.choose(grid.get_node_ids(), len(messages), server_round, stage)
+        if len(chosen) < len(messages):
+            log(WARNING, "%s round %d: only %d node(s) said which partition they hold; "
+                         "sending %d of %d messages", stage, server_round, len(chosen),
+                len(chosen), len(messages))
+            messages = messages[:len(chosen)]
         for message, node_id in zip(messages, chosen):
             message.metadata.dst_node_id = node_id
         return messages
+
+    def _partition(self, msg: Message) -> int | None:
+        return self.sampler.partition_of.get(msg.metadata.src_node_id) if self.sampler else None
+
+    def _bound(self, stage: str):
+        return lambda msg: self.example_limits.bound(self._partition(msg), stage)
+
+    def _rollback_reason(self, arrays: ArrayRecord) -> str | None:
+        problem = check_arrays(arrays, self._global_spec)
+        if problem:
+            return problem
+        state_fn = getattr(self.inner, "state_dict", None)
+        state = state_fn() if callable(state_fn) else vars(self.inner)
+        bad = first_non_finite(state, type(self.inner).__name__)
+        return f"the strategy's state is not finite at {bad}" if bad else None
 
     def _in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
         """Replies sorted by partition, so that sums are added in the same order every run."""
@@ -112,7 +175,8 @@ class Guarded(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, rejected = split_replies(self._in_partition_order(replies),
-                                        self._expected_spec, self.weighted_by_key)
+                                        self._expected_spec, self.weighted_by_key,
+                                        self._bound("train"))
         self._log_rejections("aggregate_train", rejected)
         upload = [
             sum(record_nbytes(r) for r in m.content.array_records.values()) for m in valid
@@ -131,13 +195,16 @@ class Guarded(Strategy):
         else:
             snapshot = copy.deepcopy(self.inner.__dict__)
             arrays, metrics = self.inner.aggregate_train(server_round, valid)
-            problem = check_arrays(arrays, self._global_spec) if arrays is not None else None
+            if arrays is not None:
+                arrays = cast_like(arrays, self._global_spec)
+            problem = self._rollback_reason(arrays) if arrays is not None else None
             if problem:
                 log(WARNING, "aggregate_train: the aggregate was discarded (%s); the global "
                              "model and the strategy state are left unchanged", problem)
                 self.inner.__dict__.clear()
                 self.inner.__dict__.update(snapshot)
                 arrays = None
+        stats[wire.ROUND_AGGREGATED] = int(arrays is not None)
         stats[wire.TRAIN_SECONDS] = time.perf_counter() - self._round_started
         merged = MetricRecord(dict(metrics) if metrics is not None else {})
         for key, value in stats.items():
@@ -153,7 +220,7 @@ class Guarded(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, rejected = split_replies(self._in_partition_order(replies), None,
-                                        self.weighted_by_key)
+                                        self.weighted_by_key, self._bound("evaluate"))
         self._log_rejections("aggregate_evaluate", rejected)
         metrics = self.inner.aggregate_evaluate(server_round, valid) if valid else None
         self.last_evaluate_metrics = metrics

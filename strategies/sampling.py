@@ -5,6 +5,11 @@ change from run to run; so neither the same seed nor the same config gives the s
 clients. Here the nodes are ordered by the partition they hold (learned once per node
 with a query message), and a ``numpy`` generator seeded with ``(seed, round, stage)``
 picks among them: the same config and seed sample the same partitions every run.
+
+A node that has not said which partition it holds (its query failed or timed out) is
+not sampled: a reply from it could not be bounded or ordered, and it may not be running
+the app at all. It is asked again at most once per round (each query can block for the
+query timeout), so a node that comes up late joins from the next round on.
 """
 
 from __future__ import annotations
@@ -32,23 +37,31 @@ class PartitionSampler:
         self.seed = seed
         self._discover = discover
         self.partition_of: dict[int, int] = {}
+        self._asked_in_round: dict[int, int] = {}  # node id -> round it was last asked
 
-    def learn(self, node_ids: Iterable[int]) -> None:
-        unknown = [n for n in node_ids if n not in self.partition_of]
+    def learn(self, node_ids: Iterable[int], server_round: int = 0) -> None:
+        """Ask the nodes not known yet, except those already asked in ``server_round``."""
+        unknown = [n for n in node_ids if n not in self.partition_of
+                   and self._asked_in_round.get(n) != server_round]
         if unknown:
+            for node in unknown:
+                self._asked_in_round[node] = server_round
             self.partition_of.update(self._discover(unknown))
 
-    def ordered(self, node_ids: Iterable[int]) -> list[int]:
-        """Nodes sorted by partition id (nodes that did not answer last, by node id)."""
+    def ordered(self, node_ids: Iterable[int], server_round: int = 0) -> list[int]:
+        """The nodes whose partition is known, sorted by partition id."""
         nodes = list(node_ids)
-        self.learn(nodes)
-        return sorted(nodes, key=lambda n: (self.partition_of.get(n, float("inf")), n))
+        self.learn(nodes, server_round)
+        return sorted((n for n in nodes if n in self.partition_of),
+                      key=lambda n: (self.partition_of[n], n))
 
     def choose(self, node_ids: Iterable[int], k: int, server_round: int, stage: str) -> list[int]:
-        """``k`` distinct nodes, the same ones for the same seed, round and stage."""
-        order = self.ordered(node_ids)
-        if not 0 <= k <= len(order):
-            raise ValueError(f"Cannot sample {k} of {len(order)} nodes")
+        """``min(k, known nodes)`` distinct nodes, the same ones for the same seed, round
+        and stage."""
+        if k < 0:
+            raise ValueError(f"Cannot sample {k} nodes")
+        order = self.ordered(node_ids, server_round)
+        k = min(k, len(order))
         rng = np.random.default_rng([self.seed, server_round, STAGES[stage]])
         picked = np.sort(rng.choice(len(order), size=k, replace=False))
         return [order[i] for i in picked]

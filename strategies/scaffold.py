@@ -7,13 +7,25 @@ in its node's ``Context.state``. In a round with sampled set S of the N clients:
 
     client i:  y_i <- x;  K times:  y_i <- y_i - eta_l * (g_i(y_i) - c_i + c)
                c_i+ = c_i - c + (x - y_i) / (K * eta_l)                 (Option II)
-               Delta y_i = y_i - x,   Delta c_i = c_i+ - c_i,   c_i <- c_i+
-    server:    x <- x + eta_g * mean_S(Delta y_i)
-               c <- c + (|S| / N) * mean_S(Delta c_i)
+               Delta y_i = y_i - x,   Delta c_i = c_i+ - c_i
+    server:    x <- x + eta_g * sum_S p_i Delta y_i
+               c <- c + sum_S q_i Delta c_i
 
 Symbols: eta_l = the client ``lr``, K = the client's number of optimizer steps that round,
 eta_g = ``server-lr`` (``server_lr``), N = ``num_clients`` (the number of partitions).
-The c update keeps c = (1/N) * sum_i c_i over all N clients, sampled or not.
+
+Weighting (run-config ``scaffold-weighting``). The invariant c = sum_i q_i c_i over all N
+clients, sampled or not, is what makes the correction c - c_i point from client i's
+gradient to the gradient of the objective sum_i q_i f_i; the model average must aim at
+the same objective, or the two pull towards different optima.
+- ``num-examples`` (default): the objective FedAvg, FedProx and FedAdam optimize,
+  f = sum_i (n_i / n) f_i. p_i = n_i / sum_S n_j (FedAvg's weighted mean) and
+  q_i = n_i / n, with n the training examples of all N clients (``total_examples``).
+  With c = c_i = 0 and eta_g = 1 this is exactly FedAvg.
+- ``uniform``: the paper's f = (1/N) sum_i f_i: p_i = 1/|S|, q_i = 1/N.
+(Before this was fixed, Delta y was weighted and c uniform: on unequal clients SCAFFOLD
+then converged to the uniform objective's optimum while its model update aimed at the
+weighted one; tests/test_scaffold.py checks both fixed points on unequal quadratics.)
 
 How c_i+ is computed. With plain SGD, Option II's displacement formula is exactly the
 mean of the client's raw (uncorrected) stochastic gradients along its K steps:
@@ -26,22 +38,32 @@ by up to 1/(1 - momentum) and, in our runs with momentum 0.9, made SCAFFOLD dive
 ``control_variate="displacement"`` (run-config ``scaffold-control-variate``) selects the
 paper's formula literally, for comparison.
 
-Deliberate departure: mean_S(Delta y_i) is weighted by num-examples, as FedAvg (and
-NIID-Bench's SCAFFOLD) do: SCAFFOLD with c = c_i = 0 and eta_g = 1 is then exactly
-FedAvg. The paper's uniform mean is the same when clients hold equally many samples.
-mean_S(Delta c_i) stays uniform, as in the paper, since c must stay the plain mean of
-the c_i.
+Commit protocol: c_i changes only when the server used Delta c_i. The invariant breaks
+for good if a client keeps c_i+ while the server never adds its Delta c_i (a reply lost,
+timed out, rejected by the guard, left out of a round skipped for too few valid
+replies, or part of an aggregate that was rolled back). So the client stores c_i+ as
+*pending*, tagged with the round r it was computed in, and keeps using its committed
+c_i. The server records, for every node, the last round whose contribution went into an
+aggregate that stood (``accepted``; kept in the strategy, so a rolled-back round's
+record is rolled back with it) and sends that map (``scaffold-accepted``: node id ->
+round) with every train message. When the node is next sampled it commits its pending
+c_i+ if and only if the map says its round-r contribution was aggregated, else drops it.
+The server never holds any c_i (only the Delta c_i it aggregates, which secure
+aggregation can hide), and the map reveals only who took part when, which the server
+knows anyway. A client never stores a non-finite c_i+: it keeps its previous c_i (the
+reply then carries the non-finite Delta c_i and is rejected).
 
 Wire layout: the server sends c as a second ArrayRecord (``scaffold-c``) beside the
-model; the client replies with ONE ArrayRecord holding its model y_i under the model's
-keys (Delta y_i = y_i - x is formed on the server, which holds x) and Delta c_i under
-``scaffold-dc/<key>``. The upload is therefore twice FedAvg's (reported per round).
+model, and the accepted map as a ConfigRecord (``scaffold-accepted``); the client
+replies with ONE ArrayRecord holding its model y_i under the model's keys (Delta y_i =
+y_i - x is formed on the server, which holds x) and Delta c_i under ``scaffold-dc/<key>``.
+The upload is therefore twice FedAvg's (reported per round).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -57,11 +79,16 @@ from fl_app.wire import RUN_TAG
 from .validation import ArraySpec, array_spec
 
 C_RECORD = "scaffold-c"  # server -> client: the server control variate c
+ACCEPTED_RECORD = "scaffold-accepted"  # server -> client: node id -> last aggregated round
 CONTROL_VARIATE = "scaffold-control-variate"  # server -> client: how c_i+ is computed
 VARIATES = ("gradient-mean", "displacement")
+WEIGHTINGS = ("num-examples", "uniform")
 DC_PREFIX = "scaffold-dc/"  # client -> server: Delta c_i, beside the model
-STATE_CI = "scaffold-ci"  # Context.state: this client's c_i
-STATE_META = "scaffold-meta"  # Context.state: which run c_i belongs to (wire.RUN_TAG)
+STATE_CI = "scaffold-ci"  # Context.state: this client's committed c_i
+STATE_PENDING = "scaffold-ci-pending"  # Context.state: c_i+ awaiting the server's word
+STATE_META = "scaffold-meta"  # Context.state: run tag and the pending c_i+'s round
+PENDING_ROUND = "pending-round"
+COMMITTED_METRIC = "scaffold-committed"  # client -> server: 1 if it committed c_i+ this round
 
 NDArrays = dict[str, np.ndarray]
 
@@ -88,23 +115,43 @@ def gradient_mean_update(
     return new_c_i, {k: new_c_i[k] - c_i[k] for k in grad_sum}
 
 
+def aggregation_weights(
+    num_examples: np.ndarray, *, weighting: str, num_clients: int, total_examples: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(p, q): the weights of Delta y_i in the model update and of Delta c_i in the c update.
+
+    ``num-examples``: p_i = n_i / sum_S n_j, q_i = n_i / n (n = ``total_examples``, all N
+    clients); ``uniform``: p_i = 1 / |S|, q_i = 1 / N. Sums are taken in float64.
+    """
+    n_i = np.asarray(num_examples, dtype=np.float64)
+    if n_i.ndim != 1 or len(n_i) == 0 or not np.all(np.isfinite(n_i)) or np.any(n_i <= 0):
+        raise ValueError(f"Need a non-empty list of finite num-examples > 0, got {num_examples!r}")
+    if not 0 < len(n_i) <= num_clients:
+        raise ValueError(f"Need 0 < |S| <= N, got |S|={len(n_i)}, N={num_clients}")
+    if weighting == "uniform":
+        return np.full(len(n_i), 1.0 / len(n_i)), np.full(len(n_i), 1.0 / num_clients)
+    if weighting != "num-examples":
+        raise ValueError(f"SCAFFOLD weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+    if total_examples is None or not total_examples >= n_i.sum():
+        raise ValueError(f"SCAFFOLD's num-examples weighting needs n (the training examples of "
+                         f"all N clients) >= the sampled clients' sum {n_i.sum():g}; got "
+                         f"{total_examples!r}")
+    return n_i / n_i.sum(), n_i / float(total_examples)
+
+
 def server_update(
-    x: NDArrays,
-    c: NDArrays,
-    mean_delta_y: NDArrays,
-    mean_delta_c: NDArrays,
-    *,
-    num_sampled: int,
-    num_clients: int,
-    server_lr: float,
+    x: NDArrays, c: NDArrays, mean_delta_y: NDArrays, c_increment: NDArrays, *, server_lr: float
 ) -> tuple[NDArrays, NDArrays]:
-    """x + eta_g * mean(Delta y),  c + (|S| / N) * mean(Delta c)."""
-    if not 0 < num_sampled <= num_clients:
-        raise ValueError(f"Need 0 < |S| <= N, got |S|={num_sampled}, N={num_clients}")
-    frac = num_sampled / num_clients
+    """x + eta_g * sum_S p_i Delta y_i,   c + sum_S q_i Delta c_i (both sums given)."""
     new_x = {k: (x[k] + server_lr * mean_delta_y[k]).astype(x[k].dtype) for k in x}
-    new_c = {k: (c[k] + frac * mean_delta_c[k]).astype(c[k].dtype) for k in c}
+    new_c = {k: (c[k] + c_increment[k]).astype(c[k].dtype) for k in c}
     return new_x, new_c
+
+
+def weighted_sum(arrays: list[NDArrays], weights: np.ndarray, keys: Iterable[str]) -> NDArrays:
+    """sum_j weights[j] * arrays[j][k] for every key, accumulated in float64."""
+    return {k: sum(float(w) * a[k].astype(np.float64) for w, a in zip(weights, arrays))
+            for k in keys}
 
 
 def split_reply(record: ArrayRecord) -> tuple[NDArrays, NDArrays]:
@@ -122,29 +169,47 @@ def _record(arrays: NDArrays) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _finite(arrays: NDArrays) -> bool:
+    return all(np.all(np.isfinite(v)) for v in arrays.values())
+
+
 # ------------------------------------------------------------------ server side
 class Scaffold(FedAvg):
-    """Server side of SCAFFOLD (see the module docstring for the update rule)."""
+    """Server side of SCAFFOLD (see the module docstring for the update rule).
+
+    ``total_examples`` is n, the training examples of all N clients (needed by the
+    default ``num-examples`` weighting; the ServerApp knows it from the partition sizes).
+    """
 
     def __init__(self, *, num_clients: int, server_lr: float = 1.0,
-                 control_variate: str = "gradient-mean", **fedavg_kwargs) -> None:
+                 control_variate: str = "gradient-mean", weighting: str = "num-examples",
+                 total_examples: float | None = None, **fedavg_kwargs) -> None:
         if control_variate not in VARIATES:
             raise ValueError(f"SCAFFOLD control_variate must be one of {list(VARIATES)}, "
                              f"got {control_variate!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"SCAFFOLD weighting must be one of {list(WEIGHTINGS)}, "
+                             f"got {weighting!r}")
         if num_clients < 1:
             raise ValueError(f"SCAFFOLD num_clients (N) must be >= 1, got {num_clients}")
         if not server_lr > 0:
             raise ValueError(f"SCAFFOLD server_lr (eta_g) must be > 0, got {server_lr}")
+        if weighting == "num-examples" and (total_examples is None or not total_examples > 0):
+            raise ValueError("SCAFFOLD with num-examples weighting needs total_examples (n, the "
+                             f"training examples of all N clients) > 0, got {total_examples!r}")
         super().__init__(**fedavg_kwargs)
         self.num_clients = num_clients
         self.server_lr = float(server_lr)
         self.control_variate = control_variate
+        self.weighting = weighting
+        self.total_examples = None if total_examples is None else float(total_examples)
         self.c: NDArrays | None = None
         self.x: NDArrays | None = None
+        self.accepted: dict[int, int] = {}  # node id -> last round its Delta c_i was added
 
     def summary(self) -> None:
-        log(INFO, "\t├──> SCAFFOLD (Option II, %s): eta_g = %g, N = %d", self.control_variate,
-            self.server_lr, self.num_clients)
+        log(INFO, "\t├──> SCAFFOLD (Option II, %s, %s weighting): eta_g = %g, N = %d",
+            self.control_variate, self.weighting, self.server_lr, self.num_clients)
         super().summary()
 
     def reply_array_spec(self, arrays: ArrayRecord) -> dict[str, ArraySpec]:
@@ -161,8 +226,10 @@ class Scaffold(FedAvg):
         config[CONTROL_VARIATE] = self.control_variate
         messages = list(super().configure_train(server_round, arrays, config, grid))
         c_record = _record(self.c)
+        accepted = ConfigRecord({str(node): rnd for node, rnd in self.accepted.items()})
         for content in {id(m.content): m.content for m in messages}.values():
             content[C_RECORD] = c_record
+            content[ACCEPTED_RECORD] = accepted
         return messages
 
     def aggregate_train(
@@ -174,38 +241,64 @@ class Scaffold(FedAvg):
         if self.x is None or self.c is None:
             raise RuntimeError("SCAFFOLD.aggregate_train called before configure_train")
         contents = [m.content for m in valid]
-        weights = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key])
-                            for c in contents])
-        weights = weights / weights.sum()
+        num_examples = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key])
+                                 for c in contents])
+        p, q = aggregation_weights(num_examples, weighting=self.weighting,
+                                   num_clients=self.num_clients, total_examples=self.total_examples)
         parts = [split_reply(next(iter(c.array_records.values()))) for c in contents]
-        mean_dy = {k: sum(w * (y[k] - self.x[k]) for w, (y, _) in zip(weights, parts))
-                   for k in self.x}
-        mean_dc = {k: sum(dc[k] for _, dc in parts) / len(parts) for k in self.c}
-        new_x, self.c = server_update(
-            self.x, self.c, mean_dy, mean_dc,
-            num_sampled=len(parts), num_clients=self.num_clients, server_lr=self.server_lr,
-        )
+        delta_y = [{k: y[k].astype(np.float64) - self.x[k] for k in self.x} for y, _ in parts]
+        mean_dy = weighted_sum(delta_y, p, self.x)
+        c_increment = weighted_sum([dc for _, dc in parts], q, self.c)
+        new_x, self.c = server_update(self.x, self.c, mean_dy, c_increment,
+                                      server_lr=self.server_lr)
+        for message in valid:
+            self.accepted[int(message.metadata.src_node_id)] = server_round
         return _record(new_x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
-    def state_dict(self) -> dict[str, NDArrays | None]:
-        """Server state to checkpoint beside the global model."""
-        return {"c": None if self.c is None else {k: v.copy() for k, v in self.c.items()}}
+    def state_dict(self) -> dict:
+        """Server state to checkpoint beside the global model: c and the accepted map."""
+        return {"c": None if self.c is None else {k: v.copy() for k, v in self.c.items()},
+                "accepted": dict(self.accepted)}
 
-    def load_state_dict(self, state: dict[str, NDArrays | None]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.c = None if state["c"] is None else {k: np.array(v) for k, v in state["c"].items()}
+        self.accepted = {int(k): int(v) for k, v in state.get("accepted", {}).items()}
 
 
 # ------------------------------------------------------------------ client side
+def resolve_pending(state: RecordDict, run_tag: str, node_id: int, accepted: ConfigRecord) -> bool:
+    """Commit or drop this node's pending c_i+ by the server's accepted map (in place);
+    True if it was committed.
+
+    State from another run (another ``run_tag``) is cleared: c_i starts at zero.
+    """
+    meta = state.get(STATE_META)
+    if meta is None or meta.get(RUN_TAG) != run_tag:
+        for key in (STATE_CI, STATE_PENDING, STATE_META):
+            if key in state:
+                del state[key]
+        return False
+    committed = False
+    if STATE_PENDING in state:
+        if accepted.get(str(node_id)) == meta.get(PENDING_ROUND):
+            state[STATE_CI] = state[STATE_PENDING]
+            committed = True
+        del state[STATE_PENDING]
+    return committed
+
+
 class ScaffoldClient:
-    """Client half: corrects every local gradient by (c - c_i), then updates c_i to the
-    mean raw gradient (Option II, see the module docstring).
+    """Client half: corrects every local gradient by (c - c_i), then computes c_i+ (the
+    mean raw gradient, Option II, see the module docstring) and keeps it pending.
 
     Use ``hooks`` in ``train_local``; afterwards ``finish(model, steps)`` returns the
-    Delta c_i arrays for the reply and stores c_i+ in the node's state.
+    Delta c_i arrays for the reply and stores c_i+ as pending in the node's state.
+    ``metrics()`` tells the server whether this round started by committing the previous
+    c_i+ (``scaffold-committed``, 0 or 1: a round-level sanity check of the protocol).
     """
 
     def __init__(self, model: nn.Module, content: RecordDict, state: RecordDict,
-                 run_tag: str, lr: float) -> None:
+                 run_tag: str, lr: float, *, node_id: int, server_round: int) -> None:
         if C_RECORD not in content:
             raise ValueError(f"SCAFFOLD client: the train message carries no '{C_RECORD}' record")
         self.variate = str(content["config"].get(CONTROL_VARIATE, VARIATES[0]))
@@ -214,19 +307,24 @@ class ScaffoldClient:
         self.lr = lr
         self.state = state
         self.run_tag = run_tag
+        self.server_round = int(server_round)
         self.x = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
         self.c = {k: a.numpy() for k, a in content[C_RECORD].items()}
         if set(self.c) != set(self.x):
             raise ValueError("SCAFFOLD client: c and the model have different keys")
-        self.c_i = self._stored_c_i()
+        accepted = content[ACCEPTED_RECORD] if ACCEPTED_RECORD in content else ConfigRecord()
+        self.committed = resolve_pending(state, run_tag, node_id, accepted)
+        self.c_i = self._committed_c_i()
         params = dict(model.named_parameters())
         self.correction = {k: torch.from_numpy(self.c[k] - self.c_i[k]) for k in params}
         self.grad_sum = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
         self.hooks = LocalHooks(after_backward=self._correct)
 
-    def _stored_c_i(self) -> NDArrays:
-        meta = self.state.get(STATE_META)
-        if STATE_CI in self.state and meta is not None and meta.get(RUN_TAG) == self.run_tag:
+    def metrics(self) -> dict[str, int]:
+        return {COMMITTED_METRIC: int(self.committed)}
+
+    def _committed_c_i(self) -> NDArrays:
+        if STATE_CI in self.state:
             return {k: a.numpy() for k, a in self.state[STATE_CI].items()}
         return {k: np.zeros_like(v) for k, v in self.x.items()}  # c_i starts at zero
 
@@ -239,11 +337,21 @@ class ScaffoldClient:
     def finish(self, model: nn.Module, num_steps: int) -> dict[str, np.ndarray]:
         if self.variate == "displacement":
             y = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-            new_c_i, delta_c = control_variate_update(self.c_i, self.c, self.x, y, num_steps, self.lr)
+            new_c_i, _ = control_variate_update(self.c_i, self.c, self.x, y, num_steps, self.lr)
         else:
             grad_sum = {k: self.grad_sum[k].numpy() if k in self.grad_sum else np.zeros_like(v)
                         for k, v in self.x.items()}
-            new_c_i, delta_c = gradient_mean_update(self.c_i, grad_sum, num_steps)
-        self.state[STATE_CI] = _record({k: v.astype(self.x[k].dtype) for k, v in new_c_i.items()})
-        self.state[STATE_META] = ConfigRecord({RUN_TAG: self.run_tag})
-        return {DC_PREFIX + k: v.astype(self.x[k].dtype) for k, v in delta_c.items()}
+            new_c_i, _ = gradient_mean_update(self.c_i, grad_sum, num_steps)
+        # Delta c_i from the stored (model-dtype) c_i+, so that what the server adds is
+        # exactly what the client commits.
+        new_c_i = {k: v.astype(self.x[k].dtype) for k, v in new_c_i.items()}
+        delta_c = {k: (new_c_i[k].astype(np.float64) - self.c_i[k]).astype(self.x[k].dtype)
+                   for k in new_c_i}
+        self.state[STATE_META] = ConfigRecord({RUN_TAG: self.run_tag,
+                                               PENDING_ROUND: self.server_round})
+        if _finite(new_c_i) and _finite(delta_c):
+            self.state[STATE_PENDING] = _record(new_c_i)
+        else:
+            log(WARNING, "SCAFFOLD client: c_i+ is not finite (local training diverged); "
+                         "keeping the previous c_i")
+        return {DC_PREFIX + k: v for k, v in delta_c.items()}

@@ -81,7 +81,7 @@ def test_auto_server_lr_resolves_per_strategy(make_config):
 
 def test_every_registered_strategy_builds(make_config):
     for name in strategies.NAMES:
-        strategy = strategies.build(make_config(strategy=name), 10)
+        strategy = strategies.build(make_config(strategy=name), 10, total_examples=1000)
         assert strategy.fraction_train == 1.0
 
 
@@ -110,3 +110,16 @@ def test_config_is_frozen(make_config):
     with pytest.raises(Exception):
         cfg.lr = 1.0  # type: ignore[misc]
     assert len(fields(cfg)) == len(RunConfig.keys())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model", "resnet", "'model' must be one of ['cnn', 'mlp', 'logreg']"),
+    ("scaffold-weighting", "median", "'scaffold-weighting' must be one of"),
+    ("max-num-examples", 0, "'max-num-examples' must be an integer >= 1"),
+    ("max-num-examples", 2**40, "'max-num-examples' must be an integer in [1, 2147483647]"),
+    ("max-num-examples", 10.5, "'max-num-examples' must be an integer >= 1"),
+])
+def test_new_keys_are_validated(make_config, key, value, message):
+    with pytest.raises(ValueError) as err:
+        make_config(**{key: value})
+    assert message in str(err.value)

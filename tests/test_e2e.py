@@ -22,6 +22,12 @@ pytestmark = pytest.mark.e2e
 OURS = ("fedprox", "scaffold", "fedadam")
 TINY = {"dataset": "digits", "num-server-rounds": 4, "fraction-train": 0.5,
         "partitioner": "dirichlet", "alpha": 1.0, "local-epochs": 2}
+EXTRA = [
+    # every client sampled: each must commit its c_i+ from round 2 on
+    {"run-name": "scaffold-all", **TINY, "strategy": "scaffold", "fraction-train": 1.0,
+     "num-server-rounds": 3},
+    {"run-name": "fedavg-logreg", **TINY, "model": "logreg"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,7 @@ def sweep_run(link):
     sweep = link.workdir / "sweep.json"
     runs = [{"run-name": "twin-a", **TINY}, {"run-name": "twin-b", **TINY}]
     runs += [{"run-name": name, **TINY, "strategy": name} for name in OURS]
+    runs += EXTRA
     sweep.write_text(json.dumps(runs))
     overrides = {"sweep-file": str(sweep), "results-dir": str(link.workdir / "results")}
     first = link.run(overrides, num_supernodes=4, timeout=900)
@@ -83,7 +90,8 @@ def test_resubmitted_sweep_skips_finished_runs(link, sweep_run):
     results, overrides, _ = sweep_run
     before = (results / "twin-a" / "summary.json").stat().st_mtime_ns
     again = link.run(overrides, num_supernodes=4, timeout=600)
-    assert again.stdout.count("already complete, skipped") == 2 + len(OURS), again.stdout[-2000:]
+    assert again.stdout.count("already complete, skipped") == 2 + len(OURS) + len(EXTRA), \
+        again.stdout[-2000:]
     assert (results / "twin-a" / "summary.json").stat().st_mtime_ns == before
 
 
@@ -97,6 +105,25 @@ def test_each_custom_strategy_learns_end_to_end(sweep_run, name):
     fedavg_upload = summary(results, "twin-a")["history"][-1]["upload_bytes_per_client"]
     factor = 2 if name == "scaffold" else 1  # SCAFFOLD uploads Delta c_i beside the model
     assert s["history"][-1]["upload_bytes_per_client"] == factor * fedavg_upload
+
+
+def test_scaffold_clients_commit_their_control_variates_in_a_real_run(sweep_run):
+    """The commit protocol keys on the node id the client sees (Context.node_id) and the
+    one the server sees (the reply's src_node_id): if they differed, no client would ever
+    commit and c would drift from the mean of the c_i."""
+    results, _, _ = sweep_run
+    s = summary(results, "scaffold-all")
+    assert s["complete"] and s["final_test_accuracy"] > 0.5
+    committed = [r["scaffold_committed"] for r in s["history"][1:]]
+    assert committed == [0.0, 1.0, 1.0], committed
+    assert all(r["round_aggregated"] == 1 for r in s["history"][1:])
+
+
+def test_logistic_regression_model_learns(sweep_run):
+    results, _, _ = sweep_run
+    s = summary(results, "fedavg-logreg")
+    assert s["config"]["model"] == "logreg" and s["model_parameters"] == 64 * 10 + 10
+    assert s["final_test_accuracy"] > 0.6, [r["test_accuracy"] for r in s["history"]]
 
 
 def test_bad_config_fails_before_training_naming_the_key(link):

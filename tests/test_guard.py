@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 
-from strategies.guard import Guarded
+from strategies.fedadam import FedAdam
+from strategies.guard import ExampleLimits, Guarded
 from strategies.sampling import PartitionSampler
 from strategies.validation import array_spec, check_reply, record_nbytes, split_replies
 from tests.helpers import make_grid, make_reply
@@ -25,7 +27,7 @@ def arrays(w, b) -> dict:
 
 
 BAD_REPLIES = {
-    "missing key": (dict(arrays=arrays([1, 1], [1]) | {"extra": np.zeros(1, np.float32)}), "array keys differ"),
+    "extra key": (dict(arrays=arrays([1, 1], [1]) | {"extra": np.zeros(1, np.float32)}), "array keys differ"),
     "dropped key": (dict(arrays={"w": np.zeros(2, np.float32)}), "array keys differ"),
     "wrong shape": (dict(arrays=arrays([1, 1, 1], [1])), "has shape (3,)"),
     "wrong dtype": (dict(arrays={"w": np.zeros(2, np.float64), "b": np.zeros(1, np.float32)}), "dtype float64"),
@@ -182,3 +184,108 @@ def test_inner_strategy_is_not_called_without_enough_valid_replies():
     strategy._global_spec = strategy._expected_spec
     agg, metrics = strategy.aggregate_train(1, [make_reply(arrays([np.nan, 0], [0]))])
     assert agg is None and isinstance(metrics, MetricRecord)
+
+
+# ----------------------------------------------------------------- num-examples bounds
+def test_a_reply_claiming_too_many_examples_is_rejected():
+    """Unbounded, one claim of 1e12 examples would make the mean that client's weights."""
+    strategy = Guarded(FedAvg(min_train_nodes=1, min_available_nodes=1),
+                       example_limits=ExampleLimits(default=1000))
+    configure(strategy)
+    replies = [make_reply(arrays([1, 1], [1]), num_examples=10, node_id=11),
+               make_reply(arrays([9, 9], [9]), num_examples=1e12, node_id=12)]
+    agg, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["w"].numpy(), [1.0, 1.0])
+    assert metrics["replies-rejected"] == 1
+
+
+def test_huge_claims_cannot_overflow_the_weight_sum():
+    """Two claims of 1e308 overflow sum(n_i) to Inf: FedAvg would return all zeros (finite,
+    so it passes every other check). Both are rejected and the model stays as it was."""
+    strategy = guarded_fedavg()
+    configure(strategy)
+    replies = [make_reply(arrays([3, 3], [3]), num_examples=1e308, node_id=n) for n in (11, 12)]
+    agg, metrics = strategy.aggregate_train(1, replies)
+    assert agg is None and metrics["replies-rejected"] == 2 and metrics["round-aggregated"] == 0
+
+
+def test_in_simulation_the_bound_is_the_partition_training_size():
+    """Partition 0 trains on 50 samples, partition 1 on 80: 60 is fine from 1, not from 0."""
+    mapping = {11: 0, 12: 1}
+    strategy = Guarded(FedAvg(min_train_nodes=1, min_available_nodes=1),
+                       sampler=sampler_for(mapping, 0),
+                       example_limits=ExampleLimits(default=10**6, train={0: 50, 1: 80}))
+    configure(strategy, nodes=mapping)
+    replies = [make_reply(arrays([1, 1], [1]), num_examples=60, node_id=11),
+               make_reply(arrays([2, 2], [2]), num_examples=60, node_id=12)]
+    agg, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["w"].numpy(), [2.0, 2.0])
+    assert metrics["replies-rejected"] == 1
+
+
+# ----------------------------------------------------------------- strategy state
+def test_non_finite_strategy_state_rolls_the_round_back():
+    """One reply of weights 1e20 (float32): Delta^2 overflows, v = Inf while x stays finite.
+    Unguarded, FedAdam's steps would be m / (sqrt(Inf) + tau) = 0 for the rest of the run."""
+    inner = FedAdam(eta=0.1, min_train_nodes=1, min_available_nodes=1)
+    strategy = Guarded(inner)
+    configure(strategy)
+    strategy.aggregate_train(1, [make_reply(arrays([2, 3], [1]), node_id=11)])
+    m_before, v_before = (copy_state(inner.m), copy_state(inner.v))
+    configure(strategy)
+    agg, metrics = strategy.aggregate_train(2, [make_reply(arrays([1e20, 1], [1]), node_id=11)])
+    assert agg is None and metrics["round-aggregated"] == 0
+    for key in m_before:
+        np.testing.assert_array_equal(inner.m[key], m_before[key])
+        np.testing.assert_array_equal(inner.v[key], v_before[key])
+    configure(strategy)  # and the next ordinary round moves the model again
+    agg, _ = strategy.aggregate_train(3, [make_reply(arrays([2, 3], [1]), node_id=11)])
+    assert agg is not None and not np.allclose(agg["w"].numpy(), W["w"])
+
+
+def copy_state(d):
+    return {k: v.copy() for k, v in d.items()}
+
+
+def test_flower_fedadam_float64_aggregate_is_cast_not_discarded():
+    """Flower's FedAdam returns float64 arrays for a float32 model; the guard casts them."""
+    inner = FlowerFedAdam(eta=0.1, min_train_nodes=1, min_available_nodes=1)
+    raw = FlowerFedAdam(eta=0.1, min_train_nodes=1, min_available_nodes=1)
+    strategy = Guarded(inner)
+    configure(strategy)
+    list(raw.configure_train(1, global_arrays(), ConfigRecord(), make_grid([11])))
+    reply = make_reply(arrays([2, 3], [1]), node_id=11)
+    agg, metrics = strategy.aggregate_train(1, [reply])
+    want, _ = raw.aggregate_train(1, [reply])
+    assert want["w"].numpy().dtype == np.float64  # the reason for the cast
+    assert agg is not None and metrics["round-aggregated"] == 1
+    assert agg["w"].numpy().dtype == np.float32
+    np.testing.assert_allclose(agg["w"].numpy(), want["w"].numpy().astype(np.float32))
+
+
+# ----------------------------------------------------------------- nodes that never answered
+def test_nodes_that_never_said_their_partition_are_not_sampled_nor_asked_twice_a_round():
+    asked = []
+    mapping = {21: 0, 22: 1, 23: 2}  # node 24 never answers
+
+    def discover(nodes):
+        asked.append(sorted(nodes))
+        return {n: mapping[n] for n in nodes if n in mapping}
+
+    sampler = PartitionSampler(0, discover)
+    nodes = [21, 22, 23, 24]
+    for stage in ("train", "evaluate"):
+        chosen = sampler.choose(nodes, 4, 1, stage)
+        assert 24 not in chosen and sorted(chosen) == [21, 22, 23]
+    assert asked == [[21, 22, 23, 24]]  # round 1: asked once, for train and evaluate
+    sampler.choose(nodes, 2, 2, "train")
+    sampler.choose(nodes, 2, 2, "evaluate")
+    assert asked == [[21, 22, 23, 24], [24]]  # round 2: only the silent node, once
+
+
+def test_guard_sends_fewer_messages_when_nodes_are_unknown():
+    mapping = {31: 0, 32: 1}
+    sampler = PartitionSampler(0, lambda nodes: {n: mapping[n] for n in nodes if n in mapping})
+    strategy = Guarded(FedAvg(min_train_nodes=1, min_available_nodes=1), sampler=sampler)
+    messages = configure(strategy, nodes=(31, 32, 33, 34))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [31, 32]

@@ -17,7 +17,7 @@ GLOBAL = {"conv.weight": np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 6),
 
 def setup(name, make_config, min_valid=1) -> Guarded:
     cfg = make_config(strategy=name, **{"min-train-nodes": min_valid})
-    strategy = Guarded(strategies.build(cfg, 3), min_valid_replies=min_valid)
+    strategy = Guarded(strategies.build(cfg, 3, total_examples=1000), min_valid_replies=min_valid)
     arrays = ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
     strategy.configure_train(1, arrays, ConfigRecord(), make_grid([1, 2, 3]))
     return strategy

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import numpy as np
 import torch
 from torch import nn
 
 from fl_app.model import build_model, num_parameters
 from fl_app.training import LocalHooks, evaluate, train_local
-from partitions import DataConfig, DatasetInfo, ImageArrays, dataset_info, load_client_data
+from partitions import (
+    DataConfig,
+    DatasetInfo,
+    ImageArrays,
+    check_partitions,
+    dataset_info,
+    load_client_data,
+    train_sizes,
+)
 
 
 def digits_client(pid=0, n=2):
@@ -78,3 +88,29 @@ def test_evaluate_matches_hand_computed_loss_and_accuracy():
     expected = (math.log1p(math.exp(-2)) + math.log1p(math.exp(2)) + math.log1p(math.exp(4))) / 3
     assert math.isclose(loss, expected, rel_tol=1e-6)
     assert math.isclose(acc, 1 / 3)
+
+
+@pytest.mark.parametrize("kind, expected", [("cnn", 46_826), ("mlp", 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10),
+                                            ("logreg", 784 * 10 + 10)])
+def test_each_model_has_its_documented_size_and_trains(kind, expected):
+    """Parameter counts by hand (28x28 input, 10 classes); one epoch on digits lowers the loss."""
+    assert num_parameters(build_model(DatasetInfo((1, 28, 28), 10, 1, 1), kind=kind)) == expected
+    data = load_client_data(DataConfig("digits", "iid", 0.5, 2, 2, 0.2, 0), 0, 2).train
+    model = build_model(dataset_info("digits"), seed=0, kind=kind)
+    first = train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=0)
+    second = train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1)
+    assert second.loss < first.loss
+
+
+def test_logreg_is_a_linear_map_of_the_flattened_image():
+    model = build_model(dataset_info("digits"), seed=0, kind="logreg")
+    x = torch.randn(3, 1, 8, 8)
+    expected = x.flatten(1) @ model.linear.weight.T + model.linear.bias
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_server_knows_each_partition_training_size():
+    """train_sizes(partition sizes) equals what train_val_split hands each client."""
+    cfg = DataConfig("digits", "dirichlet", 0.3, 2, 2, 0.15, 4)
+    sizes = check_partitions(cfg, 5)
+    assert train_sizes(sizes, 0.15) == [len(load_client_data(cfg, p, 5).train) for p in range(5)]
