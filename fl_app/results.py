@@ -5,8 +5,12 @@
   flight; ``complete`` turns true at the end. It holds ``final_test_accuracy``,
   ``num_rounds`` and ``history``: one record per round (round 0 = the initial model) with
   ``test_accuracy``, ``test_loss``, the aggregated client metrics and round statistics;
+  and what the split did before any accuracy: ``partition_sizes``,
+  ``partition_train_sizes`` and ``label_counts`` (per partition, samples per label,
+  from flwr-datasets' ``compute_counts``);
 - ``final_model.pt``: the final global weights (a PyTorch state dict);
-- ``accuracy.png``: test accuracy per round.
+- ``accuracy.png``: test accuracy per round;
+- ``label_distribution.png``: flwr-datasets' ``plot_label_distributions`` of the split.
 
 Nothing is overwritten: a run whose directory already exists gets a numbered suffix.
 """

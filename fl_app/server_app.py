@@ -18,7 +18,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 import strategies
-from partitions import check_partitions, dataset_info, load_test_data, train_sizes
+from partitions import (
+    check_partitions,
+    dataset_info,
+    label_counts,
+    load_test_data,
+    plot_label_distribution,
+    train_sizes,
+)
 from strategies.guard import ExampleLimits, Guarded
 from strategies.sampling import PartitionSampler
 
@@ -30,6 +37,7 @@ from .training import derive_seed, evaluate
 
 app = ServerApp()
 
+LABEL_PLOT = "label_distribution.png"
 INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
 QUERY_TIMEOUT = 120.0
 NODE_WAIT_TIMEOUT = 600.0
@@ -124,11 +132,17 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
             "num_partitions": num_partitions,
             "num_nodes": len(node_ids),
             "partition_sizes": sizes,
+            "partition_train_sizes": train_n,
+            "label_counts": label_counts(cfg.data, num_partitions),
             "model_parameters": num_parameters(model),
             "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
                         "num_train": info.num_train, "num_test": info.num_test},
         },
     )
+    try:  # a picture of the split; a failure here must not cost the run
+        plot_label_distribution(cfg.data, num_partitions, run_dir / LABEL_PLOT)
+    except Exception as err:  # noqa: BLE001
+        log(WARNING, "Could not draw the label distribution: %s", err)
     log(INFO, "Run %s: %s, %d partitions of %s (%s), results in %s", run_dir.name,
         cfg.strategy, num_partitions, cfg.dataset, cfg.partitioner, run_dir)
     clock = {"last": time.perf_counter()}

@@ -16,6 +16,7 @@ split of each client, the model's initial weights and the client sampling.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -205,6 +206,41 @@ def partition_labels(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
             f"{cfg.classes_per_partition}, shards-per-partition={cfg.shards_per_partition}): "
             f"{err}"
         ) from err
+
+
+def label_counts(cfg: DataConfig, num_partitions: int) -> dict[str, list[int]]:
+    """Per partition, the number of samples of each label (flwr-datasets'
+    ``compute_counts``): {"<partition id>": [count of label 0, label 1, ...]}."""
+    from flwr_datasets.metrics import compute_counts
+
+    source, partitioner = _partitioner(cfg, num_partitions)
+    with warnings.catch_warnings():  # "verbose names can not be established": we want ids
+        warnings.simplefilter("ignore", UserWarning)
+        frame = compute_counts(partitioner, column_name=source.label_key)
+    labels = list(range(source.num_classes))
+    frame = frame.reindex(columns=labels, fill_value=0)
+    return {str(pid): [int(v) for v in row] for pid, row in zip(frame.index, frame.to_numpy())}
+
+
+def plot_label_distribution(cfg: DataConfig, num_partitions: int, path) -> None:
+    """flwr-datasets' ``plot_label_distributions`` of the split, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from flwr_datasets.visualization import plot_label_distributions
+
+    source, partitioner = _partitioner(cfg, num_partitions)
+    width = min(16.0, 4.0 + 0.12 * num_partitions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig, _, _ = plot_label_distributions(
+            partitioner, label_name=source.label_key, plot_type="bar", size_unit="absolute",
+            legend=True, legend_title="label", figsize=(width, 4.0),
+            title=f"{cfg.dataset}: {cfg.partitioner}, {num_partitions} partitions (seed {cfg.seed})",
+        )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def partition_indices(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:

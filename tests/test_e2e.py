@@ -70,7 +70,11 @@ def test_flwr_run_learns_and_records_everything(sweep_run):
         assert key in last, key
     assert last["replies_valid"] == 2  # fraction-train 0.5 of 4 nodes
     assert s["num_partitions"] == 4 and sum(s["partition_sizes"]) == s["dataset"]["num_train"]
-    for name in ("config.json", "final_model.pt", "accuracy.png"):
+    counts = s["label_counts"]  # what the split did, per partition and label
+    assert [sum(counts[str(p)]) for p in range(4)] == s["partition_sizes"]
+    assert all(len(c) == s["dataset"]["num_classes"] for c in counts.values())
+    assert all(0 < t < n for t, n in zip(s["partition_train_sizes"], s["partition_sizes"]))
+    for name in ("config.json", "final_model.pt", "accuracy.png", "label_distribution.png"):
         assert (results / "twin-a" / name).stat().st_size > 0
     config = json.loads((results / "twin-a" / "config.json").read_text())
     assert config["alpha"] == 1.0 and config["run-name"] == "twin-a"
