@@ -174,8 +174,8 @@ def test_invariant_holds_under_partial_participation_with_faults_and_unequal_siz
                                                 ("uniform", [1, 1, 1])])
 def test_fixed_point_is_the_optimum_of_the_chosen_objective(weighting, weights):
     """Clients of 1,000 / 100 / 10 examples, full participation: num-examples weighting
-    converges to FedAvg's objective's optimum, uniform to the paper's (they are 1.6 apart
-    here; before the fix the default converged to the uniform one)."""
+    converges to FedAvg's objective's optimum (300/1110 = 0.27), uniform to the paper's
+    (12/3 = 4.0). Before the fix the default converged to the uniform one."""
     n = [1000, 100, 10]
     fed = Federation([1.0, 1.0, 1.0], [np.array([0.0]), np.array([2.0]), np.array([10.0])], n,
                      weighting=weighting)
