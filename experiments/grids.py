@@ -212,3 +212,15 @@ register(Grid(
     split_targets=PATH2_TARGET,
     baseline="scaffold-lr0.05-etag0.5",
 ))
+
+register(Grid(
+    name="scaffold-100c-long",
+    description="scaffold-100c's convex case run longer: logistic regression, 100 rounds "
+                "(100 clients x 2 classes, 20% sampled, 5 local epochs, plain SGD lr 0.05).",
+    base={**MANY_CLIENTS_BASE, "num-server-rounds": 100, "model": "logreg"},
+    strategies={name: FMNIST_STRATEGIES[name] for name in ("fedavg", "fedprox", "scaffold")},
+    splits=("path2",),
+    seeds=(0, 1, 2),
+    num_supernodes=100,
+    target_accuracy=0.75,
+))
