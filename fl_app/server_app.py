@@ -103,6 +103,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     """Train one run config to the end and record it; returns its summary."""
     node_ids = wait_for_nodes(grid, cfg.min_train_nodes)
     num_partitions = nodes.num_partitions(node_ids)
+    strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
     sizes = check_partitions(cfg.data, num_partitions)  # raises before any training
     info = dataset_info(cfg.dataset)
     test = load_test_data(cfg.dataset)
