@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import strategies
 from partitions import PARTITIONERS, DataConfig, resolve_source
 
+from .attacks import ATTACKS
 from .model import MODELS
 
 AUTO = "auto"
@@ -64,6 +65,11 @@ class RunConfig:
     trim_fraction: float
     num_malicious: int
     num_selected: int | str
+    attack: str
+    num_attackers: int
+    attack_scale: float
+    attack_std: float
+    attack_epsilon: float
     max_num_examples: int
     results_dir: str
     run_name: str
@@ -145,6 +151,14 @@ class RunConfig:
                     f"{self.min_train_nodes} would let rounds with fewer through. Set "
                     f"'min-train-nodes' >= {need}"
                 )
+        _choice("attack", self.attack, ATTACKS)
+        _int("num-attackers", self.num_attackers, minimum=0)
+        if self.attack != "none" and self.num_attackers < 1:
+            raise ValueError(f"Run config 'num-attackers' must be >= 1 when 'attack' = "
+                             f"{self.attack!r}; got {self.num_attackers!r}")
+        _positive("attack-scale", self.attack_scale)
+        _positive("attack-std", self.attack_std)
+        _positive("attack-epsilon", self.attack_epsilon)
         _int("max-num-examples", self.max_num_examples, minimum=1)
         if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
             raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "

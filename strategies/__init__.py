@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp.strategy import (
-    Bulyan,
     FedAdagrad,
     FedAvg,
     FedAvgM,
@@ -38,6 +37,7 @@ from fl_app import wire
 from fl_app.training import LocalHooks
 
 from .fedadam import FedAdam
+from .bulyan import RecordingBulyan
 from .fedprox import PROXIMAL_MU, FedProx, client_hooks
 from .krum import Krum, MultiKrum
 from .scaffold import VARIATES as SCAFFOLD_VARIATES
@@ -150,7 +150,7 @@ def _multikrum(cfg: "RunConfig", num_clients: int, total_examples: int | None) -
 
 
 def _bulyan(cfg: "RunConfig", num_clients: int, total_examples: int | None) -> Strategy:
-    return Bulyan(**_common(cfg), num_malicious_nodes=cfg.num_malicious)
+    return RecordingBulyan(**_common(cfg), num_malicious_nodes=cfg.num_malicious)
 
 
 _BUILDERS: dict[str, Callable[..., Strategy]] = {
