@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -18,6 +19,7 @@ import strategies
 from partitions import dataset_info, load_client_data
 
 from . import wire
+from .attacks import client_attack
 from .config import RunConfig
 from .model import build_model
 from .training import derive_seed, evaluate, train_local
@@ -70,10 +72,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     half = strategies.client_half(cfg.strategy, model, msg.content, context.state,
                                   lr=float(cfg.lr), node_id=context.node_id)
+    # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
+    attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
+    train_data = attack.data(data.train, dataset_info(cfg.dataset).num_classes) if attack else data.train
     started = time.perf_counter()
     result = train_local(
         model,
-        data.train,
+        train_data,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=float(cfg.lr),
@@ -83,6 +88,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     seconds = time.perf_counter() - started
     arrays = ArrayRecord(model.state_dict())
+    if attack is not None:
+        x = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
+        y = attack.update(x, {k: a.numpy() for k, a in arrays.items()})
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in y.items()})
     for key, value in half.finish(model, result.steps).items():
         arrays[key] = Array(value)
     metrics = MetricRecord({

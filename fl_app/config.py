@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import strategies
 from partitions import PARTITIONERS, DataConfig, resolve_source
 
+from .attacks import ATTACKS
 from .model import MODELS
 
 AUTO = "auto"
@@ -62,6 +63,13 @@ class RunConfig:
     beta_2: float
     tau: float
     trim_fraction: float
+    num_malicious: int
+    num_selected: int | str
+    attack: str
+    num_attackers: int
+    attack_scale: float
+    attack_std: float
+    attack_epsilon: float
     max_num_examples: int
     results_dir: str
     run_name: str
@@ -131,6 +139,26 @@ class RunConfig:
         _number("trim-fraction", self.trim_fraction)
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"Run config 'trim-fraction' must be in [0, 0.5); got {self.trim_fraction!r}")
+        _int("num-malicious", self.num_malicious, minimum=0)
+        if self.num_selected != AUTO:
+            _int("num-selected", self.num_selected, minimum=1, also=f'or the string "{AUTO}" (n - f)')
+        if self.strategy in strategies.ROBUST_MIN_REPLIES:
+            need = strategies.ROBUST_MIN_REPLIES[self.strategy](self.num_malicious)
+            if self.min_train_nodes < need:
+                raise ValueError(
+                    f"Strategy {self.strategy!r} with 'num-malicious' = {self.num_malicious} "
+                    f"needs at least {need} valid replies per round; 'min-train-nodes' = "
+                    f"{self.min_train_nodes} would let rounds with fewer through. Set "
+                    f"'min-train-nodes' >= {need}"
+                )
+        _choice("attack", self.attack, ATTACKS)
+        _int("num-attackers", self.num_attackers, minimum=0)
+        if self.attack != "none" and self.num_attackers < 1:
+            raise ValueError(f"Run config 'num-attackers' must be >= 1 when 'attack' = "
+                             f"{self.attack!r}; got {self.num_attackers!r}")
+        _positive("attack-scale", self.attack_scale)
+        _positive("attack-std", self.attack_std)
+        _positive("attack-epsilon", self.attack_epsilon)
         _int("max-num-examples", self.max_num_examples, minimum=1)
         if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
             raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "
@@ -219,9 +247,10 @@ def _open_interval(key: str, value: Any) -> None:
         raise ValueError(f"Run config '{key}' must be a number in (0, 1); got {value!r}")
 
 
-def _int(key: str, value: Any, minimum: int) -> None:
+def _int(key: str, value: Any, minimum: int, also: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Run config '{key}' must be an integer >= {minimum}; got {value!r}")
+        extra = f" {also}" if also else ""
+        raise ValueError(f"Run config '{key}' must be an integer >= {minimum}{extra}; got {value!r}")
 
 
 def _str(key: str, value: Any) -> None:

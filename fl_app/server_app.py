@@ -26,10 +26,12 @@ from partitions import (
     plot_label_distribution,
     train_sizes,
 )
+from strategies.attack_sim import AttackSimulation
 from strategies.guard import ExampleLimits, Guarded
 from strategies.sampling import PartitionSampler
 
 from . import wire
+from .attacks import attacker_partitions
 from .config import RunConfig, load_sweep
 from .model import build_model, num_parameters
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
@@ -55,6 +57,23 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT)
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
         time.sleep(1.0)
     return nodes
+
+
+def is_simulation(grid: Grid) -> bool:
+    """True when the ServerApp runs in Flower's simulation engine (its in-memory grid)."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+def check_attack(cfg: RunConfig, grid: Grid, num_partitions: int) -> None:
+    """Simulated attacks exist only in simulation, with no more attackers than partitions."""
+    if cfg.attack == "none":
+        return
+    if not is_simulation(grid):
+        raise ValueError(f"Run config 'attack' = {cfg.attack!r} is a simulation-only test "
+                         f"facility; outside simulation it must be \"none\"")
+    if cfg.num_attackers > num_partitions:
+        raise ValueError(f"Run config 'num-attackers' = {cfg.num_attackers} exceeds the "
+                         f"{num_partitions} partitions; accepted: 1 to {num_partitions}")
 
 
 class NodeDirectory:
@@ -103,6 +122,8 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     """Train one run config to the end and record it; returns its summary."""
     node_ids = wait_for_nodes(grid, cfg.min_train_nodes)
     num_partitions = nodes.num_partitions(node_ids)
+    strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
+    check_attack(cfg, grid, num_partitions)
     sizes = check_partitions(cfg.data, num_partitions)  # raises before any training
     info = dataset_info(cfg.dataset)
     test = load_test_data(cfg.dataset)
@@ -118,12 +139,15 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
         evaluate={pid: min(size - n, cfg.max_num_examples)
                   for pid, (size, n) in enumerate(zip(sizes, train_n))},
     )
-    strategy = Guarded(
-        strategies.build(cfg, num_partitions, total_examples=sum(train_n)),
-        sampler=PartitionSampler(cfg.seed, nodes.discover),
-        min_valid_replies=cfg.min_train_nodes,
-        example_limits=limits,
-    )
+    sampler = PartitionSampler(cfg.seed, nodes.discover)
+    inner = strategies.build(cfg, num_partitions, total_examples=sum(train_n))
+    if cfg.attack != "none":  # simulated Byzantine clients: a test facility
+        inner = AttackSimulation(
+            inner, attack=cfg.attack,
+            attackers=attacker_partitions(cfg.seed, num_partitions, cfg.num_attackers),
+            partition_of=sampler.partition_of.get, epsilon=float(cfg.attack_epsilon))
+    strategy = Guarded(inner, sampler=sampler, min_valid_replies=cfg.min_train_nodes,
+                       example_limits=limits)
     run_dir = fresh_run_dir(resolve_results_dir(cfg.results_dir), run_dir_name)
     recorder = RunRecorder(
         run_dir,

@@ -6,12 +6,12 @@ classes stay exactly the algorithm.
 
 Our own implementations, one module each, server and client half together:
 ``fedprox`` (Li et al. 2020), ``scaffold`` (Karimireddy et al. 2020, Option II),
-``fedadam`` (Reddi et al. 2021).
+``fedadam`` (Reddi et al. 2021), ``krum`` and ``multikrum`` (Blanchard et al. 2017).
 
 Flower's built-ins are here as comparison baselines:
 ``fedavg`` (McMahan et al. 2017), ``fedavgm`` (Hsu et al. 2019), ``fedyogi`` and
 ``fedadagrad`` (Reddi et al. 2021), ``fedmedian`` (Yin et al. 2018), ``fedtrimmedavg``
-(Yin et al. 2018).
+(Yin et al. 2018), ``bulyan`` (El Mhamdi et al. 2018).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from fl_app import wire
 from fl_app.training import LocalHooks
 
 from .fedadam import FedAdam
+from .bulyan import RecordingBulyan
 from .fedprox import PROXIMAL_MU, FedProx, client_hooks
+from .krum import Krum, MultiKrum
 from .scaffold import VARIATES as SCAFFOLD_VARIATES
 from .scaffold import WEIGHTINGS as SCAFFOLD_WEIGHTINGS
 from .scaffold import Scaffold, ScaffoldClient
@@ -56,6 +58,15 @@ _DEFAULT_SERVER_LR = {"fedavgm": 1.0, "scaffold": 1.0, "fedadam": 0.01, "fedyogi
 # default num-examples weighting), but not one weighted mean of one ArrayRecord: it needs
 # its own secure-aggregation adapter, so it is not listed here.
 LINEAR = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
+
+# Byzantine-robust rules and the fewest replies each needs for f malicious ones:
+# Krum / Multi-Krum n >= 2f + 3 (Blanchard et al. 2017), Bulyan n >= 4f + 3
+# (El Mhamdi et al. 2018).
+ROBUST_MIN_REPLIES: dict[str, Callable[[int], int]] = {
+    "krum": lambda f: 2 * f + 3,
+    "multikrum": lambda f: 2 * f + 3,
+    "bulyan": lambda f: 4 * f + 3,
+}
 
 
 def _common(cfg: "RunConfig") -> dict[str, Any]:
@@ -125,6 +136,23 @@ def _fedtrimmedavg(cfg: "RunConfig", num_clients: int, total_examples: int | Non
     return FedTrimmedAvg(**_common(cfg), beta=float(cfg.trim_fraction))
 
 
+def _num_selected(cfg: "RunConfig") -> int | None:
+    return None if cfg.num_selected == "auto" else int(cfg.num_selected)
+
+
+def _krum(cfg: "RunConfig", num_clients: int, total_examples: int | None) -> Strategy:
+    return Krum(**_common(cfg), num_malicious=cfg.num_malicious)
+
+
+def _multikrum(cfg: "RunConfig", num_clients: int, total_examples: int | None) -> Strategy:
+    return MultiKrum(**_common(cfg), num_malicious=cfg.num_malicious,
+                     num_selected=_num_selected(cfg))
+
+
+def _bulyan(cfg: "RunConfig", num_clients: int, total_examples: int | None) -> Strategy:
+    return RecordingBulyan(**_common(cfg), num_malicious_nodes=cfg.num_malicious)
+
+
 _BUILDERS: dict[str, Callable[..., Strategy]] = {
     "fedavg": _fedavg,
     "fedprox": _fedprox,
@@ -135,6 +163,9 @@ _BUILDERS: dict[str, Callable[..., Strategy]] = {
     "fedadagrad": _fedadagrad,
     "fedmedian": _fedmedian,
     "fedtrimmedavg": _fedtrimmedavg,
+    "krum": _krum,
+    "multikrum": _multikrum,
+    "bulyan": _bulyan,
 }
 NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -158,6 +189,33 @@ def build(cfg: "RunConfig", num_clients: int, total_examples: int | None = None)
             f"Run config 'strategy' must be one of {list(NAMES)}; got {cfg.strategy!r}"
         ) from None
     return builder(cfg, num_clients, total_examples)
+
+
+def sampled_per_round(cfg: "RunConfig", num_nodes: int) -> int:
+    """How many nodes FedAvg's ``configure_train`` samples: max(int(N * fraction), min)."""
+    return max(int(num_nodes * float(cfg.fraction_train)), cfg.min_train_nodes)
+
+
+def check_feasible(cfg: "RunConfig", num_nodes: int) -> None:
+    """Raise before training if the strategy can never aggregate with ``num_nodes`` nodes."""
+    if cfg.strategy not in ROBUST_MIN_REPLIES:
+        return
+    f = cfg.num_malicious
+    need = ROBUST_MIN_REPLIES[cfg.strategy](f)
+    sampled = min(sampled_per_round(cfg, num_nodes), num_nodes)
+    if sampled < need:
+        raise ValueError(
+            f"Strategy {cfg.strategy!r} with 'num-malicious' = {f} needs at least {need} "
+            f"replies per round, but only {sampled} of the {num_nodes} nodes are sampled "
+            f"('fraction-train' = {cfg.fraction_train}, 'min-train-nodes' = "
+            f"{cfg.min_train_nodes}); raise 'fraction-train' or lower 'num-malicious'"
+        )
+    if cfg.strategy == "multikrum" and cfg.num_selected != "auto" and cfg.num_selected > sampled - f:
+        raise ValueError(
+            f"Run config 'num-selected' = {cfg.num_selected} exceeds n - f = {sampled} - {f} = "
+            f"{sampled - f} (n: the {sampled} nodes sampled per round); accepted: 1 to "
+            f"{sampled - f}, or \"auto\""
+        )
 
 
 @dataclass

@@ -81,7 +81,8 @@ def test_auto_server_lr_resolves_per_strategy(make_config):
 
 def test_every_registered_strategy_builds(make_config):
     for name in strategies.NAMES:
-        strategy = strategies.build(make_config(strategy=name), 10, total_examples=1000)
+        strategy = strategies.build(make_config(strategy=name, **{"min-train-nodes": 3}), 10,
+                                    total_examples=1000)
         assert strategy.fraction_train == 1.0
 
 

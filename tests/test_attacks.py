@@ -1,0 +1,150 @@
+"""Simulated attacks (a test facility): each changes the reply the way its definition
+says, only attackers attack, the omniscient ones see the benign updates, and bad
+settings fail before training."""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fl_app.attacks import (
+    ClientAttack,
+    attacker_partitions,
+    client_attack,
+    flip_labels,
+    gaussian,
+    sign_flip,
+)
+from fl_app.server_app import check_attack
+from partitions import ImageArrays
+from strategies.attack_sim import AttackSimulation, alie_update, alie_z, ipm_update
+from strategies.guard import Guarded
+from strategies.krum import Krum
+from tests.helpers import make_grid, make_reply
+
+
+def test_sign_flip_negates_and_scales_the_update():
+    """x = (1, 1), y = (3, 0), s = 2: update (2, -1) -> -(4, -2): y' = (-3, 3)."""
+    x, y = {"w": np.array([1.0, 1.0], np.float32)}, {"w": np.array([3.0, 0.0], np.float32)}
+    out = sign_flip(x, y, 2.0)
+    np.testing.assert_allclose(out["w"], [-3.0, 3.0])
+    assert out["w"].dtype == np.float32
+
+
+def test_gaussian_replaces_the_update_with_seeded_noise():
+    x, y = {"w": np.full(20_000, 5.0, np.float32)}, {"w": np.full(20_000, 9.0, np.float32)}
+    a = gaussian(x, y, 0.5, np.random.default_rng(1))["w"]
+    b = gaussian(x, y, 0.5, np.random.default_rng(1))["w"]
+    np.testing.assert_array_equal(a, b)
+    assert abs(float(a.mean()) - 5.0) < 0.02 and abs(float(a.std()) - 0.5) < 0.02  # y is gone
+
+
+def test_label_flip_relabels_only_and_only_attackers():
+    data = ImageArrays(np.zeros((4, 1, 2, 2), np.float32), np.array([0, 3, 9, 5]))
+    flipped = flip_labels(data, 10)
+    np.testing.assert_array_equal(flipped.y, [9, 6, 0, 4])
+    assert flipped.x is data.x
+
+
+def test_attackers_follow_the_seed_and_only_they_attack(make_config):
+    cfg = make_config(attack="label-flip", **{"num-attackers": 3, "seed": 4})
+    chosen = attacker_partitions(4, 10, 3)
+    assert chosen == attacker_partitions(4, 10, 3) and len(chosen) == 3
+    assert chosen != attacker_partitions(5, 10, 3)
+    for pid in range(10):
+        attack = client_attack(cfg, pid, 10, server_round=2)
+        assert (attack is not None) == (pid in chosen)
+    assert client_attack(make_config(attack="alie", **{"num-attackers": 3}), min(chosen), 10, 2) is None
+    with pytest.raises(ValueError, match="'num-attackers' = 11 must be in"):
+        attacker_partitions(0, 10, 11)
+
+
+def test_client_attack_dispatch():
+    x, y = {"w": np.zeros(2, np.float32)}, {"w": np.ones(2, np.float32)}
+    np.testing.assert_allclose(ClientAttack("sign-flip", 3.0, 1.0, 0).update(x, y)["w"], [-3, -3])
+    np.testing.assert_array_equal(ClientAttack("label-flip", 1.0, 1.0, 0).update(x, y)["w"], y["w"])
+
+
+def test_alie_z_follows_the_paper():
+    """n = 10, f = 2: s = floor(10/2 + 1) - 2 = 4, z = Phi^-1(6/10) = 0.2533."""
+    assert alie_z(10, 2) == pytest.approx(NormalDist().inv_cdf(0.6))
+    assert alie_z(10, 2) == pytest.approx(0.253347, abs=1e-6)
+
+
+def test_alie_and_ipm_updates_by_hand():
+    """Benign updates (0, 2) and (2, 6): mean (1, 4), population std (1, 2);
+    ALIE with z = 0.5: (0.5, 3); IPM with epsilon 0.1: (-0.1, -0.4)."""
+    benign = [{"w": np.array([0.0, 2.0])}, {"w": np.array([2.0, 6.0])}]
+    np.testing.assert_allclose(alie_update(benign, 0.5)["w"], [0.5, 3.0])
+    np.testing.assert_allclose(ipm_update(benign, 0.1)["w"], [-0.1, -0.4])
+
+
+def run_round(inner, attack, replies_w, attackers, x, epsilon=0.1):
+    partition = {node: node - 1 for node in range(1, len(replies_w) + 1)}
+    sim = AttackSimulation(inner, attack=attack, attackers=frozenset(attackers),
+                           partition_of=partition.get, epsilon=epsilon)
+    guard = Guarded(sim)
+    guard.configure_train(1, ArrayRecord({"w": Array(x)}), ConfigRecord(),
+                          make_grid(list(partition)))
+    replies = [make_reply({"w": w}, node_id=i + 1) for i, w in enumerate(replies_w)]
+    return guard.aggregate_train(1, replies), replies
+
+
+def test_ipm_rewrites_the_attackers_replies_before_the_strategy():
+    """x = 0, benign replies 1 and 3 (updates 1, 3), attackers 0 and 1: each attacker sends
+    -0.5 * mean(1, 3) = -1; FedAvg of (-1, -1, 1, 3) = 0.5."""
+    from flwr.serverapp.strategy import FedAvg
+
+    x = np.zeros(1, np.float32)
+    ws = [np.array([v], np.float32) for v in (100.0, -50.0, 1.0, 3.0)]
+    (arrays, metrics), replies = run_round(FedAvg(min_train_nodes=1, min_available_nodes=1), "ipm",
+                                           ws, {0, 1}, x, epsilon=0.5)
+    np.testing.assert_allclose(arrays["w"].numpy(), [0.5])
+    np.testing.assert_allclose(replies[0].content["arrays"]["w"].numpy(), [-1.0])
+    assert metrics["attackers-sampled"] == 2
+
+
+def test_selected_attackers_are_counted_for_krum():
+    """Three benign replies near 0 and two outliers from the attacking partitions 0 and 3:
+    Krum (f = 1) selects a benign one: 2 attackers sampled, 0 selected."""
+    x = np.zeros(2, np.float32)
+    ws = [np.array(v, np.float32) for v in ([50, 50], [0.1, 0], [0, 0.1], [-60, 40], [0.05, 0.05])]
+    (arrays, metrics), _ = run_round(Krum(num_malicious=1, min_train_nodes=1, min_available_nodes=1),
+                                     "sign-flip", ws, {0, 3}, x)
+    assert metrics["attackers-sampled"] == 2 and metrics["attackers-selected"] == 0
+    assert np.abs(arrays["w"].numpy()).max() < 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"attack": "backdoor"}, "'attack' must be one of"),
+    ({"attack": "sign-flip"}, "'num-attackers' must be >= 1 when 'attack' = 'sign-flip'"),
+    ({"num-attackers": -1}, "'num-attackers' must be an integer >= 0"),
+    ({"attack-scale": 0.0}, "'attack-scale' must be a number > 0"),
+    ({"attack-std": -1.0}, "'attack-std' must be a number > 0"),
+    ({"attack-epsilon": float("inf")}, "'attack-epsilon' must be a number > 0"),
+])
+def test_bad_attack_settings_are_refused(make_config, overrides, message):
+    with pytest.raises(ValueError) as err:
+        make_config(**overrides)
+    assert message in str(err.value)
+
+
+class InMemoryGrid:  # stands for Flower's simulation grid, by name
+    pass
+
+
+class HttpGrid:  # stands for the deployment runtime's grid
+    pass
+
+
+def test_attacks_are_refused_outside_simulation_and_beyond_the_partitions(make_config):
+    cfg = make_config(attack="sign-flip", **{"num-attackers": 2})
+    check_attack(cfg, InMemoryGrid(), 10)
+    with pytest.raises(ValueError, match="simulation-only test facility"):
+        check_attack(cfg, HttpGrid(), 10)
+    with pytest.raises(ValueError, match="'num-attackers' = 2 exceeds the 1 partitions"):
+        check_attack(cfg, InMemoryGrid(), 1)
+    check_attack(make_config(), HttpGrid(), 10)  # no attack: fine anywhere

@@ -1,0 +1,166 @@
+"""Krum and Multi-Krum: hand-computed scores, agreement with Flower's selection, the
+n = 2f + 3 boundary, float32 cancellation, and refusal of what cannot be guaranteed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp.strategy.multikrum import compute_distances, select_multikrum
+
+import strategies
+from strategies.guard import Guarded
+from strategies.krum import (
+    Krum,
+    MultiKrum,
+    flatten_updates,
+    krum_scores,
+    pairwise_sq_distances,
+    select,
+)
+from tests.helpers import make_grid, make_reply
+
+
+def test_scores_and_selection_by_hand():
+    """1-D updates 0, 1, 3, 10, 11, f = 1: each score sums the n - f - 2 = 2 nearest squared
+    distances: 0 -> 1 + 9 = 10; 1 -> 1 + 4 = 5; 3 -> 4 + 9 = 13; 10 -> 1 + 49 = 50;
+    11 -> 1 + 64 = 65. Krum picks 1; Multi-Krum with m = 3 picks 1, 0, 3."""
+    updates = np.array([[0.0], [1.0], [3.0], [10.0], [11.0]])
+    scores = krum_scores(pairwise_sq_distances(updates), num_malicious=1)
+    np.testing.assert_allclose(scores, [10, 5, 13, 50, 65])
+    assert list(select(scores, 1)) == [1]
+    assert list(select(scores, 3)) == [1, 0, 2]
+
+
+def krum_round(strategy, models, x, num_examples=None):
+    num_examples = num_examples or [10] * len(models)
+    strategy.configure_train(1, ArrayRecord({"w": Array(x)}), ConfigRecord(),
+                             make_grid(list(range(1, len(models) + 1))))
+    replies = [make_reply({"w": m}, num_examples=n, node_id=i + 1)
+               for i, (m, n) in enumerate(zip(models, num_examples))]
+    return strategy.aggregate_train(1, replies)
+
+
+def test_multikrum_aggregate_is_the_weighted_mean_of_the_selected_replies():
+    """Same five points, m = 3, weights 1, 3, 4 on the selected 0, 1, 3:
+    (0*1 + 1*3 + 3*4) / 8 = 15/8."""
+    models = [np.array([v], np.float32) for v in (0.0, 1.0, 3.0, 10.0, 11.0)]
+    strategy = MultiKrum(num_malicious=1, num_selected=3, min_train_nodes=1, min_available_nodes=1)
+    arrays, metrics = krum_round(strategy, models, np.zeros(1, np.float32), [1, 3, 4, 5, 6])
+    np.testing.assert_allclose(arrays["w"].numpy(), [15 / 8])
+    assert metrics["krum-selected"] == 3 and strategy.last_selected == [2, 1, 3]
+    krum, _ = krum_round(Krum(num_malicious=1, min_train_nodes=1, min_available_nodes=1),
+                         models, np.zeros(1, np.float32))
+    np.testing.assert_allclose(krum["w"].numpy(), [1.0])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("f, m", [(0, 1), (1, 1), (2, 1), (2, 4), (3, 5)])
+def test_selection_agrees_with_flowers_on_random_replies(seed, f, m):
+    """Well-conditioned random models (no cancellation): the same replies as Flower's
+    ``select_multikrum`` (as a set; Flower orders by score too)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * f + 3 + seed
+    x = rng.normal(size=50).astype(np.float32)
+    models = [x + rng.normal(scale=rng.uniform(0.5, 2.0), size=50).astype(np.float32)
+              for _ in range(n)]
+    strategy = MultiKrum(num_malicious=f, num_selected=m, min_train_nodes=1, min_available_nodes=1)
+    krum_round(strategy, models, x)
+    contents = [RecordDict({"arrays": ArrayRecord({"w": Array(v)})}) for v in models]
+    theirs = select_multikrum(contents, f, m)
+    assert sorted(strategy.last_selected) == sorted(contents.index(c) + 1 for c in theirs)
+
+
+def cancellation_case():
+    """7 float32 models of 20,000 weights near 100: 5 honest ones (noise 1e-3) and 2
+    attackers shifted by 0.02 together. Exact squared distances: ~0.04 among honest ones,
+    ~8 from an attacker to an honest one. Flower's float32 ||a||^2 + ||b||^2 - 2a.b has an
+    error of ~1e2 here, more than the distances themselves."""
+    rng = np.random.default_rng(0)
+    d, x = 20_000, np.full(20_000, 100.0, np.float32)
+    honest = [x + rng.normal(0, 1e-3, d).astype(np.float32) for _ in range(5)]
+    attackers = [x + np.float32(0.02) + rng.normal(0, 1e-3, d).astype(np.float32) for _ in range(2)]
+    return x, attackers + honest
+
+
+def test_float64_update_distances_survive_where_flowers_cancel():
+    x, models = cancellation_case()
+    records = [ArrayRecord({"w": Array(m)}) for m in models]
+    exact = np.array([[np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for b in models]
+                      for a in models])
+    ours = pairwise_sq_distances(flatten_updates(records, {"w": x}))
+    np.testing.assert_allclose(ours, exact, rtol=1e-9, atol=1e-12)
+    assert np.abs(compute_distances(records) - exact).max() > 10  # Flower's: noise
+    # and it matters: Flower's Krum picks an attacker, ours an honest model
+    strategy = Krum(num_malicious=2, min_train_nodes=1, min_available_nodes=1)
+    krum_round(strategy, models, x)
+    contents = [RecordDict({"arrays": r}) for r in records]
+    assert contents.index(select_multikrum(contents, 2, 1)[0]) in (0, 1)
+    assert strategy.last_selected[0] - 1 >= 2
+    assert strategy.last_selected[0] - 1 == int(select(krum_scores(exact, 2), 1)[0])
+
+
+@pytest.mark.parametrize("f", [0, 1, 2])
+def test_boundary_n_equals_2f_plus_3_aggregates_and_one_fewer_skips(f):
+    x = np.zeros(3, np.float32)
+    rng = np.random.default_rng(f)
+    models = [rng.normal(size=3).astype(np.float32) for _ in range(2 * f + 3)]
+    arrays, metrics = krum_round(Krum(num_malicious=f, min_train_nodes=1, min_available_nodes=1),
+                                 models, x)
+    assert arrays is not None and metrics["krum-skipped"] == 0
+    arrays, metrics = krum_round(Krum(num_malicious=f, min_train_nodes=1, min_available_nodes=1),
+                                 models[:-1], x)
+    assert arrays is None and metrics["krum-skipped"] == 1
+
+
+def test_behind_the_guard_a_skipped_round_leaves_the_model_and_is_recorded():
+    x = np.zeros(2, np.float32)
+    guard = Guarded(Krum(num_malicious=1, min_train_nodes=1, min_available_nodes=1))
+    guard.configure_train(1, ArrayRecord({"w": Array(x)}), ConfigRecord(), make_grid([1, 2, 3, 4]))
+    replies = [make_reply({"w": np.full(2, i, np.float32)}, node_id=i) for i in (1, 2, 3, 4)]
+    arrays, metrics = guard.aggregate_train(1, replies)
+    assert arrays is None and metrics["krum-skipped"] == 1 and metrics["round-aggregated"] == 0
+
+
+def test_auto_m_is_n_minus_f():
+    """m = n - f = 4 of 5 with f = 1: the farthest point (score 65) is the one left out."""
+    models = [np.array([v], np.float32) for v in (0.0, 1.0, 3.0, 10.0, 11.0)]
+    strategy = MultiKrum(num_malicious=1, num_selected=None, min_train_nodes=1, min_available_nodes=1)
+    arrays, _ = krum_round(strategy, models, np.zeros(1, np.float32))
+    np.testing.assert_allclose(arrays["w"].numpy(), [(0 + 1 + 3 + 10) / 4])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_malicious=-1), "num_malicious"), (dict(num_selected=0), "num_selected"),
+])
+def test_bad_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiKrum(**kwargs)
+
+
+def test_a_feasible_config_passes(make_config):
+    """f = 2 needs 7 replies; fraction 0.5 of 10 nodes samples max(5, min-train-nodes 7) = 7."""
+    cfg = make_config(strategy="krum", **{"num-malicious": 2, "min-train-nodes": 7,
+                                          "fraction-train": 0.5})
+    strategies.check_feasible(cfg, 10)
+
+
+@pytest.mark.parametrize("overrides, nodes, message", [
+    ({"strategy": "krum", "num-malicious": 2, "min-train-nodes": 7}, 6, "only 6 of the 6 nodes"),
+    ({"strategy": "bulyan", "num-malicious": 1, "min-train-nodes": 7}, 6, "needs at least 7"),
+    ({"strategy": "multikrum", "num-malicious": 1, "min-train-nodes": 5, "num-selected": 5,
+      "fraction-train": 0.5}, 10, "'num-selected' = 5 exceeds n - f = 5 - 1"),
+])
+def test_infeasible_configs_fail_before_training(make_config, overrides, nodes, message):
+    cfg = make_config(**overrides)
+    with pytest.raises(ValueError) as err:
+        strategies.check_feasible(cfg, nodes)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("strategy, f, need", [("krum", 1, 5), ("multikrum", 2, 7), ("bulyan", 1, 7)])
+def test_min_train_nodes_below_the_requirement_is_refused(make_config, strategy, f, need):
+    with pytest.raises(ValueError) as err:
+        make_config(strategy=strategy, **{"num-malicious": f, "min-train-nodes": need - 1})
+    assert f"needs at least {need} valid replies" in str(err.value)
+    make_config(strategy=strategy, **{"num-malicious": f, "min-train-nodes": need})
