@@ -61,15 +61,19 @@ def flatten_updates(records: list[ArrayRecord], reference: dict[str, np.ndarray]
     return out
 
 
-def pairwise_sq_distances(updates: np.ndarray) -> np.ndarray:
+def pairwise_sq_distances(updates: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """Squared Euclidean distances between the rows of ``updates`` (float64).
 
     Rows are centred on their mean first (distances do not change; the cancellation in
     ||a||^2 + ||b||^2 - 2 a.b shrinks with the norms); negative rounding is clipped to 0
-    and the diagonal is exactly 0.
+    and the diagonal is exactly 0. ``overwrite=True`` centres a float64 ``updates`` in
+    place instead of copying it (it is 8 * n * d bytes).
     """
     centred = np.asarray(updates, dtype=np.float64)
-    centred = centred - centred.mean(axis=0, keepdims=True)
+    if overwrite:
+        centred -= centred.mean(axis=0, keepdims=True)
+    else:
+        centred = centred - centred.mean(axis=0, keepdims=True)
     norms = np.einsum("ij,ij->i", centred, centred)
     dist = norms[:, None] + norms[None, :] - 2.0 * (centred @ centred.T)
     np.maximum(dist, 0.0, out=dist)
@@ -147,8 +151,8 @@ class MultiKrum(FedAvg):
             return None, MetricRecord({SKIPPED_METRIC: 1, SELECTED_METRIC: 0})
         contents = [m.content for m in valid]
         records = [next(iter(c.array_records.values())) for c in contents]
-        scores = krum_scores(pairwise_sq_distances(flatten_updates(records, self.x)),
-                             self.num_malicious)
+        updates = flatten_updates(records, self.x)  # a fresh buffer: centre it in place
+        scores = krum_scores(pairwise_sq_distances(updates, overwrite=True), self.num_malicious)
         chosen = select(scores, m)
         self.last_selected = [int(valid[i].metadata.src_node_id) for i in chosen]
         picked = [contents[i] for i in chosen]

@@ -164,3 +164,13 @@ def test_min_train_nodes_below_the_requirement_is_refused(make_config, strategy,
         make_config(strategy=strategy, **{"num-malicious": f, "min-train-nodes": need - 1})
     assert f"needs at least {need} valid replies" in str(err.value)
     make_config(strategy=strategy, **{"num-malicious": f, "min-train-nodes": need})
+
+
+def test_distances_leave_the_input_alone_unless_told():
+    updates = np.array([[1.0, 2.0], [3.0, 5.0], [0.0, 0.0]])
+    before = updates.copy()
+    a = pairwise_sq_distances(updates)
+    np.testing.assert_array_equal(updates, before)
+    np.testing.assert_allclose(a[0], [0.0, 13.0, 5.0])  # (2^2 + 3^2), (1 + 4)
+    np.testing.assert_allclose(pairwise_sq_distances(updates, overwrite=True), a)
+    assert not np.array_equal(updates, before)  # centred in place
