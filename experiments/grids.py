@@ -224,3 +224,47 @@ register(Grid(
     num_supernodes=100,
     target_accuracy=0.75,
 ))
+
+# ---------------------------------------------------------------- robustness (issue: Krum)
+# Six defences against every simulated attack with 1, 2 and 3 attackers of 10 clients.
+# f is set to the most attackers tested (3) for Krum / Multi-Krum (n >= 2f + 3 = 9);
+# Bulyan tolerates f = 1 only with 10 clients (n >= 4f + 3); FedTrimmedAvg cuts 30% from
+# each end (3 of 10). Every run needs 9 valid replies (min-train-nodes) so that all
+# defences face the same rounds.
+DEFENCES = {
+    "fedavg": {"strategy": "fedavg"},
+    "krum": {"strategy": "krum", "num-malicious": 3},
+    "multikrum": {"strategy": "multikrum", "num-malicious": 3, "num-selected": "auto"},
+    "fedmedian": {"strategy": "fedmedian"},
+    "fedtrimmedavg": {"strategy": "fedtrimmedavg", "trim-fraction": 0.3},
+    "bulyan": {"strategy": "bulyan", "num-malicious": 1},
+}
+ATTACK_SETTINGS = {"sign-flip": {"attack-scale": 4.0}, "gaussian": {"attack-std": 1.0},
+                   "label-flip": {}, "alie": {}, "ipm": {"attack-epsilon": 0.1}}
+
+
+def _robustness_labels() -> dict[str, dict[str, Any]]:
+    labels = {}
+    for defence, settings in DEFENCES.items():
+        labels[f"{defence}-none"] = dict(settings)
+        for attack, strength in ATTACK_SETTINGS.items():
+            for k in (1, 2, 3):
+                labels[f"{defence}-{attack.replace('-', '')}{k}"] = {
+                    **settings, **strength, "attack": attack, "num-attackers": k}
+    return labels
+
+
+register(Grid(
+    name="robustness-digits",
+    description="Digits, 10 clients (all sampled), 10 rounds x 1 epoch: FedAvg, Krum, "
+                "Multi-Krum, FedMedian, FedTrimmedAvg, Bulyan against sign-flip (scale 4), "
+                "Gaussian (std 1), label-flip, ALIE and IPM (epsilon 0.1) with 1-3 attackers.",
+    base={"dataset": "digits", "num-server-rounds": 10, "local-epochs": 1,
+          "min-train-nodes": 9, "fraction-train": 1.0},
+    strategies=_robustness_labels(),
+    splits=("iid", "dir0.5"),
+    seeds=(0, 1, 2),
+    num_supernodes=10,
+    target_accuracy=0.8,
+    baseline="fedavg-none",
+))

@@ -20,6 +20,8 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 class _RecordingRule:
     """Flower's ``select_multikrum``, remembering what it selected."""
 
+    __name__ = "select_multikrum"  # Bulyan.summary() logs the rule's name
+
     def __init__(self) -> None:
         self.chosen: list[RecordDict] = []
 

@@ -148,3 +148,9 @@ def test_attacks_are_refused_outside_simulation_and_beyond_the_partitions(make_c
     with pytest.raises(ValueError, match="'num-attackers' = 2 exceeds the 1 partitions"):
         check_attack(cfg, InMemoryGrid(), 1)
     check_attack(make_config(), HttpGrid(), 10)  # no attack: fine anywhere
+
+
+def test_attack_wrapper_summary_logs_without_error():
+    from flwr.serverapp.strategy import FedAvg
+
+    AttackSimulation(FedAvg(), attack="alie", attackers=frozenset({1}), partition_of={}.get).summary()

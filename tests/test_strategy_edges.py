@@ -113,3 +113,9 @@ def test_fewer_valid_replies_than_minimum_leaves_model_unchanged(name, make_conf
                make_reply(corrupt(valid_arrays(strategy, 0.05), "nan"), node_id=2)]
     result, metrics = strategy.aggregate_train(1, replies)
     assert result is None and metrics["replies-valid"] == 1
+
+
+@pytest.mark.parametrize("name", strategies.NAMES)
+def test_summary_logs_without_error(name, make_config):
+    """Flower calls summary() when a run starts; a crash there ends the run."""
+    setup(name, make_config).summary()
