@@ -31,6 +31,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from threadpoolctl import threadpool_limits
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -55,9 +56,9 @@ def flatten_updates(records: list[ArrayRecord], reference: dict[str, np.ndarray]
         start = 0
         for key in keys:
             values = record[key].numpy().ravel()
-            row[start:start + values.size] = values
-            start += values.size
-        row -= ref
+            end = start + values.size
+            np.subtract(values, ref[start:end], out=row[start:end])  # exact in float64
+            start = end
     return out
 
 
@@ -75,7 +76,11 @@ def pairwise_sq_distances(updates: np.ndarray, *, overwrite: bool = False) -> np
     else:
         centred = centred - centred.mean(axis=0, keepdims=True)
     norms = np.einsum("ij,ij->i", centred, centred)
-    dist = norms[:, None] + norms[None, :] - 2.0 * (centred @ centred.T)
+    # One BLAS thread: for this shape (small n, huge d) multithreaded OpenBLAS was 15-20x
+    # slower whenever other processes kept the cores busy (docs/benchmarks.md).
+    with threadpool_limits(limits=1, user_api="blas"):
+        gram = centred @ centred.T
+    dist = norms[:, None] + norms[None, :] - 2.0 * gram
     np.maximum(dist, 0.0, out=dist)
     np.fill_diagonal(dist, 0.0)
     return dist
