@@ -12,7 +12,7 @@ import time
 from functools import lru_cache
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import strategies
@@ -75,6 +75,27 @@ def train(msg: Message, context: Context) -> Message:
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, dataset_info(cfg.dataset).num_classes) if attack else data.train
+    dp_settings, accountant = None, None
+    if cfg.dp:  # sample-level DP-SGD; the spend composes over every round (privacy.py)
+        from . import privacy  # imports Opacus: only when DP is on
+
+        run_tag = str(msg.content[wire.CONFIG][wire.RUN_TAG])
+        accountant = privacy.load_accountant(context.state, run_tag)
+        n = len(train_data)
+        sigma = privacy.round_noise(cfg, n)
+        rate = privacy.sample_rate(n, cfg.batch_size)
+        steps = cfg.local_epochs * privacy.steps_per_epoch(n, cfg.batch_size)
+        after = privacy.epsilon_after(accountant, float(cfg.dp_delta), noise_multiplier=sigma,
+                                      rate=rate, steps=steps)
+        if cfg.dp_max_epsilon > 0 and after > cfg.dp_max_epsilon:
+            spent = privacy.epsilon_after(accountant, float(cfg.dp_delta))
+            return Message(error=Error(
+                code=wire.DP_BUDGET_ERROR_CODE,
+                reason=f"{wire.DP_OUT_OF_BUDGET}: epsilon {spent:.3f} spent; this round would "
+                       f"reach {after:.3f} > dp-max-epsilon {cfg.dp_max_epsilon:g}"), reply_to=msg)
+        dp_settings = privacy.DPSettings(sigma, float(cfg.dp_max_grad_norm), float(cfg.dp_delta),
+                                         noise_seed=derive_seed(cfg.seed, server_round, pid,
+                                                                privacy.NOISE_TAG))
     started = time.perf_counter()
     result = train_local(
         model,
@@ -85,6 +106,8 @@ def train(msg: Message, context: Context) -> Message:
         momentum=float(cfg.momentum),
         seed=derive_seed(cfg.seed, server_round, pid),
         hooks=half.hooks,
+        dp=dp_settings,
+        accountant=accountant,
     )
     seconds = time.perf_counter() - started
     arrays = ArrayRecord(model.state_dict())
@@ -94,13 +117,23 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in y.items()})
     for key, value in half.finish(model, result.steps).items():
         arrays[key] = Array(value)
+    dp_metrics = {}
+    if dp_settings is not None:
+        privacy.save_accountant(context.state, accountant, run_tag)
+        dp_metrics = {wire.DP_EPSILON: float(accountant.get_epsilon(dp_settings.delta)),
+                      wire.DP_DELTA: dp_settings.delta, wire.DP_NOISE: dp_settings.noise_multiplier,
+                      wire.DP_CLIP: dp_settings.max_grad_norm}
+    # Under DP the training loss and accuracy stay on the client: they are computed on
+    # the private examples without noise, so they would leak around the guarantee.
+    plain = {} if dp_settings is not None else {wire.TRAIN_LOSS: result.loss,
+                                                wire.TRAIN_ACCURACY: result.accuracy}
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: result.num_examples,
-        wire.TRAIN_LOSS: result.loss,
-        wire.TRAIN_ACCURACY: result.accuracy,
+        **plain,
         wire.LOCAL_STEPS: result.steps,
         wire.LOCAL_SECONDS: seconds,
         **half.metrics(),
+        **dp_metrics,
     })
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     return Message(content, reply_to=msg)

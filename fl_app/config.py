@@ -23,6 +23,10 @@ from .attacks import ATTACKS
 from .model import MODELS
 
 AUTO = "auto"
+# DP keys and their defaults (pyproject.toml; a test keeps the two equal): with dp = false
+# any other value is a mistake the user should hear about.
+DP_DEFAULTS = {"dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
+               "dp_target_epsilon": 0.0, "dp_max_epsilon": 0.0}
 # Largest accepted 'max-num-examples': with at most 2**31 examples per reply, a float64
 # sum of the weights of even a million replies stays exact and far from overflow.
 MAX_NUM_EXAMPLES_LIMIT = 2**31 - 1
@@ -71,6 +75,12 @@ class RunConfig:
     attack_std: float
     attack_epsilon: float
     max_num_examples: int
+    dp: bool
+    dp_noise_multiplier: float
+    dp_max_grad_norm: float
+    dp_delta: float
+    dp_target_epsilon: float
+    dp_max_epsilon: float
     results_dir: str
     run_name: str
     sweep_file: str
@@ -160,6 +170,7 @@ class RunConfig:
         _positive("attack-std", self.attack_std)
         _positive("attack-epsilon", self.attack_epsilon)
         _int("max-num-examples", self.max_num_examples, minimum=1)
+        self._check_dp()
         if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
             raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "
                              f"{MAX_NUM_EXAMPLES_LIMIT}]; got {self.max_num_examples!r}")
@@ -174,6 +185,37 @@ class RunConfig:
         if self.sweep_file and not Path(self.sweep_file).expanduser().is_file():
             raise ValueError(f"Run config 'sweep-file': no such file: {self.sweep_file!r}")
         resolve_source(self.dataset)  # unknown name or missing file
+
+    def _check_dp(self) -> None:
+        if not isinstance(self.dp, bool):
+            raise ValueError(f"Run config 'dp' must be true or false; got {self.dp!r}")
+        if not self.dp:
+            changed = [_key(name) for name, default in DP_DEFAULTS.items()
+                       if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"Run config key(s) {changed} only take effect with dp = true; "
+                                 f"set dp = true, or leave them at their defaults")
+            return
+        _number("dp-noise-multiplier", self.dp_noise_multiplier)
+        if self.dp_noise_multiplier < 0:
+            raise ValueError("Run config 'dp-noise-multiplier' (sigma) must be a number >= 0; "
+                             f"got {self.dp_noise_multiplier!r}")
+        _positive("dp-max-grad-norm", self.dp_max_grad_norm)
+        _open_interval("dp-delta", self.dp_delta)
+        _number("dp-target-epsilon", self.dp_target_epsilon)
+        _number("dp-max-epsilon", self.dp_max_epsilon)
+        for key, value in (("dp-target-epsilon", self.dp_target_epsilon),
+                           ("dp-max-epsilon", self.dp_max_epsilon)):
+            if value < 0:
+                raise ValueError(f"Run config '{key}' must be a number > 0, or 0 for none; "
+                                 f"got {value!r}")
+        if self.dp_target_epsilon == 0 and self.dp_noise_multiplier == 0:
+            raise ValueError("Run config 'dp-noise-multiplier' = 0 adds no noise: no privacy. "
+                             "Set it > 0, or set 'dp-target-epsilon'")
+        if 0 < self.dp_max_epsilon < self.dp_target_epsilon:
+            raise ValueError(f"Run config 'dp-max-epsilon' = {self.dp_max_epsilon} is below "
+                             f"'dp-target-epsilon' = {self.dp_target_epsilon}: the last rounds "
+                             "could never run")
 
     # ------------------------------------------------------------------ derived views
     @property

@@ -131,6 +131,10 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     initial = ArrayRecord(model.state_dict())
 
     train_n = train_sizes(sizes, float(cfg.validation_fraction))
+    if cfg.dp:
+        from . import privacy  # imports Opacus: only when DP is on
+
+        privacy.check_run(cfg, train_n, model)
     # In simulation the server computed the split, so it knows what each client holds: a
     # reply claiming more examples than its partition's share is rejected.
     limits = ExampleLimits(

@@ -3,21 +3,31 @@
 The algorithm's client half plugs into ``train_local`` through two optional hooks, so
 the loop itself is the same for every strategy:
 
-- ``penalty(model) -> Tensor``: a term added to the loss (FedProx's proximal term);
+- ``penalty(model) -> Tensor``: a term added to the loss (not allowed under DP: it
+  would be clipped and noised with the data);
 - ``after_backward(model)``: runs after ``loss.backward()``, before the optimizer step
-  (SCAFFOLD's gradient correction).
+  (FedProx's proximal gradient, SCAFFOLD's correction). Under DP it runs after Opacus
+  has clipped, noised and scaled the gradient: post-processing of the private gradient.
+
+With ``dp`` settings the same loop runs Opacus's DP-SGD (``fl_app/privacy.py``): batches
+are Poisson-sampled instead of a shuffled partition of the data, and the step is
+clip, noise, scale, hook, SGD.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from partitions import ImageArrays
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .privacy import DPSettings
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,11 @@ class LocalHooks:
     after_backward: Callable[[nn.Module], None] | None = None
 
 
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(n, generator=generator)
+    return (order[start:start + batch_size] for start in range(0, n, batch_size))
+
+
 def train_local(
     model: nn.Module,
     data: ImageArrays,
@@ -44,35 +59,64 @@ def train_local(
     momentum: float = 0.0,
     seed: int = 0,
     hooks: LocalHooks = LocalHooks(),
+    dp: "DPSettings | None" = None,
+    accountant=None,
 ) -> TrainResult:
-    """``epochs`` passes of mini-batch SGD over ``data``, shuffled by ``seed``."""
+    """``epochs`` passes of mini-batch SGD over ``data``, shuffled by ``seed``; with ``dp``
+    (and the node's ``accountant``), DP-SGD with Poisson-sampled batches."""
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y)
     n = len(y)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(int(seed))
+    private = None
+    if dp is not None:
+        from .privacy import PrivateTraining
+
+        if hooks.penalty is not None:
+            raise ValueError("A loss penalty would be clipped and noised with the data under "
+                             "DP; apply it as an after_backward gradient term instead")
+        if accountant is None:
+            raise ValueError("DP training needs the node's accountant")
+        private = PrivateTraining(model, optimizer, dp, num_examples=n, batch_size=batch_size,
+                                  accountant=accountant)
+    forward = private.module if private is not None else model
     model.train()
     steps = 0
-    loss_sum, correct = 0.0, 0
-    for _ in range(epochs):
-        loss_sum, correct = 0.0, 0
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            inputs, targets = x[idx], y[idx]
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(inputs)
-            loss = criterion(logits, targets)
-            total = loss + hooks.penalty(model) if hooks.penalty is not None else loss
-            total.backward()
-            if hooks.after_backward is not None:
-                hooks.after_backward(model)
-            optimizer.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(1) == targets).sum())
-    return TrainResult(n, loss_sum / n, correct / n, steps)
+    loss_sum, correct, seen = 0.0, 0, 0
+    try:
+        for _ in range(epochs):
+            loss_sum, correct, seen = 0.0, 0, 0
+            batches = (private.batches(n, generator) if private is not None
+                       else _shuffled_batches(n, batch_size, generator))
+            for idx in batches:
+                idx = torch.as_tensor(idx, dtype=torch.long)
+                inputs, targets = x[idx], y[idx]
+                if private is not None:
+                    private.zero_grad()
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                logits = forward(inputs)
+                loss = criterion(logits, targets)
+                total = loss + hooks.penalty(model) if hooks.penalty is not None else loss
+                total.backward()
+                if private is not None:
+                    private.step(hooks.after_backward)
+                else:
+                    if hooks.after_backward is not None:
+                        hooks.after_backward(model)
+                    optimizer.step()
+                steps += 1
+                if len(idx):  # a Poisson batch can be empty (its step is pure noise)
+                    loss_sum += float(loss.detach()) * len(idx)
+                    correct += int((logits.detach().argmax(1) == targets).sum())
+                    seen += len(idx)
+    finally:
+        if private is not None:
+            private.close()
+    seen = max(seen, 1)
+    return TrainResult(n, loss_sum / seen, correct / seen, steps)
 
 
 @torch.no_grad()

@@ -22,6 +22,17 @@ VAL_ACCURACY = "val-accuracy"
 LOCAL_STEPS = "local-steps"
 LOCAL_SECONDS = "local-seconds"  # wall time of the local training loop on the client
 
+# DP replies (fl_app/privacy.py)
+DP_EPSILON = "dp-epsilon"  # this client's total spend so far, at DP_DELTA
+DP_DELTA = "dp-delta"
+DP_NOISE = "dp-noise-multiplier"
+DP_CLIP = "dp-max-grad-norm"
+DP_OUT_OF_BUDGET = "dp-out-of-budget"  # error reason prefix of a client that did not train
+DP_BUDGET_ERROR_CODE = 4271
+# ... and the server's per-round view of them
+DP_EPSILON_MAX = "dp-epsilon-max"
+DP_EPSILON_MEAN = "dp-epsilon-mean"
+
 # Query reply: which partition a node holds
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

@@ -76,6 +76,25 @@ class ExampleLimits:
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000  # run-config 'max-num-examples' default
 
 
+def _dp_stats(valid: list[Message], rejected: list[tuple[Message, str]]) -> dict[str, float]:
+    """Max and mean epsilon over the valid DP replies, and how many clients were out of
+    budget (their error reason starts with ``wire.DP_OUT_OF_BUDGET``). Empty without DP."""
+    spends = []
+    for message in valid:
+        metrics = next(iter(message.content.metric_records.values()))
+        if wire.DP_EPSILON in metrics:
+            spends.append(float(metrics[wire.DP_EPSILON]))
+    out_of_budget = sum(1 for m, _ in rejected
+                        if m.has_error() and str(m.error.reason).startswith(wire.DP_OUT_OF_BUDGET))
+    if not spends and not out_of_budget:
+        return {}
+    stats = {wire.DP_OUT_OF_BUDGET: out_of_budget}
+    if spends:
+        stats[wire.DP_EPSILON_MAX] = max(spends)
+        stats[wire.DP_EPSILON_MEAN] = sum(spends) / len(spends)
+    return stats
+
+
 class Guarded(Strategy):
     """Validate replies, sample reproducibly and report round statistics for ``inner``."""
 
@@ -184,6 +203,7 @@ class Guarded(Strategy):
         stats = {
             wire.REPLIES_VALID: len(valid),
             wire.REPLIES_REJECTED: len(rejected),
+            **_dp_stats(valid, rejected),
             wire.UPLOAD_BYTES: int(sum(upload) / len(upload)) if upload else 0,
             wire.DOWNLOAD_BYTES: self._download_bytes,
         }

@@ -27,6 +27,10 @@ EXTRA = [
     {"run-name": "scaffold-all", **TINY, "strategy": "scaffold", "fraction-train": 1.0,
      "num-server-rounds": 3},
     {"run-name": "fedavg-logreg", **TINY, "model": "logreg"},
+    # sample-level DP-SGD: the spend rises round by round
+    {"run-name": "fedavg-dp", **TINY, "dp": True, "num-server-rounds": 3, "fraction-train": 1.0},
+    {"run-name": "scaffold-dp", **TINY, "strategy": "scaffold", "dp": True, "num-server-rounds": 3,
+     "fraction-train": 1.0},
 ]
 
 
@@ -128,6 +132,17 @@ def test_logistic_regression_model_learns(sweep_run):
     s = summary(results, "fedavg-logreg")
     assert s["config"]["model"] == "logreg" and s["model_parameters"] == 64 * 10 + 10
     assert s["final_test_accuracy"] > 0.6, [r["test_accuracy"] for r in s["history"]]
+
+
+@pytest.mark.parametrize("name", ["fedavg-dp", "scaffold-dp"])
+def test_dp_runs_report_a_rising_spend(sweep_run, name):
+    results, _, _ = sweep_run
+    s = summary(results, name)
+    assert s["complete"] and s["final_test_accuracy"] > s["history"][0]["test_accuracy"]
+    spend = [r["dp_epsilon_max"] for r in s["history"][1:]]
+    assert spend[0] > 0 and spend == sorted(spend) and spend[-1] > spend[0], spend
+    assert all(r["dp_epsilon_mean"] <= r["dp_epsilon_max"] for r in s["history"][1:])
+    assert all(r["dp_noise_multiplier"] == 1.0 for r in s["history"][1:])
 
 
 def test_bad_config_fails_before_training_naming_the_key(link):

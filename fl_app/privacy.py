@@ -1,0 +1,203 @@
+"""Sample-level differential privacy for local training: Opacus DP-SGD, and its accounting
+across rounds.
+
+Mechanism (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1;
+Opacus, Yousefpour et al., 2021): every local step samples each of the client's n
+training examples independently with rate q (Poisson sampling, Opacus's
+``UniformWithReplacementSampler``), clips each example's gradient to L2 norm C
+(``dp-max-grad-norm``), adds N(0, sigma^2 C^2 I) to their sum (sigma =
+``dp-noise-multiplier``) and divides by the expected batch size q n (Opacus's
+``GradSampleModule`` and ``DPOptimizer``; we write no DP-SGD of our own). One local epoch
+is ceil(n / B) such steps with q = 1 / ceil(n / B) (B = ``batch-size``), Opacus's own
+convention for ``DPDataLoader``.
+
+Post-processing. A strategy's client half (FedProx's proximal gradient, SCAFFOLD's
+correction and its gradient sum) runs after the privatization, on the noised gradient:
+it depends on the data only through it, so everything the client sends stays a function
+of the privatized gradients.
+
+Accounting. Opacus's RDP accountant composes every step the client ever took in the run:
+its history (sigma, q, steps) lives in the node's ``Context.state`` and is restored
+before each round, so epsilon is the total over all rounds, not one round's (the mistake
+of building a new PrivacyEngine per round). The spend counts whether or not the server
+later uses the reply: the noisy result was computed and sent.
+
+Seeded noise is for experiments only: a production deployment turns on Opacus's
+``secure_mode`` (a cryptographically secure generator, and noise drawn so that the
+floating-point attack of Mironov, CCS 2012, does not apply); a seeded torch generator is
+reproducible and therefore predictable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import RunConfig
+
+STATE_HISTORY = "dp-history"  # Context.state: the accountant's history and its run tag
+NOISE_TAG = 0xD9  # separates the noise seed from every other use of `seed`
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """What one client's DP-SGD needs (symbols as in Abadi et al.)."""
+
+    noise_multiplier: float  # sigma
+    max_grad_norm: float  # C
+    delta: float  # the delta epsilon is reported at
+    noise_seed: int  # seeds the noise generator (experiments only; see module docstring)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """ceil(n / B): the Poisson-sampled steps of one local epoch."""
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """q = 1 / ceil(n / B), so that an epoch samples each example once in expectation
+    (nudged down if needed so that Opacus's sampler, int(1 / q) steps, takes exactly
+    ceil(n / B) steps)."""
+    k = steps_per_epoch(num_examples, batch_size)
+    q = 1.0 / k
+    while int(1.0 / q) < k:
+        q = math.nextafter(q, 0.0)
+    return q
+
+
+def round_noise(cfg: "RunConfig", num_examples: int) -> float:
+    """sigma for this client: ``dp-noise-multiplier``, or, with ``dp-target-epsilon``, the
+    sigma at which num-server-rounds rounds of local-epochs epochs spend the target (every
+    round counted, so a client sampled in fewer rounds spends less)."""
+    if cfg.dp_target_epsilon > 0:
+        steps = cfg.num_server_rounds * cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)
+        return noise_for_target(float(cfg.dp_target_epsilon), float(cfg.dp_delta),
+                                sample_rate(num_examples, cfg.batch_size), steps)
+    return float(cfg.dp_noise_multiplier)
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise with Opacus's reasons if it cannot compute per-sample gradients of ``model``."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError("The model cannot be trained with DP-SGD: "
+                         + "; ".join(str(e) for e in errors))
+
+
+# ------------------------------------------------------------------ accountant state
+def load_accountant(state: RecordDict, run_tag: str) -> RDPAccountant:
+    """The accountant with this node's history in this run (empty for a new run)."""
+    accountant = RDPAccountant()
+    record = state.get(STATE_HISTORY)
+    if record is not None and record.get("run-tag") == run_tag:
+        accountant.history = [(float(s), float(q), int(k)) for s, q, k in
+                               zip(record["sigma"], record["q"], record["steps"])]
+    return accountant
+
+
+def save_accountant(state: RecordDict, accountant: RDPAccountant, run_tag: str) -> None:
+    history = accountant.history
+    state[STATE_HISTORY] = ConfigRecord({
+        "run-tag": run_tag,
+        "sigma": [float(h[0]) for h in history],
+        "q": [float(h[1]) for h in history],
+        "steps": [int(h[2]) for h in history],
+    })
+
+
+def epsilon_after(accountant: RDPAccountant, delta: float, *, noise_multiplier: float = 0.0,
+                  rate: float = 0.0, steps: int = 0) -> float:
+    """Epsilon of the history plus ``steps`` more steps at (sigma, q); 0 for no steps."""
+    history = list(accountant.history)
+    if steps:
+        history.append((noise_multiplier, rate, steps))
+    if not history:
+        return 0.0
+    probe = RDPAccountant()
+    probe.history = history
+    return float(probe.get_epsilon(delta))
+
+
+def noise_for_target(target_epsilon: float, delta: float, rate: float, total_steps: int) -> float:
+    """sigma that makes ``total_steps`` steps at rate q spend ``target_epsilon`` (Opacus)."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=rate, steps=total_steps, accountant="rdp"))
+
+
+# ------------------------------------------------------------------ the mechanism
+class PrivateTraining:
+    """Opacus's per-sample gradients, clipping and noise around ``model`` and SGD.
+
+    ``step(after_privatize)`` replaces ``optimizer.step()``: clip, noise and scale (and
+    the accountant's step), then ``after_privatize(model)`` (post-processing), then the
+    SGD step. ``close()`` removes Opacus's hooks: ``model`` is the plain module again,
+    with the plain state-dict keys.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: DPSettings,
+                 *, num_examples: int, batch_size: int, accountant: RDPAccountant) -> None:
+        check_model(model)
+        self.model = model
+        self.rate = sample_rate(num_examples, batch_size)
+        self.steps_per_epoch = steps_per_epoch(num_examples, batch_size)
+        self.settings = settings
+        self.module = GradSampleModule(model, loss_reduction="mean")
+        self.noise = torch.Generator().manual_seed(int(settings.noise_seed))
+        self.optimizer = DPOptimizer(
+            optimizer, noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm, expected_batch_size=self.rate * num_examples,
+            loss_reduction="mean", generator=self.noise, secure_mode=False,
+        )
+        self.optimizer.attach_step_hook(
+            accountant.get_optimizer_hook_fn(sample_rate=self.rate))
+
+    def batches(self, num_examples: int, generator: torch.Generator):
+        """One epoch of Poisson-sampled index batches (Opacus's sampler)."""
+        return iter(UniformWithReplacementSampler(num_samples=num_examples,
+                                                  sample_rate=self.rate, generator=generator))
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, after_privatize=None) -> None:
+        if self.optimizer.pre_step():  # clip, noise, scale; the accountant counts the step
+            if after_privatize is not None:
+                after_privatize(self.model)
+            self.optimizer.original_optimizer.step()
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-parameter attributes from ``model``."""
+        self.module._close()
+
+
+def check_run(cfg: "RunConfig", train_sizes: list[int], model: nn.Module) -> None:
+    """Before training: delta below 1/n of the smallest client, a reachable target epsilon,
+    and a model Opacus can privatize. Raises ValueError saying what to change."""
+    smallest = min(train_sizes)
+    if not cfg.dp_delta < 1.0 / smallest:
+        raise ValueError(f"Run config 'dp-delta' = {cfg.dp_delta:g} must be below 1/n = "
+                         f"{1.0 / smallest:.3g} for the smallest client (n = {smallest} training "
+                         "examples): a larger delta allows leaking a whole example")
+    check_model(model)
+    if cfg.dp_target_epsilon > 0:
+        for n in sorted(set(train_sizes)):
+            try:
+                round_noise(cfg, n)
+            except ValueError as err:
+                raise ValueError(
+                    f"Run config 'dp-target-epsilon' = {cfg.dp_target_epsilon:g} cannot be reached "
+                    f"by a client of {n} examples over {cfg.num_server_rounds} rounds of "
+                    f"{cfg.local_epochs} epoch(s) at delta {cfg.dp_delta:g} ({err}); raise the "
+                    "target or lower num-server-rounds / local-epochs") from None
