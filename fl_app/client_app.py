@@ -80,7 +80,9 @@ def train(msg: Message, context: Context) -> Message:
         from . import privacy  # imports Opacus: only when DP is on
 
         run_tag = str(msg.content[wire.CONFIG][wire.RUN_TAG])
-        accountant = privacy.load_accountant(context.state, run_tag)
+        state_dir = context.node_config.get(wire.NODE_STATE_DIR)
+        dp_file = privacy.accountant_file(str(state_dir), run_tag, pid) if state_dir else None
+        accountant = privacy.load_accountant(context.state, run_tag, path=dp_file)
         n = len(train_data)
         sigma = privacy.round_noise(cfg, n)
         rate = privacy.sample_rate(n, cfg.batch_size)
@@ -119,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays[key] = Array(value)
     dp_metrics = {}
     if dp_settings is not None:
-        privacy.save_accountant(context.state, accountant, run_tag)
+        privacy.save_accountant(context.state, accountant, run_tag, path=dp_file)
         dp_metrics = {wire.DP_EPSILON: float(accountant.get_epsilon(dp_settings.delta)),
                       wire.DP_DELTA: dp_settings.delta, wire.DP_NOISE: dp_settings.noise_multiplier,
                       wire.DP_CLIP: dp_settings.max_grad_norm}

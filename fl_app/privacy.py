@@ -19,8 +19,10 @@ of the privatized gradients.
 Accounting. Opacus's RDP accountant composes every step the client ever took in the run:
 its history (sigma, q, steps) lives in the node's ``Context.state`` and is restored
 before each round, so epsilon is the total over all rounds, not one round's (the mistake
-of building a new PrivacyEngine per round). The spend counts whether or not the server
-later uses the reply: the noisy result was computed and sent.
+of building a new PrivacyEngine per round). When the node config names a ``state-dir``
+the history is also written there, atomically, keyed by run and partition, so a
+SuperNode that restarts does not forget its spend. The spend counts whether or not the
+server later uses the reply: the noisy result was computed and sent.
 
 Seeded noise is for experiments only: a production deployment turns on Opacus's
 ``secure_mode`` (a cryptographically secure generator, and noise drawn so that the
@@ -30,8 +32,13 @@ reproducible and therefore predictable.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,17 +104,57 @@ def check_model(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ accountant state
-def load_accountant(state: RecordDict, run_tag: str) -> RDPAccountant:
-    """The accountant with this node's history in this run (empty for a new run)."""
+def accountant_file(state_dir: str, run_tag: str, partition_id: int) -> Path:
+    """Where a node keeps its accountant history on disk: keyed by run and partition,
+    since node ids change when a SuperNode restarts."""
+    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", run_tag)
+    return Path(state_dir).expanduser() / f"dp-accountant-{safe}-p{int(partition_id)}.json"
+
+
+def _history_total(history: list) -> int:
+    return sum(int(h[2]) for h in history)
+
+
+def _read_file(path: Path, run_tag: str) -> list:
+    if not path.exists():
+        return []
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("run-tag") != run_tag:
+            return []
+        return [(float(s), float(q), int(k)) for s, q, k in payload["history"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"Cannot read the privacy accountant state {path} ({err}); refusing "
+                         "to train without it, since the spend would be under-counted. "
+                         "Restore the file or start a new run") from None
+
+
+def load_accountant(state: RecordDict, run_tag: str, *, path: Path | None = None) -> RDPAccountant:
+    """The accountant with this node's history in this run (empty for a new run).
+
+    From the node's ``Context.state`` and, with ``path`` (the node config's
+    ``state-dir``), from disk: a SuperNode that restarted has lost its Context.state but
+    not the file. If both exist the longer history wins, so the spend is never
+    under-counted.
+    """
     accountant = RDPAccountant()
+    history = []
     record = state.get(STATE_HISTORY)
     if record is not None and record.get("run-tag") == run_tag:
-        accountant.history = [(float(s), float(q), int(k)) for s, q, k in
-                               zip(record["sigma"], record["q"], record["steps"])]
+        history = [(float(s), float(q), int(k)) for s, q, k in
+                   zip(record["sigma"], record["q"], record["steps"])]
+    if path is not None:
+        on_disk = _read_file(path, run_tag)
+        if _history_total(on_disk) > _history_total(history):
+            history = on_disk
+    accountant.history = history
     return accountant
 
 
-def save_accountant(state: RecordDict, accountant: RDPAccountant, run_tag: str) -> None:
+def save_accountant(state: RecordDict, accountant: RDPAccountant, run_tag: str, *,
+                    path: Path | None = None) -> None:
+    """Keep the history in Context.state and, with ``path``, on disk (written to a
+    temporary file, flushed, then renamed: a crash leaves the old file or the new one)."""
     history = accountant.history
     state[STATE_HISTORY] = ConfigRecord({
         "run-tag": run_tag,
@@ -115,6 +162,15 @@ def save_accountant(state: RecordDict, accountant: RDPAccountant, run_tag: str) 
         "q": [float(h[1]) for h in history],
         "steps": [int(h[2]) for h in history],
     })
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"run-tag": run_tag, "history": [[float(s), float(q), int(k)] for s, q, k in history]}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 def epsilon_after(accountant: RDPAccountant, delta: float, *, noise_multiplier: float = 0.0,

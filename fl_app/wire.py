@@ -33,6 +33,9 @@ DP_BUDGET_ERROR_CODE = 4271
 DP_EPSILON_MAX = "dp-epsilon-max"
 DP_EPSILON_MEAN = "dp-epsilon-mean"
 
+# Node config (flower-supernode --node-config)
+NODE_STATE_DIR = "state-dir"  # where a node keeps state that must survive a restart
+
 # Query reply: which partition a node holds
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

@@ -289,3 +289,49 @@ def test_a_dp_reply_carries_no_unprivatized_training_metrics(make_config):
     assert wire.DP_EPSILON in metrics
     plain = client_app.train(client_message(make_config(), 1), context)
     assert wire.TRAIN_LOSS in plain.content["metrics"]
+
+
+def test_the_spend_survives_a_supernode_restart_with_a_state_dir(make_config, tmp_path):
+    """Round 1 on a node with state-dir; the SuperNode restarts (new node id, empty
+    Context.state); round 2 starts from the saved history: two rounds' spend, not one."""
+    from flwr.app import Context
+
+    from fl_app import client_app, wire
+
+    cfg = make_config(dp=True, **{"num-server-rounds": 2})
+    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path)}
+    first = client_app.train(client_message(cfg, 1),
+                             Context(run_id=1, node_id=5, node_config=node_config,
+                                     state=RecordDict(), run_config={}))
+    restarted = Context(run_id=1, node_id=77, node_config=node_config, state=RecordDict(),
+                        run_config={})
+    second = client_app.train(client_message(cfg, 2), restarted)
+    e1, e2 = (m.content["metrics"][wire.DP_EPSILON] for m in (first, second))
+    n = len(load_client_data(cfg.data, 0, 2).train)
+    q, k = privacy.sample_rate(n, cfg.batch_size), privacy.steps_per_epoch(n, cfg.batch_size)
+    two = privacy.epsilon_after(RDPAccountant(), 1e-5, noise_multiplier=1.0, rate=q, steps=2 * k)
+    assert e2 == pytest.approx(two) and e2 > e1
+    # without the state dir the restarted node would have started over
+    forgetful = client_app.train(client_message(cfg, 2), Context(
+        run_id=1, node_id=78, node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(), run_config={}))
+    assert forgetful.content["metrics"][wire.DP_EPSILON] == pytest.approx(e1)
+
+
+def test_a_corrupt_state_file_stops_the_client_instead_of_under_counting(tmp_path):
+    path = privacy.accountant_file(str(tmp_path), "run", 0)
+    path.write_text('{"run-tag": "run", "history": [[1.0, 0.1')  # a torn write
+    with pytest.raises(ValueError, match="refusing to train without it"):
+        privacy.load_accountant(RecordDict(), "run", path=path)
+
+
+def test_the_longer_history_wins_and_the_file_is_replaced_atomically(tmp_path):
+    path = privacy.accountant_file(str(tmp_path), "run/1", 3)
+    assert path.name == "dp-accountant-run_1-p3.json"
+    long, short = RDPAccountant(), RDPAccountant()
+    long.history, short.history = [(1.0, 0.1, 30)], [(1.0, 0.1, 10)]
+    privacy.save_accountant(RecordDict(), long, "run/1", path=path)
+    state = RecordDict()
+    privacy.save_accountant(state, short, "run/1")
+    assert privacy.load_accountant(state, "run/1", path=path).history == [(1.0, 0.1, 30)]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
