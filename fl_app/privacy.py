@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from opacus import GradSampleModule
+from opacus.grad_sample.utils import prepare_module
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
@@ -56,6 +56,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 STATE_HISTORY = "dp-history"  # Context.state: the accountant's history and its run tag
 NOISE_TAG = 0xD9  # separates the noise seed from every other use of `seed`
+# How Opacus computes per-sample gradients: "hooks" (its default, used here), "functorch"
+# or "ew" (expanded weights). experiments/benchmark_dp.py measures them: "ew" was ~10%
+# faster but fails on an empty Poisson batch ("Batch size must be positive"), which
+# Poisson sampling produces; "functorch" was slower (docs/benchmarks.md).
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class DPSettings:
     max_grad_norm: float  # C
     delta: float  # the delta epsilon is reported at
     noise_seed: int  # seeds the noise generator (experiments only; see module docstring)
+    grad_sample_mode: str = "hooks"  # Opacus's per-sample gradient mode (GRAD_SAMPLE_MODES)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -209,7 +215,11 @@ class PrivateTraining:
         self.rate = sample_rate(num_examples, batch_size)
         self.steps_per_epoch = steps_per_epoch(num_examples, batch_size)
         self.settings = settings
-        self.module = GradSampleModule(model, loss_reduction="mean")
+        if settings.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, "
+                             f"got {settings.grad_sample_mode!r}")
+        self.module = prepare_module(model, settings.grad_sample_mode, batch_first=True,
+                                     loss_reduction="mean")
         self.noise = torch.Generator().manual_seed(int(settings.noise_seed))
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=settings.noise_multiplier,

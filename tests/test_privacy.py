@@ -335,3 +335,31 @@ def test_the_longer_history_wins_and_the_file_is_replaced_atomically(tmp_path):
     privacy.save_accountant(state, short, "run/1")
     assert privacy.load_accountant(state, "run/1", path=path).history == [(1.0, 0.1, 30)]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_fedprox_term_acts_after_privatization():
+    """sigma = 0, C huge (no clipping), one step over all 8 samples (q = 1): Opacus's
+    gradient is the batch mean g; FedProx then adds mu (w - w^t). With w^t = w - 1 (a
+    moved model) the SGD step is w - lr (g + mu): the term survives Opacus's step."""
+    from strategies.fedprox import client_hooks
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model = Tiny()
+    hooks = client_hooks(model, mu=0.5)  # w^t = the current weights...
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # ... and the model has moved by +1 from w^t
+    w = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    private = privacy.PrivateTraining(model, opt, settings(sigma=0.0, clip=1e6), num_examples=8,
+                                      batch_size=8, accountant=RDPAccountant())
+    private.zero_grad()
+    nn.functional.cross_entropy(private.module(x), y).backward()
+    private.step(hooks.after_backward)
+    private.close()
+    for p, w0, g0 in zip(model.parameters(), w, g):
+        torch.testing.assert_close(p.detach(), w0 - 0.1 * (g0 + 0.5), rtol=1e-5, atol=1e-6)
