@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from fl_app.results import is_complete
+from fl_app.results import COMPLETED, is_complete, run_status
 
 from .grids import GRIDS
 from .launch import REPO, LocalSuperLink
@@ -77,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{done} of {len(pending)} pending runs complete; log: {out_dir / 'flwr.log'}")
     rows = write_report(grid, out_dir)
     print((out_dir / "table.md").read_text())
-    return 0 if rows else 1
+    runs = grid.runs(tuple(args.seeds) if args.seeds else None)
+    if args.only:
+        runs = [r for r in runs if grid.parse_run_name(r["run-name"])[0] in args.only]
+    bad = {r["run-name"]: run_status(runs_dir / r["run-name"]) for r in runs}
+    bad = {name: status for name, status in bad.items() if status != COMPLETED}
+    for name, status in sorted(bad.items()):
+        print(f"NOT COMPLETED: {name}: {status or 'no summary'}", file=sys.stderr)
+    return 0 if rows and not bad else 1
 
 
 if __name__ == "__main__":

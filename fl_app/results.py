@@ -2,7 +2,10 @@
 
 - ``config.json``: the resolved run config (``server-lr = "auto"`` replaced by its value);
 - ``summary.json``: rewritten after every round, so a crash loses at most the round in
-  flight; ``complete`` turns true at the end. It holds ``final_test_accuracy``,
+  flight; ``complete`` turns true at the end, and ``status`` says how the run ended:
+  ``running``, ``completed``, ``no-progress`` (it finished, but no round's aggregate was
+  ever kept: every reply rejected, or too few valid ones; the model is the initial one)
+  or ``failed`` (the ServerApp raised; ``error`` holds the exception). It holds ``final_test_accuracy``,
   ``num_rounds`` and ``history``: one record per round (round 0 = the initial model) with
   ``test_accuracy``, ``test_loss``, the aggregated client metrics and round statistics;
   and what the split did before any accuracy: ``partition_sizes``,
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 SUMMARY = "summary.json"
+RUNNING, COMPLETED, NO_PROGRESS, FAILED = "running", "completed", "no-progress", "failed"
 CONFIG = "config.json"
 MODEL = "final_model.pt"
 PLOT = "accuracy.png"
@@ -36,6 +40,16 @@ def resolve_results_dir(results_dir: str) -> Path:
     if not path.is_absolute():
         path = Path(os.environ.get("FL_APP_WORKDIR", os.getcwd())) / path
     return path
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The ``status`` of a run's summary (``completed`` for finished runs recorded before
+    the field existed), or None without a readable summary."""
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("status", COMPLETED if summary.get("complete") else RUNNING)
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -76,6 +90,8 @@ class RunRecorder:
         self.config = config
         self.extra = extra
         self.history: list[dict[str, Any]] = []
+        self.status = RUNNING
+        self.error: str | None = None
         write_json(run_dir / CONFIG, config)
 
     def add_round(self, record: dict[str, Any]) -> None:
@@ -86,6 +102,8 @@ class RunRecorder:
         last = self.history[-1] if self.history else {}
         return {
             "complete": complete,
+            "status": self.status,
+            **({"error": self.error} if self.error else {}),
             "run_name": self.run_dir.name,
             "num_rounds": self.config.get("num-server-rounds"),
             "rounds_completed": max((r["round"] for r in self.history), default=0),
@@ -100,9 +118,16 @@ class RunRecorder:
     def _write(self, complete: bool) -> None:
         write_json(self.run_dir / SUMMARY, self.summary(complete))
 
+    def fail(self, error: BaseException) -> None:
+        """Record that the run failed (the summary keeps the rounds done so far)."""
+        self.status, self.error = FAILED, f"{type(error).__name__}: {error}"
+        self._write(complete=False)
+
     def finish(self, state_dict: Any) -> dict[str, Any]:
         import torch
 
+        aggregated = any(r.get("round_aggregated") for r in self.history if r.get("round", 0) > 0)
+        self.status = COMPLETED if aggregated else NO_PROGRESS
         torch.save(state_dict, self.run_dir / MODEL)
         plot_accuracy(self.history, self.run_dir / PLOT, title=self.run_dir.name)
         self._write(complete=True)

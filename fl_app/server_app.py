@@ -193,18 +193,25 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     def round_config() -> ConfigRecord:
         return ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_dir.name})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_server_rounds,
-        train_config=round_config(),
-        evaluate_config=round_config(),
-        evaluate_fn=evaluate_fn,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_server_rounds,
+            train_config=round_config(),
+            evaluate_config=round_config(),
+            evaluate_fn=evaluate_fn,
+        )
+    except Exception as err:
+        recorder.fail(err)  # `flwr run` exits 0 anyway: the summary must say it failed
+        raise
     final = result.arrays if len(result.arrays) else initial
     summary = recorder.finish(final.to_torch_state_dict())
-    log(INFO, "Run %s finished: final test accuracy %.4f (summary: %s)", run_dir.name,
-        summary["final_test_accuracy"], run_dir / "summary.json")
+    if summary["status"] != "completed":
+        log(WARNING, "Run %s ended with status %s: no round's aggregate was kept; the final "
+                     "model is the initial one", run_dir.name, summary["status"])
+    log(INFO, "Run %s finished (%s): final test accuracy %.4f (summary: %s)", run_dir.name,
+        summary["status"], summary["final_test_accuracy"], run_dir / "summary.json")
     return summary
 
 

@@ -64,7 +64,7 @@ def test_flwr_run_learns_and_records_everything(sweep_run):
     results, _, proc = sweep_run
     assert (results / "twin-a" / "summary.json").exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
     s = summary(results, "twin-a")
-    assert s["complete"] is True and s["num_rounds"] == 4
+    assert s["complete"] is True and s["status"] == "completed" and s["num_rounds"] == 4
     assert [r["round"] for r in s["history"]] == [0, 1, 2, 3, 4]
     assert s["history"][0]["test_accuracy"] < 0.3  # the untrained model is near chance (0.1)
     assert s["final_test_accuracy"] > 0.6  # far above chance after 4 rounds

@@ -82,3 +82,36 @@ def test_report_uses_a_split_specific_target_where_the_grid_sets_one():
     assert rows["iid"]["rounds_to_target_mean"] == 2 and rows["iid"]["target_accuracy"] == 0.5
     assert rows["path2"]["rounds_to_target_mean"] == 1 and rows["path2"]["target_accuracy"] == 0.3
     assert "path2 (target 30%)" in markdown_table(grid, aggregate(grid, summaries))
+
+
+def test_status_says_how_a_run_ended(tmp_path):
+    """completed when some round's aggregate was kept; no-progress when none was (e.g.
+    every reply rejected); failed, with the error, when the ServerApp raised."""
+    import json
+
+    from fl_app.results import RunRecorder, run_status
+
+    def recorder(name):
+        (tmp_path / name).mkdir()
+        return RunRecorder(tmp_path / name, {"num-server-rounds": 2}, {})
+
+    ok = recorder("ok")
+    assert run_status(tmp_path / "ok") is None  # nothing written yet but the config
+    ok.add_round({"round": 0, "test_accuracy": 0.1})
+    assert run_status(tmp_path / "ok") == "running"
+    ok.add_round({"round": 1, "test_accuracy": 0.5, "round_aggregated": 1})
+    assert ok.finish({})["status"] == "completed"
+    stuck = recorder("stuck")
+    for r in (0, 1, 2):
+        stuck.add_round({"round": r, "test_accuracy": 0.1, "round_aggregated": 0})
+    assert stuck.finish({})["status"] == "no-progress" and run_status(tmp_path / "stuck") == "no-progress"
+    broken = recorder("broken")
+    broken.add_round({"round": 0, "test_accuracy": 0.1})
+    broken.fail(RuntimeError("node vanished"))
+    summary = json.loads((tmp_path / "broken" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: node vanished"
+    assert summary["complete"] is False
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "summary.json").write_text(json.dumps({"complete": True}))
+    assert run_status(legacy) == "completed"
