@@ -20,6 +20,7 @@ from partitions import dataset_info, load_client_data
 
 from . import wire
 from .attacks import client_attack
+from .central_dp import central_dp_gate
 from .config import RunConfig
 from .model import build_model
 from .training import derive_seed, evaluate, train_local
@@ -66,7 +67,7 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train()
+@app.train(mods=[central_dp_gate])
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
@@ -76,7 +77,8 @@ def train(msg: Message, context: Context) -> Message:
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, dataset_info(cfg.dataset).num_classes) if attack else data.train
     dp_settings, accountant = None, None
-    if cfg.dp:  # sample-level DP-SGD; the spend composes over every round (privacy.py)
+    user_dp = cfg.dp and cfg.dp_mode == "user"  # the update is clipped by central_dp_gate
+    if cfg.dp and not user_dp:  # sample-level DP-SGD; the spend composes over every round
         from . import privacy  # imports Opacus: only when DP is on
 
         run_tag = str(msg.content[wire.CONFIG][wire.RUN_TAG])
@@ -125,12 +127,13 @@ def train(msg: Message, context: Context) -> Message:
         dp_metrics = {wire.DP_EPSILON: float(accountant.get_epsilon(dp_settings.delta)),
                       wire.DP_DELTA: dp_settings.delta, wire.DP_NOISE: dp_settings.noise_multiplier,
                       wire.DP_CLIP: dp_settings.max_grad_norm}
-    # Under DP the training loss and accuracy stay on the client: they are computed on
-    # the private examples without noise, so they would leak around the guarantee.
-    plain = {} if dp_settings is not None else {wire.TRAIN_LOSS: result.loss,
-                                                wire.TRAIN_ACCURACY: result.accuracy}
+    # Under DP (either mode) the training loss and accuracy stay on the client: they are
+    # computed on the private data without noise, so they would leak around the guarantee.
+    plain = {} if cfg.dp else {wire.TRAIN_LOSS: result.loss, wire.TRAIN_ACCURACY: result.accuracy}
     metrics = MetricRecord({
-        wire.NUM_EXAMPLES: result.num_examples,
+        # user-level DP: equal weights (the mean the server's noise is calibrated for), and
+        # a client's data size is its private data too
+        wire.NUM_EXAMPLES: 1 if user_dp else result.num_examples,
         **plain,
         wire.LOCAL_STEPS: result.steps,
         wire.LOCAL_SECONDS: seconds,

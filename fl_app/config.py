@@ -25,7 +25,9 @@ from .model import MODELS
 AUTO = "auto"
 # DP keys and their defaults (pyproject.toml; a test keeps the two equal): with dp = false
 # any other value is a mistake the user should hear about.
-DP_DEFAULTS = {"dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
+DP_MODES = ("sample", "user")
+USER_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
+DP_DEFAULTS = {"dp_mode": "sample", "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
                "dp_target_epsilon": 0.0, "dp_max_epsilon": 0.0}
 # Largest accepted 'max-num-examples': with at most 2**31 examples per reply, a float64
 # sum of the weights of even a million replies stays exact and far from overflow.
@@ -76,6 +78,7 @@ class RunConfig:
     attack_epsilon: float
     max_num_examples: int
     dp: bool
+    dp_mode: str
     dp_noise_multiplier: float
     dp_max_grad_norm: float
     dp_delta: float
@@ -196,6 +199,22 @@ class RunConfig:
                 raise ValueError(f"Run config key(s) {changed} only take effect with dp = true; "
                                  f"set dp = true, or leave them at their defaults")
             return
+        _choice("dp-mode", self.dp_mode, DP_MODES)
+        if self.dp_mode == "user":
+            if self.strategy not in USER_DP_STRATEGIES:
+                raise ValueError(
+                    f"Run config 'dp-mode' = \"user\" does not hold its guarantee with strategy "
+                    f"{self.strategy!r}: the server's noise is calibrated for the mean of the "
+                    "clipped updates, which " + (
+                        "SCAFFOLD extends with a second, unclipped statistic (Delta c_i)"
+                        if self.strategy == "scaffold" else
+                        "a robust rule (median, trimmed mean, Krum, Bulyan) does not compute")
+                    + f". Accepted with dp-mode \"user\": {list(USER_DP_STRATEGIES)}; or use "
+                    "dp-mode \"sample\", which works with every strategy")
+            if self.dp_max_epsilon != 0:
+                raise ValueError("Run config 'dp-max-epsilon' is a per-client budget of dp-mode "
+                                 "\"sample\"; with dp-mode \"user\" bound the run's spend with "
+                                 "'dp-target-epsilon' instead")
         _number("dp-noise-multiplier", self.dp_noise_multiplier)
         if self.dp_noise_multiplier < 0:
             raise ValueError("Run config 'dp-noise-multiplier' (sigma) must be a number >= 0; "

@@ -131,10 +131,14 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     initial = ArrayRecord(model.state_dict())
 
     train_n = train_sizes(sizes, float(cfg.validation_fraction))
-    if cfg.dp:
+    if cfg.dp and cfg.dp_mode == "sample":
         from . import privacy  # imports Opacus: only when DP is on
 
         privacy.check_run(cfg, train_n, model)
+    elif cfg.dp:
+        from strategies.central_dp import check_user_run
+
+        check_user_run(cfg, num_partitions)
     # In simulation the server computed the split, so it knows what each client holds: a
     # reply claiming more examples than its partition's share is rejected.
     limits = ExampleLimits(
@@ -150,7 +154,16 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
             inner, attack=cfg.attack,
             attackers=attacker_partitions(cfg.seed, num_partitions, cfg.num_attackers),
             partition_of=sampler.partition_of.get, epsilon=float(cfg.attack_epsilon))
-    strategy = Guarded(inner, sampler=sampler, min_valid_replies=cfg.min_train_nodes,
+    min_valid = cfg.min_train_nodes
+    if cfg.dp and cfg.dp_mode == "user":  # DP-FedAvg: exactly m clipped updates per aggregate
+        from strategies.central_dp import UserLevelDP, user_noise
+
+        m = min(strategies.sampled_per_round(cfg, len(node_ids)), len(node_ids))
+        inner = UserLevelDP(inner, noise_multiplier=user_noise(cfg),
+                            clipping_norm=float(cfg.dp_max_grad_norm), num_sampled_clients=m,
+                            delta=float(cfg.dp_delta), seed=cfg.seed)
+        min_valid = m
+    strategy = Guarded(inner, sampler=sampler, min_valid_replies=min_valid,
                        example_limits=limits)
     run_dir = fresh_run_dir(resolve_results_dir(cfg.results_dir), run_dir_name)
     recorder = RunRecorder(

@@ -31,6 +31,9 @@ EXTRA = [
     {"run-name": "fedavg-dp", **TINY, "dp": True, "num-server-rounds": 3, "fraction-train": 1.0},
     {"run-name": "scaffold-dp", **TINY, "strategy": "scaffold", "dp": True, "num-server-rounds": 3,
      "fraction-train": 1.0},
+    # user-level (central) DP: clients clip their update, the server adds the noise
+    {"run-name": "fedavg-userdp", **TINY, "dp": True, "dp-mode": "user", "num-server-rounds": 3,
+     "fraction-train": 1.0, "dp-noise-multiplier": 0.3, "dp-max-grad-norm": 0.5},
 ]
 
 
@@ -143,6 +146,17 @@ def test_dp_runs_report_a_rising_spend(sweep_run, name):
     assert spend[0] > 0 and spend == sorted(spend) and spend[-1] > spend[0], spend
     assert all(r["dp_epsilon_mean"] <= r["dp_epsilon_max"] for r in s["history"][1:])
     assert all(r["dp_noise_multiplier"] == 1.0 for r in s["history"][1:])
+
+
+def test_user_level_dp_run_reports_its_spend(sweep_run):
+    results, _, _ = sweep_run
+    s = summary(results, "fedavg-userdp")
+    assert s["complete"] and s["status"] == "completed"
+    rounds = s["history"][1:]
+    assert [r["dp_user_releases"] for r in rounds] == [1, 2, 3]
+    spend = [r["dp_user_epsilon"] for r in rounds]
+    assert 0 < spend[0] < spend[1] < spend[2], spend
+    assert all(r["replies_valid"] == 4 and r["round_aggregated"] == 1 for r in rounds)
 
 
 def test_bad_config_fails_before_training_naming_the_key(link):
