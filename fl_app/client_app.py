@@ -76,30 +76,17 @@ def train(msg: Message, context: Context) -> Message:
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, dataset_info(cfg.dataset).num_classes) if attack else data.train
-    dp_settings, accountant = None, None
     user_dp = cfg.dp and cfg.dp_mode == "user"  # the update is clipped by central_dp_gate
+    private = None
     if cfg.dp and not user_dp:  # sample-level DP-SGD; the spend composes over every round
-        from . import privacy  # imports Opacus: only when DP is on
+        from .privacy import ClientRound  # imports Opacus: only when DP is on
 
-        run_tag = str(msg.content[wire.CONFIG][wire.RUN_TAG])
-        state_dir = context.node_config.get(wire.NODE_STATE_DIR)
-        dp_file = privacy.accountant_file(str(state_dir), run_tag, pid) if state_dir else None
-        accountant = privacy.load_accountant(context.state, run_tag, path=dp_file)
-        n = len(train_data)
-        sigma = privacy.round_noise(cfg, n)
-        rate = privacy.sample_rate(n, cfg.batch_size)
-        steps = cfg.local_epochs * privacy.steps_per_epoch(n, cfg.batch_size)
-        after = privacy.epsilon_after(accountant, float(cfg.dp_delta), noise_multiplier=sigma,
-                                      rate=rate, steps=steps)
-        if cfg.dp_max_epsilon > 0 and after > cfg.dp_max_epsilon:
-            spent = privacy.epsilon_after(accountant, float(cfg.dp_delta))
-            return Message(error=Error(
-                code=wire.DP_BUDGET_ERROR_CODE,
-                reason=f"{wire.DP_OUT_OF_BUDGET}: epsilon {spent:.3f} spent; this round would "
-                       f"reach {after:.3f} > dp-max-epsilon {cfg.dp_max_epsilon:g}"), reply_to=msg)
-        dp_settings = privacy.DPSettings(sigma, float(cfg.dp_max_grad_norm), float(cfg.dp_delta),
-                                         noise_seed=derive_seed(cfg.seed, server_round, pid,
-                                                                privacy.NOISE_TAG))
+        private = ClientRound(cfg, context.state, context.node_config,
+                              run_tag=str(msg.content[wire.CONFIG][wire.RUN_TAG]),
+                              partition_id=pid, num_examples=len(train_data),
+                              server_round=server_round)
+        if reason := private.over_budget():
+            return Message(error=Error(code=wire.DP_BUDGET_ERROR_CODE, reason=reason), reply_to=msg)
     started = time.perf_counter()
     result = train_local(
         model,
@@ -110,8 +97,8 @@ def train(msg: Message, context: Context) -> Message:
         momentum=float(cfg.momentum),
         seed=derive_seed(cfg.seed, server_round, pid),
         hooks=half.hooks,
-        dp=dp_settings,
-        accountant=accountant,
+        dp=private.settings if private else None,
+        accountant=private.accountant if private else None,
     )
     seconds = time.perf_counter() - started
     arrays = ArrayRecord(model.state_dict())
@@ -121,12 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in y.items()})
     for key, value in half.finish(model, result.steps).items():
         arrays[key] = Array(value)
-    dp_metrics = {}
-    if dp_settings is not None:
-        privacy.save_accountant(context.state, accountant, run_tag, path=dp_file)
-        dp_metrics = {wire.DP_EPSILON: float(accountant.get_epsilon(dp_settings.delta)),
-                      wire.DP_DELTA: dp_settings.delta, wire.DP_NOISE: dp_settings.noise_multiplier,
-                      wire.DP_CLIP: dp_settings.max_grad_norm}
+    dp_metrics = private.finish() if private else {}
     # Under DP (either mode) the training loss and accuracy stay on the client: they are
     # computed on the private data without noise, so they would leak around the guarantee.
     plain = {} if cfg.dp else {wire.TRAIN_LOSS: result.loss, wire.TRAIN_ACCURACY: result.accuracy}

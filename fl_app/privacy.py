@@ -43,13 +43,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from opacus.grad_sample.utils import prepare_module
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
+
+from . import wire
+from .training import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -267,3 +270,43 @@ def check_run(cfg: "RunConfig", train_sizes: list[int], model: nn.Module) -> Non
                     f"by a client of {n} examples over {cfg.num_server_rounds} rounds of "
                     f"{cfg.local_epochs} epoch(s) at delta {cfg.dp_delta:g} ({err}); raise the "
                     "target or lower num-server-rounds / local-epochs") from None
+
+
+# ------------------------------------------------------------------ one client round
+class ClientRound:
+    """Sample-level DP for one client round: its accountant (from Context.state and the
+    node's ``state-dir``), its sigma, the budget check, and the reply's DP metrics."""
+
+    def __init__(self, cfg: "RunConfig", state: RecordDict, node_config: dict, *, run_tag: str,
+                 partition_id: int, num_examples: int, server_round: int) -> None:
+        self.state, self.run_tag = state, run_tag
+        state_dir = node_config.get(wire.NODE_STATE_DIR)
+        self.path = accountant_file(str(state_dir), run_tag, partition_id) if state_dir else None
+        self.accountant = load_accountant(state, run_tag, path=self.path)
+        self.delta, self.max_epsilon = float(cfg.dp_delta), float(cfg.dp_max_epsilon)
+        sigma = round_noise(cfg, num_examples)
+        self.rate = sample_rate(num_examples, cfg.batch_size)
+        self.steps = cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)
+        self.settings = DPSettings(sigma, float(cfg.dp_max_grad_norm), self.delta,
+                                   noise_seed=derive_seed(cfg.seed, server_round, partition_id,
+                                                          NOISE_TAG))
+
+    def over_budget(self) -> str | None:
+        """Why this round must not run (``dp-max-epsilon`` would be exceeded), or None."""
+        if self.max_epsilon <= 0:
+            return None
+        after = epsilon_after(self.accountant, self.delta,
+                              noise_multiplier=self.settings.noise_multiplier,
+                              rate=self.rate, steps=self.steps)
+        if after <= self.max_epsilon:
+            return None
+        spent = epsilon_after(self.accountant, self.delta)
+        return (f"{wire.DP_OUT_OF_BUDGET}: epsilon {spent:.3f} spent; this round would "
+                f"reach {after:.3f} > dp-max-epsilon {self.max_epsilon:g}")
+
+    def finish(self) -> dict[str, float]:
+        """Save the history (the round's steps are in it) and return the reply's metrics."""
+        save_accountant(self.state, self.accountant, self.run_tag, path=self.path)
+        return {wire.DP_EPSILON: float(self.accountant.get_epsilon(self.delta)),
+                wire.DP_DELTA: self.delta, wire.DP_NOISE: self.settings.noise_multiplier,
+                wire.DP_CLIP: self.settings.max_grad_norm}
