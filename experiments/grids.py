@@ -268,3 +268,23 @@ register(Grid(
     target_accuracy=0.8,
     baseline="fedavg-none",
 ))
+
+# ---------------------------------------------------------------- privacy-utility (issue: DP)
+# Sample-level DP-SGD at a target epsilon (delta 1e-5) over the whole run, against no DP.
+register(Grid(
+    name="privacy-fmnist",
+    description="Fashion-MNIST, 10 clients (all sampled), 20 rounds x 1 epoch, FedAvg, SGD lr "
+                "0.05 momentum 0.9, batch 32: sample-level DP-SGD (clip 1.0) at target epsilon "
+                "0.5, 1, 2, 4, 8 (delta 1e-5) and without DP.",
+    base=FMNIST_BASE,
+    strategies={
+        "nodp": {"strategy": "fedavg"},
+        **{f"eps{eps:g}": {"strategy": "fedavg", "dp": True, "dp-target-epsilon": eps,
+                           "dp-max-grad-norm": 1.0, "dp-delta": 1e-5}
+           for eps in (0.5, 1, 2, 4, 8)},
+    },
+    splits=("iid", "dir0.5"),
+    seeds=(0, 1, 2),
+    target_accuracy=0.7,
+    baseline="nodp",
+))
