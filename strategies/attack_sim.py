@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .validation import ArraySpec, array_spec
+from .validation import ArraySpec, array_spec, strategy_state
 
 NDArrays = dict[str, np.ndarray]
 SAMPLED_METRIC = "attackers-sampled"
@@ -94,8 +94,7 @@ class AttackSimulation(Strategy):
         return spec_fn(arrays) if spec_fn else array_spec(arrays)
 
     def state_dict(self) -> dict:
-        state_fn = getattr(self.inner, "state_dict", None)
-        return state_fn() if callable(state_fn) else dict(vars(self.inner))
+        return strategy_state(self.inner)
 
     def is_attacker(self, message: Message) -> bool:
         return self.partition_of(message.metadata.src_node_id) in self.attackers

@@ -38,6 +38,8 @@ from flwr.supercore import log
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from .validation import strategy_state
+
 EPSILON_METRIC = "dp-user-epsilon"  # the run's user-level spend after this round
 RELEASES_METRIC = "dp-user-releases"  # how many noised aggregates were kept so far
 NOISE_TAG = 0xCD  # separates the server noise seed from other uses of `seed`
@@ -88,9 +90,7 @@ class UserLevelDP(DifferentialPrivacyClientSideFixedClipping):
         self.releases = 0
 
     def state_dict(self) -> dict:
-        state_fn = getattr(self.strategy, "state_dict", None)
-        inner = state_fn() if callable(state_fn) else dict(vars(self.strategy))
-        return {"releases": self.releases, "inner": inner}
+        return {"releases": self.releases, "inner": strategy_state(self.strategy)}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

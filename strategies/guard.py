@@ -48,6 +48,7 @@ from .validation import (
     first_non_finite,
     record_nbytes,
     split_replies,
+    strategy_state,
 )
 
 
@@ -148,9 +149,7 @@ class Guarded(Strategy):
         problem = check_arrays(arrays, self._global_spec)
         if problem:
             return problem
-        state_fn = getattr(self.inner, "state_dict", None)
-        state = state_fn() if callable(state_fn) else vars(self.inner)
-        bad = first_non_finite(state, type(self.inner).__name__)
+        bad = first_non_finite(strategy_state(self.inner), type(self.inner).__name__)
         return f"the strategy's state is not finite at {bad}" if bad else None
 
     def _in_partition_order(self, replies: Iterable[Message]) -> list[Message]:

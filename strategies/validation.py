@@ -192,3 +192,10 @@ def first_non_finite(state: Any, path: str = "state") -> str | None:
             if found:
                 return found
     return None
+
+
+def strategy_state(strategy: object) -> dict:
+    """What a strategy carries from round to round: its ``state_dict()`` if it has one
+    (our strategies and wrappers), else its attributes (Flower's built-ins)."""
+    state_fn = getattr(strategy, "state_dict", None)
+    return state_fn() if callable(state_fn) else dict(vars(strategy))
