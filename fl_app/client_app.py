@@ -22,6 +22,7 @@ from . import wire
 from .attacks import client_attack
 from .central_dp import central_dp_gate
 from .config import RunConfig
+from .secagg_client import secagg_gate
 from .model import build_model
 from .training import derive_seed, evaluate, train_local
 
@@ -67,7 +68,7 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train(mods=[central_dp_gate])
+@app.train(mods=[secagg_gate, central_dp_gate])
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])

@@ -29,6 +29,9 @@ DP_MODES = ("sample", "user")
 USER_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
 DP_DEFAULTS = {"dp_mode": "sample", "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
                "dp_target_epsilon": 0.0, "dp_max_epsilon": 0.0}
+SECAGG_DEFAULTS = {"secagg_num_shares": 5, "secagg_reconstruction_threshold": 3,
+                   "secagg_clipping_range": 8.0, "secagg_quantization_range": 2**22,
+                   "secagg_max_weight": AUTO, "secagg_timeout": 600.0}
 # Largest accepted 'max-num-examples': with at most 2**31 examples per reply, a float64
 # sum of the weights of even a million replies stays exact and far from overflow.
 MAX_NUM_EXAMPLES_LIMIT = 2**31 - 1
@@ -84,6 +87,13 @@ class RunConfig:
     dp_delta: float
     dp_target_epsilon: float
     dp_max_epsilon: float
+    secagg: bool
+    secagg_num_shares: int
+    secagg_reconstruction_threshold: int
+    secagg_clipping_range: float
+    secagg_quantization_range: int
+    secagg_max_weight: float | str
+    secagg_timeout: float
     results_dir: str
     run_name: str
     sweep_file: str
@@ -174,6 +184,7 @@ class RunConfig:
         _positive("attack-epsilon", self.attack_epsilon)
         _int("max-num-examples", self.max_num_examples, minimum=1)
         self._check_dp()
+        self._check_secagg()
         if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
             raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "
                              f"{MAX_NUM_EXAMPLES_LIMIT}]; got {self.max_num_examples!r}")
@@ -235,6 +246,63 @@ class RunConfig:
             raise ValueError(f"Run config 'dp-max-epsilon' = {self.dp_max_epsilon} is below "
                              f"'dp-target-epsilon' = {self.dp_target_epsilon}: the last rounds "
                              "could never run")
+
+    def _check_secagg(self) -> None:
+        if not isinstance(self.secagg, bool):
+            raise ValueError(f"Run config 'secagg' must be true or false; got {self.secagg!r}")
+        if not self.secagg:
+            changed = [_key(name) for name, default in SECAGG_DEFAULTS.items()
+                       if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"Run config key(s) {changed} only take effect with secagg = "
+                                 "true; set secagg = true, or leave them at their defaults")
+            return
+        from strategies.secagg import SECAGG_STRATEGIES, settings_problems
+
+        if self.strategy not in SECAGG_STRATEGIES:
+            raise ValueError(
+                f"Run config 'secagg' = true cannot serve strategy {self.strategy!r}: it needs "
+                "each client's individual update, which secure aggregation exists to hide from "
+                "the server (robust rules compare, sort or select individual replies). "
+                f"Accepted with secagg: {list(SECAGG_STRATEGIES)}")
+        if self.strategy == "scaffold" and self.scaffold_weighting != "num-examples":
+            raise ValueError(
+                "Run config 'secagg' = true needs 'scaffold-weighting' = \"num-examples\": the "
+                "protocol reveals the num-examples-weighted sums, from which SCAFFOLD's default "
+                "weighting follows exactly; the uniform weighting would need each client's "
+                "weight to be 1 in the model average too")
+        if self.dp and self.dp_mode == "user":
+            raise ValueError(
+                "Run config 'secagg' = true with dp-mode \"user\" is not supported: the server's "
+                "noise wrapper counts and checks individual clipped updates, which secure "
+                "aggregation hides. Use dp-mode \"sample\" (each client's DP-SGD) with secagg")
+        if self.attack != "none":
+            raise ValueError(
+                f"Run config 'attack' = {self.attack!r} with secagg = true: the simulated "
+                "attacks measure robust aggregation rules, which need individual updates and "
+                "cannot run under secure aggregation (and the omniscient ones rewrite "
+                "individual replies on the server). Set attack = \"none\" or secagg = false")
+        if self.secagg_max_weight != AUTO:
+            _positive("secagg-max-weight", self.secagg_max_weight, also=f'or the string "{AUTO}"')
+        _int("secagg-num-shares", self.secagg_num_shares, minimum=3)
+        _int("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, minimum=2)
+        _positive("secagg-clipping-range", self.secagg_clipping_range)
+        _int("secagg-quantization-range", self.secagg_quantization_range, minimum=2)
+        _positive("secagg-timeout", self.secagg_timeout)
+        problems = settings_problems(self.secagg_settings(max_weight=1.0))
+        if problems:
+            raise ValueError(problems[0])
+
+    def secagg_settings(self, max_weight: float):  # -> strategies.secagg.SecAggSettings
+        """The protocol's settings, ``max_weight`` resolving ``secagg-max-weight = "auto"``."""
+        from strategies.secagg import SecAggSettings
+
+        weight = max_weight if self.secagg_max_weight == AUTO else float(self.secagg_max_weight)
+        return SecAggSettings(num_shares=self.secagg_num_shares,
+                     threshold=self.secagg_reconstruction_threshold,
+                     clipping_range=float(self.secagg_clipping_range),
+                     quantization_range=self.secagg_quantization_range,
+                     max_weight=weight, timeout=float(self.secagg_timeout))
 
     # ------------------------------------------------------------------ derived views
     @property

@@ -29,6 +29,8 @@ from partitions import (
 from strategies.attack_sim import AttackSimulation
 from strategies.guard import ExampleLimits, Guarded
 from strategies.sampling import PartitionSampler
+from strategies.secagg import SecAggSettings, SecureAggregationGrid
+from strategies.validation import array_spec
 
 from . import wire
 from .attacks import attacker_partitions
@@ -131,6 +133,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     initial = ArrayRecord(model.state_dict())
 
     train_n = train_sizes(sizes, float(cfg.validation_fraction))
+    secagg = secagg_settings(cfg, train_n, len(node_ids)) if cfg.secagg else None
     if cfg.dp and cfg.dp_mode == "sample":
         from . import privacy  # imports Opacus: only when DP is on
 
@@ -165,6 +168,10 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
         min_valid = m
     strategy = Guarded(inner, sampler=sampler, min_valid_replies=min_valid,
                        example_limits=limits)
+    run_grid = grid
+    if secagg is not None:  # the strategy sees one reply: the unmasked weighted mean
+        run_grid = SecureAggregationGrid(
+            grid, secagg, reply_spec=getattr(inner, "reply_array_spec", None) or array_spec)
     run_dir = fresh_run_dir(resolve_results_dir(cfg.results_dir), run_dir_name)
     recorder = RunRecorder(
         run_dir,
@@ -208,7 +215,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
 
     try:
         result = strategy.start(
-            grid=grid,
+            grid=run_grid,
             initial_arrays=initial,
             num_rounds=cfg.num_server_rounds,
             train_config=round_config(),
@@ -226,6 +233,22 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     log(INFO, "Run %s finished (%s): final test accuracy %.4f (summary: %s)", run_dir.name,
         summary["status"], summary["final_test_accuracy"], run_dir / "summary.json")
     return summary
+
+
+def secagg_settings(cfg: RunConfig, train_n: list[int], num_nodes: int) -> SecAggSettings:
+    """The run's SecAgg+ settings, checked against the split and the sampled count."""
+    largest = max(train_n)
+    settings = cfg.secagg_settings(max_weight=float(largest)).check()
+    if largest > settings.max_weight:
+        raise ValueError(
+            f"Run config 'secagg-max-weight' = {settings.max_weight:g} is below the largest "
+            f"client's {largest} training examples: that client could never take part. "
+            f"Set it >= {largest}, or \"auto\"")
+    settings.check_sampled(min(strategies.sampled_per_round(cfg, num_nodes), num_nodes))
+    log(INFO, "SecAgg+: %d shares, threshold %d, clipping range %g, quantization range %d, "
+              "max weight %g", settings.num_shares, settings.threshold, settings.clipping_range,
+        settings.quantization_range, settings.max_weight)
+    return settings
 
 
 @app.main()

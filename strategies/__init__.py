@@ -43,6 +43,7 @@ from .krum import Krum, MultiKrum
 from .scaffold import VARIATES as SCAFFOLD_VARIATES
 from .scaffold import WEIGHTINGS as SCAFFOLD_WEIGHTINGS
 from .scaffold import Scaffold, ScaffoldClient
+from .secagg import LINEAR, SECAGG_STRATEGIES  # noqa: F401  (sum-based strategies)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fl_app.config import RunConfig
@@ -51,13 +52,6 @@ if TYPE_CHECKING:  # pragma: no cover
 _DEFAULT_SERVER_LR = {"fedavgm": 1.0, "scaffold": 1.0, "fedadam": 0.01, "fedyogi": 0.01,
                       "fedadagrad": 0.01}
 
-# Strategies whose aggregate is a num-examples-weighted mean of the replies (optionally
-# followed by a server optimizer step): the only ones that stay correct when secure
-# aggregation hides the individual replies and reveals only their weighted sum.
-# SCAFFOLD's two updates are sums too (sum_S n_i y_i and sum_S n_i Delta c_i under its
-# default num-examples weighting), but not one weighted mean of one ArrayRecord: it needs
-# its own secure-aggregation adapter, so it is not listed here.
-LINEAR = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
 
 # Byzantine-robust rules and the fewest replies each needs for f malicious ones:
 # Krum / Multi-Krum n >= 2f + 3 (Blanchard et al. 2017), Bulyan n >= 4f + 3

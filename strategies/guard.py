@@ -22,6 +22,16 @@ Per training round it
 5. adds round statistics to the train metrics: valid/rejected replies, whether the
    round's aggregate stood, upload and download bytes per client, and the seconds the
    training phase took.
+
+Under secure aggregation (``strategies/secagg.py``) a train round returns ONE reply, the
+unmasked weighted mean of the contributions of several nodes. Then the checks apply to
+that sum: its layout and finiteness, its ``num-examples`` against the sum of the
+contributors' bounds, and the minimum of valid replies counts its contributors. What is
+lost is the per-client check: a finite but wrong update within the clipping range is
+averaged in unseen. What remains is on the client (``fl_app/secagg_client.py`` refuses
+to upload a non-finite update or one weighted above ``secagg-max-weight``), in the
+protocol (each weighted value is clipped to +-``secagg-clipping-range``; the unmasked
+weight sum must equal what the clients' plaintext num-examples imply), and here.
 """
 
 from __future__ import annotations
@@ -40,6 +50,13 @@ from flwr.supercore import log
 from fl_app import wire
 
 from .sampling import PartitionSampler
+from .secagg import (
+    DP_EPSILONS,
+    SECAGG_ERROR_CODE,
+    SECAGG_RECORD,
+    contributors,
+    is_secure_aggregate,
+)
 from .validation import (
     ArraySpec,
     array_spec,
@@ -82,6 +99,10 @@ def _dp_stats(valid: list[Message], rejected: list[tuple[Message, str]]) -> dict
     budget (their error reason starts with ``wire.DP_OUT_OF_BUDGET``). Empty without DP."""
     spends = []
     for message in valid:
+        if is_secure_aggregate(message):  # the contributors' spends, sent in plaintext
+            info = message.content.config_records[SECAGG_RECORD]
+            spends.extend(float(e) for e in info.get(DP_EPSILONS, []))
+            continue
         metrics = next(iter(message.content.metric_records.values()))
         if wire.DP_EPSILON in metrics:
             spends.append(float(metrics[wire.DP_EPSILON]))
@@ -118,6 +139,7 @@ class Guarded(Strategy):
         self._global_spec: dict[str, ArraySpec] | None = None
         self._expected_spec: dict[str, ArraySpec] | None = None
         self._download_bytes = 0
+        self._sent = 0
         self._round_started = 0.0
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate_metrics: MetricRecord | None = None
@@ -139,11 +161,14 @@ class Guarded(Strategy):
             message.metadata.dst_node_id = node_id
         return messages
 
-    def _partition(self, msg: Message) -> int | None:
-        return self.sampler.partition_of.get(msg.metadata.src_node_id) if self.sampler else None
+    def _partition(self, node_id: int) -> int | None:
+        return self.sampler.partition_of.get(node_id) if self.sampler else None
 
     def _bound(self, stage: str):
-        return lambda msg: self.example_limits.bound(self._partition(msg), stage)
+        """A reply's bound on num-examples: its sender's, or for a secure aggregate the
+        sum of its contributors' bounds."""
+        return lambda msg: sum(self.example_limits.bound(self._partition(node), stage)
+                               for node in contributors(msg))
 
     def _rollback_reason(self, arrays: ArrayRecord) -> str | None:
         problem = check_arrays(arrays, self._global_spec)
@@ -183,6 +208,7 @@ class Guarded(Strategy):
         self._expected_spec = spec_fn(arrays) if spec_fn else self._global_spec
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         messages = self._readdress(messages, grid, server_round, "train")
+        self._sent = len(messages)
         self._download_bytes = (
             sum(record_nbytes(r) for r in messages[0].content.array_records.values())
             if messages else 0
@@ -196,21 +222,27 @@ class Guarded(Strategy):
                                         self._expected_spec, self.weighted_by_key,
                                         self._bound("train"))
         self._log_rejections("aggregate_train", rejected)
-        upload = [
+        secure = any(is_secure_aggregate(m) for m in valid) or any(
+            m.has_error() and m.error.code == SECAGG_ERROR_CODE for m, _ in rejected)
+        num_valid = sum(len(contributors(m)) for m in valid)
+        # Under secure aggregation the replies are masked vectors the grid summed; their
+        # size is reported by the protocol (UPLOAD_BYTES in the aggregate's metrics).
+        upload = [] if secure else [
             sum(record_nbytes(r) for r in m.content.array_records.values()) for m in valid
         ]
         stats = {
-            wire.REPLIES_VALID: len(valid),
-            wire.REPLIES_REJECTED: len(rejected),
+            wire.REPLIES_VALID: num_valid,
+            wire.REPLIES_REJECTED: self._sent - num_valid if secure else len(rejected),
             **_dp_stats(valid, rejected),
-            wire.UPLOAD_BYTES: int(sum(upload) / len(upload)) if upload else 0,
             wire.DOWNLOAD_BYTES: self._download_bytes,
         }
+        if not secure:
+            stats[wire.UPLOAD_BYTES] = int(sum(upload) / len(upload)) if upload else 0
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
-        if len(valid) < self.min_valid_replies:
+        if num_valid < self.min_valid_replies:
             log(WARNING, "aggregate_train: %d valid replies, fewer than the minimum %d; "
-                         "the global model is left unchanged", len(valid), self.min_valid_replies)
+                         "the global model is left unchanged", num_valid, self.min_valid_replies)
         else:
             snapshot = copy.deepcopy(self.inner.__dict__)
             arrays, metrics = self.inner.aggregate_train(server_round, valid)

@@ -76,6 +76,7 @@ from torch import nn
 from fl_app.training import LocalHooks
 from fl_app.wire import RUN_TAG
 
+from .secagg import contributors
 from .validation import ArraySpec, array_spec
 
 C_RECORD = "scaffold-c"  # server -> client: the server control variate c
@@ -251,8 +252,9 @@ class Scaffold(FedAvg):
         c_increment = weighted_sum([dc for _, dc in parts], q, self.c)
         new_x, self.c = server_update(self.x, self.c, mean_dy, c_increment,
                                       server_lr=self.server_lr)
-        for message in valid:
-            self.accepted[int(message.metadata.src_node_id)] = server_round
+        for message in valid:  # one reply per node, or a secure aggregate of several
+            for node in contributors(message):
+                self.accepted[node] = server_round
         return _record(new_x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def state_dict(self) -> dict:
