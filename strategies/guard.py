@@ -53,6 +53,7 @@ from .sampling import PartitionSampler
 from .secagg import (
     DP_EPSILONS,
     SECAGG_ERROR_CODE,
+    SECAGG_FAILED,
     SECAGG_RECORD,
     contributors,
     is_secure_aggregate,
@@ -222,8 +223,8 @@ class Guarded(Strategy):
                                         self._expected_spec, self.weighted_by_key,
                                         self._bound("train"))
         self._log_rejections("aggregate_train", rejected)
-        secure = any(is_secure_aggregate(m) for m in valid) or any(
-            m.has_error() and m.error.code == SECAGG_ERROR_CODE for m, _ in rejected)
+        failed = any(m.has_error() and m.error.code == SECAGG_ERROR_CODE for m, _ in rejected)
+        secure = failed or any(is_secure_aggregate(m) for m in valid)
         num_valid = sum(len(contributors(m)) for m in valid)
         # Under secure aggregation the replies are masked vectors the grid summed; their
         # size is reported by the protocol (UPLOAD_BYTES in the aggregate's metrics).
@@ -236,6 +237,8 @@ class Guarded(Strategy):
             **_dp_stats(valid, rejected),
             wire.DOWNLOAD_BYTES: self._download_bytes,
         }
+        if failed:  # the protocol could not unmask a sum this round (see the log)
+            stats[SECAGG_FAILED] = 1
         if not secure:
             stats[wire.UPLOAD_BYTES] = int(sum(upload) / len(upload)) if upload else 0
         arrays: ArrayRecord | None = None

@@ -99,6 +99,7 @@ MODULUS_RANGE = 2**32  # Flower's default; the sum of m values < T must stay bel
 # Round metrics of a secure round (in the one reply's MetricRecord)
 SURVIVORS = "secagg-survivors"
 DROPOUTS = "secagg-dropouts"
+SECAGG_FAILED = "secagg-failed"  # 1 in a round whose protocol failed (Guarded's stats)
 CLIPPED = "secagg-clipped"  # values a client's clipping range cut (fl_app/secagg_client.py)
 
 NDArrays = list[np.ndarray]

@@ -250,6 +250,7 @@ def test_too_many_dropouts_fail_the_round_cleanly(defaults, stage):
     assert metrics[wire.ROUND_AGGREGATED] == 0
     assert metrics[wire.REPLIES_VALID] == 0 and metrics[wire.REPLIES_REJECTED] == 7
     assert replies[0].has_error() and "secure aggregation failed" in replies[0].error.reason
+    assert metrics["secagg-failed"] == 1
 
 
 def test_a_client_over_max_weight_refuses_and_counts_as_dropped(defaults):
