@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.credentials import TLSFiles
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -71,9 +73,18 @@ def _terminate_group(process: subprocess.Popen) -> None:
 class LocalSuperLink:
     """A SuperLink of our own: ``with LocalSuperLink(workdir) as link: link.run(...)``."""
 
-    def __init__(self, workdir: Path, log_path: Path | None = None, simulation: bool = True) -> None:
+    def __init__(self, workdir: Path, log_path: Path | None = None, simulation: bool = True,
+                 tls: Path | None = None, node_auth: bool = False) -> None:
+        """``tls``: a credentials folder (``deploy/credentials.py``): the SuperLink serves
+        TLS with its certificate, the CLI and the SuperNodes verify it with its CA.
+        ``node_auth``: only SuperNodes whose public key was registered
+        (``register_node``) may connect (Flower requires TLS for it)."""
+        if node_auth and tls is None:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses it without)")
         self.workdir = Path(workdir)
         self.simulation = simulation
+        self.tls = TLSFiles(Path(tls)) if tls is not None else None
+        self.node_auth = node_auth
         self.supernodes: list[subprocess.Popen] = []
         self.port = free_port()
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
@@ -98,14 +109,23 @@ class LocalSuperLink:
 
     def start(self, timeout: float = 60.0) -> "LocalSuperLink":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        security = (f'root-certificates = "{self.tls.ca_cert.resolve()}"\n' if self.tls
+                    else "insecure = true\n")
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "private"\n\n[superlink.private]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}'
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
         mode = ["--simulation"] if self.simulation else []
+        if self.tls:
+            mode += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile",
+                     str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key)]
+        else:
+            mode += ["--insecure"]
+        if self.node_auth:
+            mode += ["--enable-supernode-auth"]
         self.process = subprocess.Popen(
-            [executable("flower-superlink"), "--insecure", *mode,
+            [executable("flower-superlink"), *mode,
              "--disable-runtime-dependency-installation", "--port", str(self.port)],
             cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -121,18 +141,37 @@ class LocalSuperLink:
         self.stop()
         raise RuntimeError(f"flower-superlink did not listen on {self.port} within {timeout}s")
 
-    def add_supernode(self, partition_id: int, num_partitions: int, node_config: str = "") -> None:
-        """Start a ``flower-supernode`` process holding one partition (deployment only)."""
+    def register_node(self, public_key: Path) -> subprocess.CompletedProcess:
+        """``flwr supernode register <public key> private``: allow that SuperNode in."""
+        proc = subprocess.run([executable("flwr"), "supernode", "register", str(public_key),
+                               "private"], env=self.env, cwd=self.workdir, capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {public_key} failed: "
+                               f"{proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+        return proc
+
+    def supernode_log(self, index: int) -> Path:
+        return self.home / f"supernode-{index}.log"
+
+    def add_supernode(self, partition_id: int, num_partitions: int, node_config: str = "",
+                      private_key: Path | None = None) -> subprocess.Popen:
+        """Start a ``flower-supernode`` process holding one partition (deployment only);
+        with ``private_key``, it authenticates with that key."""
         if self.simulation:
             raise RuntimeError("SuperNodes are started by the simulation engine in simulation mode")
         config = node_config or f"partition-id={partition_id} num-partitions={num_partitions}"
-        log = open(self.home / f"supernode-{partition_id}.log", "ab")  # noqa: SIM115
+        log = open(self.supernode_log(len(self.supernodes)), "ab")  # noqa: SIM115
+        security = (["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"])
+        if private_key is not None:
+            security += ["--auth-supernode-private-key", str(private_key)]
         self.supernodes.append(subprocess.Popen(
-            [executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            [executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
              "--port", str(free_port()), "--node-config", config],
             cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         ))
+        return self.supernodes[-1]
 
     def run(
         self,
@@ -142,10 +181,11 @@ class LocalSuperLink:
         num_cpus: float = 1,
         app: Path = REPO,
         timeout: float = 3600,
-        output: Path | None = None,
+        output: Path | str | None = None,
     ) -> subprocess.CompletedProcess:
         """``flwr run <app> private --stream`` with run-config (and, in simulation,
-        federation) overrides."""
+        federation) overrides. ``output``: None captures stdout and stderr, a path appends
+        them to that file, "-" streams them to this process's stdout."""
         cmd = [executable("flwr"), "run", str(app), "private", "--stream"]
         if self.simulation:
             if num_supernodes is None:
@@ -154,6 +194,8 @@ class LocalSuperLink:
                     f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus:g}"]
         if overrides:
             cmd += ["--run-config", run_config_arg(overrides)]
+        if output == "-":  # stream to this process's stdout
+            return subprocess.run(cmd, env=self.env, cwd=self.workdir, text=True, timeout=timeout)
         if output is None:
             return subprocess.run(cmd, env=self.env, cwd=self.workdir, capture_output=True,
                                   text=True, timeout=timeout)

@@ -1,7 +1,8 @@
 """Flower's deployment runtime: a SuperLink and two SuperNodes as separate processes.
 
 Each SuperNode holds one partition through its node config; every message starts a
-fresh ClientApp process, as on real devices. Slow (~1.5 min): each ClientApp process
+fresh ClientApp process, as on real devices. One deployment is insecure, one uses TLS,
+SuperNode authentication and SecAgg+. Slow (~1.5 min): each ClientApp process
 imports PyTorch.
 """
 
@@ -11,44 +12,66 @@ import json
 
 import pytest
 
+from deploy.credentials import make_all
 from experiments.launch import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 
 
-def deploy(tmp_path, num_nodes: int, run_name: str, **overrides) -> dict:
+def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
+           **overrides) -> tuple[dict, dict]:
     """Start a SuperLink and ``num_nodes`` SuperNodes, run the app, stop every process
-    (checked), and return the run's summary."""
-    link = LocalSuperLink(tmp_path, simulation=False).start()
+    (checked), and return the run's summary.
+
+    ``secure``: TLS with development credentials (deploy/credentials.py) and SuperNode
+    authentication; the nodes' keys are registered, and one more SuperNode with a key
+    nobody registered tries to join. Returns ``(summary, what happened to that node)``.
+    """
+    files = make_all(tmp_path / "credentials", nodes=num_nodes + 1) if secure else None
+    link = LocalSuperLink(tmp_path, simulation=False, tls=files.root if secure else None,
+                          node_auth=secure).start()
+    intruder = None
     try:
         for pid in range(num_nodes):
-            link.add_supernode(pid, num_nodes)
+            if secure:
+                link.register_node(files.node_public_key(pid))
+            link.add_supernode(pid, num_nodes, private_key=files.node_key(pid) if secure else None)
+        if secure:  # holds a valid partition, but its key was never registered
+            intruder = link.add_supernode(0, num_nodes, private_key=files.node_key(num_nodes))
         proc = link.run({"num-server-rounds": 2, "run-name": run_name,
                          "results-dir": str(tmp_path / "results"), **overrides}, timeout=900)
         path = tmp_path / "results" / run_name / "summary.json"
         assert path.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
         summary = json.loads(path.read_text())
+        refused = {}
+        if intruder is not None:
+            intruder.wait(timeout=120)
+            refused = {"returncode": intruder.returncode,
+                       "log": link.supernode_log(num_nodes).read_text()}
     finally:
         processes = [link.process, *link.supernodes]
         link.stop()
     assert all(p.poll() is not None for p in processes)
-    return summary
+    return summary, refused
 
 
 def test_superlink_and_two_supernodes_train_and_record(tmp_path):
-    summary = deploy(tmp_path, 2, "deployed")
+    summary, _ = deploy(tmp_path, 2, "deployed")
     assert summary["complete"] and summary["num_nodes"] == 2 and summary["num_partitions"] == 2
     assert summary["history"][-1]["replies_valid"] == 2
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
 
 
-def test_secure_aggregation_runs_on_the_deployment_runtime(tmp_path):
-    """SecAgg+ with the same code path as in simulation: 3 SuperNodes (3 shares, threshold
-    2), each protocol stage a fresh ClientApp process whose protocol state lives in the
-    SuperNode's Context.state."""
-    summary = deploy(tmp_path, 3, "deployed-secagg", **{
+def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path):
+    """TLS (a development CA), SuperNode authentication (3 registered keys; a 4th node with
+    an unregistered key is refused and exits), and SecAgg+ with the same code path as in
+    simulation: every protocol stage a fresh ClientApp process whose protocol state lives
+    in the SuperNode's Context.state (3 shares, threshold 2)."""
+    summary, refused = deploy(tmp_path, 3, "deployed-secure", secure=True, **{
         "secagg": True, "secagg-num-shares": 3, "secagg-reconstruction-threshold": 2})
     assert summary["status"] == "completed", summary.get("error")
+    assert summary["num_nodes"] == 3  # the intruder never joined
+    assert refused["returncode"] != 0 and "Failed to activate SuperNode" in refused["log"]
     rounds = summary["history"][1:]
     assert all(r["secagg_survivors"] == 3 and r["round_aggregated"] == 1 for r in rounds)
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1

@@ -1,0 +1,1 @@
+"""Deployment helpers: development credentials and a one-machine launcher."""

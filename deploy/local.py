@@ -1,0 +1,105 @@
+"""Run the app on Flower's deployment runtime on this machine: a SuperLink and N SuperNodes.
+
+    python -m deploy.local --nodes 3
+    python -m deploy.local --nodes 3 --tls --auth -c 'num-server-rounds=5 secagg=true'
+
+Starts ``flower-superlink`` and ``--nodes`` ``flower-supernode`` processes on loopback, on
+free ports, each SuperNode holding partition i of N (node config ``partition-id``,
+``num-partitions``); with ``--tls``, development credentials are made in the work folder
+(``deploy/credentials.py``) and every connection is TLS; with ``--auth`` (implies
+``--tls``), the SuperLink admits only SuperNodes whose keys were registered, and the
+launcher registers one key per node. Then ``flwr run`` submits the app and its progress
+is streamed here. Every process it started is stopped, by process group, whatever
+happens (also on Ctrl-C). The exit status is 0 only if the run's ``summary.json`` says
+``completed`` (``flwr run`` itself exits 0 even when the ServerApp fails).
+
+Each SuperNode runs each message in a fresh ClientApp process, as on a real device; the
+folder holds the SuperLink's and SuperNodes' logs (``--workdir``, default
+``deployment/<time>``), and the run's results go to ``<workdir>/results/<run-name>``.
+For SuperNodes on other machines, see docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from flwr.common.config import parse_config_args
+
+from deploy.credentials import make_all
+from experiments.launch import REPO, LocalSuperLink
+
+
+def _interrupt(signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=2, help="SuperNodes to start (>= 1)")
+    parser.add_argument("--tls", action="store_true", help="TLS with development credentials")
+    parser.add_argument("--auth", action="store_true",
+                        help="SuperNode authentication (registered keys only; implies --tls)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="folder for logs, credentials and results")
+    parser.add_argument("-c", "--run-config", default="",
+                        help="run-config overrides, as for flwr run -c ('key=value ...')")
+    parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds for the run")
+    args = parser.parse_args(argv)
+    if args.nodes < 1:
+        parser.error(f"--nodes must be >= 1, got {args.nodes}")
+    try:
+        overrides = parse_config_args([args.run_config]) if args.run_config else {}
+    except Exception as err:  # noqa: BLE001 - Flower's parser raises several kinds
+        parser.error(f"-c {args.run_config!r} is not 'key=value ...' TOML: {err}")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = (args.workdir or Path("deployment") / stamp).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides.setdefault("run-name", f"deployed-{stamp}")
+    overrides.setdefault("results-dir", str(workdir / "results"))
+    secure = args.tls or args.auth
+    files = make_all(workdir / "credentials", nodes=args.nodes) if secure else None
+
+    link = LocalSuperLink(workdir, log_path=workdir / "superlink.log", simulation=False,
+                          tls=files.root if files else None, node_auth=args.auth)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        link.start()
+        print(f"SuperLink on 127.0.0.1:{link.port} ({'TLS' if secure else 'insecure'}"
+              f"{', SuperNode authentication' if args.auth else ''}); logs in {workdir}",
+              flush=True)
+        for pid in range(args.nodes):
+            if args.auth:
+                link.register_node(files.node_public_key(pid))
+            link.add_supernode(pid, args.nodes,
+                               private_key=files.node_key(pid) if args.auth else None)
+        print(f"{args.nodes} SuperNode(s) started; submitting the run", flush=True)
+        link.run(overrides, app=REPO, timeout=args.timeout, output="-")
+    except KeyboardInterrupt:
+        print("Interrupted: stopping every process started here", file=sys.stderr)
+        return 130
+    finally:
+        link.stop()
+        signal.signal(signal.SIGTERM, previous)
+    summary_path = Path(overrides["results-dir"]) / overrides["run-name"] / "summary.json"
+    if not summary_path.exists():
+        print(f"The run left no summary ({summary_path}): it failed before training; see the "
+              f"output above and {workdir / 'superlink.log'}", file=sys.stderr)
+        return 1
+    summary = json.loads(summary_path.read_text())
+    status = summary.get("status")
+    print(f"Run {overrides['run-name']}: status {status}, final test accuracy "
+          f"{summary.get('final_test_accuracy')}; {summary_path}")
+    if status != "completed":
+        print(f"The run did not complete: {summary.get('error', status)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
