@@ -45,13 +45,27 @@ LABEL_PLOT = "label_distribution.png"
 INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
 QUERY_TIMEOUT = 120.0
 NODE_WAIT_TIMEOUT = 600.0
+SIMULATION_NODE_GRACE = 10.0  # seconds for the simulation engine to register its nodes
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT) -> list[int]:
-    """The connected node ids, once at least ``minimum`` are connected."""
-    deadline = time.monotonic() + timeout
+    """The connected node ids, once at least ``minimum`` are connected.
+
+    In simulation the node count is fixed for the run (``num-supernodes``): too few
+    nodes fail at once (after a short grace for the engine to register them), naming
+    both settings, instead of waiting ``timeout`` for nodes that can never come.
+    """
+    simulation = is_simulation(grid)
+    deadline = time.monotonic() + (SIMULATION_NODE_GRACE if simulation else timeout)
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
+            if simulation:
+                raise ValueError(
+                    f"The simulation has {len(nodes)} node(s) ('num-supernodes' in the "
+                    f"federation config) but 'min-train-nodes' = {minimum}: no round could "
+                    f"ever run. Set num-supernodes >= {minimum} (flwr run . "
+                    f"--federation-config 'num-supernodes={minimum}') or lower "
+                    "'min-train-nodes'")
             raise RuntimeError(
                 f"Only {len(nodes)} node(s) connected after {timeout:.0f}s; "
                 f"'min-train-nodes' asks for {minimum}"
