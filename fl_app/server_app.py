@@ -8,6 +8,7 @@ computed and checked (every partition at least 2 samples); any problem raises he
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from datetime import datetime
@@ -20,6 +21,7 @@ from flwr.supercore import log
 import strategies
 from partitions import (
     check_partitions,
+    preflight,
     dataset_info,
     label_counts,
     load_test_data,
@@ -73,6 +75,19 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT)
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
         time.sleep(1.0)
     return nodes
+
+
+def check_results_dir(results_dir: str) -> None:
+    """``results-dir`` must be a directory this process can create and write into."""
+    path = resolve_results_dir(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"Run config 'results-dir' = {results_dir!r} ({path}) is not a "
+                         f"writable directory: {err.strerror or err}") from err
 
 
 def is_simulation(grid: Grid) -> bool:
@@ -269,7 +284,14 @@ def secagg_settings(cfg: RunConfig, train_n: list[int], num_nodes: int) -> SecAg
 def main(grid: Grid, context: Context) -> None:
     base = RunConfig.from_mapping(context.run_config)
     runs = load_sweep(base)  # every entry validated before the first run starts
+    for cfg in runs:  # before any node is asked anything
+        check_results_dir(cfg.results_dir)
+        preflight(cfg.data)
     nodes = NodeDirectory(grid)
+    node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))
+    num_partitions = nodes.num_partitions(node_ids)
+    for cfg in runs:  # impossible splits, for every entry before the first run
+        preflight(cfg.data, num_partitions)
     timestamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for i, cfg in enumerate(runs, start=1):
         name = cfg.run_name or cfg.default_run_name(timestamp)

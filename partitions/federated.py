@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .partitioners import PARTITIONERS, build_partitioner
+from .partitioners import DIRICHLET_MIN_PARTITION_SIZE, PARTITIONERS, build_partitioner
 from .sources import (
     IMAGE_KEYS,
     LABEL_KEYS,
@@ -162,6 +162,7 @@ def _partitioner(cfg: DataConfig, num_partitions: int):
             f"num-partitions = {num_partitions} is more than the {len(source.train_ds)} "
             f"training samples of dataset {cfg.dataset!r}"
         )
+    check_split_arithmetic(cfg, num_partitions, len(source.train_ds), source.num_classes)
     partitioner = build_partitioner(
         cfg.partitioner,
         num_partitions,
@@ -171,14 +172,53 @@ def _partitioner(cfg: DataConfig, num_partitions: int):
         shards_per_partition=cfg.shards_per_partition,
         seed=cfg.seed,
     )
-    if cfg.partitioner == "pathological" and cfg.classes_per_partition > source.num_classes:
-        raise ValueError(
-            f"Run config 'classes-per-partition' = {cfg.classes_per_partition} exceeds the "
-            f"{source.num_classes} classes of dataset {cfg.dataset!r}"
-        )
     order = np.random.default_rng(cfg.seed).permutation(len(source.train_ds))
     partitioner.dataset = source.train_ds.select(order).flatten_indices()
     return source, partitioner
+
+
+def check_split_arithmetic(cfg: DataConfig, num_partitions: int, num_train: int,
+                           num_classes: int) -> None:
+    """Splits that can never exist, refused before any partitioner runs (flwr-datasets
+    would fail inside, e.g. with a ZeroDivisionError for too many shards)."""
+    if num_partitions > num_train:
+        raise ValueError(
+            f"num-partitions = {num_partitions} is more than the {num_train} training samples "
+            f"of dataset {cfg.dataset!r}")
+    if cfg.partitioner == "pathological" and cfg.classes_per_partition > num_classes:
+        raise ValueError(
+            f"Run config 'classes-per-partition' = {cfg.classes_per_partition} exceeds the "
+            f"{num_classes} classes of dataset {cfg.dataset!r}; accepted: 1 to {num_classes}")
+    if cfg.partitioner == "shard":
+        shards = num_partitions * cfg.shards_per_partition
+        if shards > num_train:
+            raise ValueError(
+                f"Run config 'shards-per-partition' = {cfg.shards_per_partition} x "
+                f"{num_partitions} partitions = {shards} shards, more than the {num_train} "
+                f"training samples of dataset {cfg.dataset!r}; accepted: 1 to "
+                f"{num_train // num_partitions}")
+    if cfg.partitioner == "dirichlet":
+        need = num_partitions * DIRICHLET_MIN_PARTITION_SIZE
+        if need > num_train:
+            raise ValueError(
+                f"A Dirichlet split needs at least {DIRICHLET_MIN_PARTITION_SIZE} samples per "
+                f"partition: {num_partitions} partitions need {need}, dataset "
+                f"{cfg.dataset!r} has {num_train} training samples. Use fewer partitions")
+
+
+def preflight(cfg: DataConfig, num_partitions: int | None = None) -> None:
+    """The checks a run's split can take without splitting: the source is readable and
+    (given the number of partitions) the split is arithmetically possible. Cheap: for
+    every sweep entry before the first."""
+    try:
+        info = dataset_info(cfg.dataset)
+    except Exception as err:  # noqa: BLE001 - a corrupt file fails in many libraries' ways
+        if "Run config 'dataset'" in str(err):
+            raise
+        raise ValueError(f"Run config 'dataset' = {cfg.dataset!r} could not be read: "
+                         f"{type(err).__name__}: {err}") from err
+    if num_partitions is not None:
+        check_split_arithmetic(cfg, num_partitions, info.num_train, info.num_classes)
 
 
 def dataset_info(dataset: str) -> DatasetInfo:
@@ -195,10 +235,12 @@ def partition_labels(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
     """The labels of every partition, in partition-id order (for checks and reports)."""
     source, partitioner = _partitioner(cfg, num_partitions)
     try:
-        return [
-            np.asarray(partitioner.load_partition(pid)[source.label_key], dtype=np.int64)
-            for pid in range(num_partitions)
-        ]
+        with warnings.catch_warnings():  # one warning per failed Dirichlet draw: the
+            warnings.simplefilter("ignore", UserWarning)  # error below says it all
+            return [
+                np.asarray(partitioner.load_partition(pid)[source.label_key], dtype=np.int64)
+                for pid in range(num_partitions)
+            ]
     except ValueError as err:  # e.g. Dirichlet could not meet its minimum size
         raise ValueError(
             f"Could not split dataset {cfg.dataset!r} into {num_partitions} partitions "

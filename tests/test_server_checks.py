@@ -33,3 +33,36 @@ def test_enough_nodes_return_at_once_and_deployment_waits_its_timeout():
     assert server_app.wait_for_nodes(InMemoryGrid([1, 2, 3]), 2) == [1, 2, 3]
     with pytest.raises(RuntimeError, match="Only 1 node"):
         server_app.wait_for_nodes(GrpcGrid([7]), 2, timeout=0.5)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"partitioner": "shard", "shards-per-partition": 1000},
+     "'shards-per-partition' = 1000 x 10 partitions = 10000 shards, more than the 1437"),
+    ({"partitioner": "pathological", "classes-per-partition": 11},
+     "'classes-per-partition' = 11 exceeds the 10 classes"),
+])
+def test_impossible_splits_are_refused_before_splitting(make_config, overrides, fragment):
+    from partitions import preflight
+
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+        preflight(make_config(**overrides).data, 10)
+
+
+def test_a_dirichlet_split_too_fine_for_its_minimum_is_refused(make_config):
+    from partitions import preflight
+
+    with pytest.raises(ValueError, match="needs at least 10 samples per partition: 200"):
+        preflight(make_config(partitioner="dirichlet").data, 200)
+
+
+def test_unwritable_results_dir_and_corrupt_dataset_are_named(tmp_path, make_config):
+    from partitions import preflight
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="'results-dir' .* is not a writable directory"):
+        server_app.check_results_dir(str(blocker / "results"))
+    corrupt = tmp_path / "broken.parquet"
+    corrupt.write_bytes(b"not a parquet file" * 10)
+    with pytest.raises(ValueError, match=r"'dataset' = .*broken.parquet' could not be read"):
+        preflight(make_config(dataset=str(corrupt)).data)
