@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import strategies
-from partitions import dataset_info, load_client_data
+from partitions import DatasetInfo, dataset_info, load_client_data
+from partitions.device import load_device_data, read_device_data
 
 from . import wire
 from .attacks import client_attack
@@ -49,23 +51,46 @@ def node_partition(context: Context) -> tuple[int, int]:
     return pid, num
 
 
+def _info(msg: Message, cfg: RunConfig) -> DatasetInfo:
+    """Image shape and classes from the message (the server sends them), else from the
+    run's dataset (a benchmark partition needs the dataset anyway)."""
+    config = msg.content[wire.CONFIG]
+    if wire.IMAGE_SHAPE in config and wire.NUM_CLASSES in config:
+        shape = tuple(int(v) for v in config[wire.IMAGE_SHAPE])
+        return DatasetInfo(shape, int(config[wire.NUM_CLASSES]), 0, 0)  # type: ignore[arg-type]
+    return dataset_info(cfg.dataset)
+
+
+def node_data(cfg: RunConfig, info: DatasetInfo, context: Context, pid: int, num: int):
+    """This node's data: its own (node config ``data-path``) or benchmark partition ``pid``."""
+    if wire.DATA_PATH in context.node_config:
+        return load_device_data(str(context.node_config[wire.DATA_PATH]), info,
+                                validation_fraction=float(cfg.validation_fraction),
+                                seed=derive_seed(cfg.seed, pid))
+    return load_client_data(cfg.data, pid, num)
+
+
 def _setup(msg: Message, context: Context):
     cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     pid, num = node_partition(context)
-    data = load_client_data(cfg.data, pid, num)
-    model = build_model(dataset_info(cfg.dataset), kind=cfg.model)
+    info = _info(msg, cfg)
+    data = node_data(cfg, info, context, pid, num)
+    model = build_model(info, kind=cfg.model)
     model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict(), strict=True)
     return cfg, pid, data, model
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (for reproducible sampling)."""
+    """Tell the server which partition this node holds (for reproducible sampling) and,
+    for a node with its own data, how much it holds of each label."""
     pid, num = node_partition(context)
-    return Message(
-        RecordDict({wire.METRICS: MetricRecord({wire.PARTITION_ID: pid, wire.NUM_PARTITIONS: num})}),
-        reply_to=msg,
-    )
+    metrics = MetricRecord({wire.PARTITION_ID: pid, wire.NUM_PARTITIONS: num})
+    if wire.DATA_PATH in context.node_config:
+        data = read_device_data(Path(str(context.node_config[wire.DATA_PATH])).expanduser())
+        metrics[wire.DATA_SIZE] = len(data)
+        metrics[wire.LABEL_COUNTS] = [int(c) for c in np.bincount(data.y)]
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
 @app.train(mods=[secagg_gate, central_dp_gate])
@@ -76,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
                                   lr=float(cfg.lr), node_id=context.node_id)
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
-    train_data = attack.data(data.train, dataset_info(cfg.dataset).num_classes) if attack else data.train
+    train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
     user_dp = cfg.dp and cfg.dp_mode == "user"  # the update is clipped by central_dp_gate
     private = None
     if cfg.dp and not user_dp:  # sample-level DP-SGD; the spend composes over every round

@@ -113,6 +113,7 @@ class NodeDirectory:
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.partition: dict[int, tuple[int, int]] = {}
+        self.own_data: dict[int, tuple[int, list[int]]] = {}  # node -> (size, label counts)
 
     def discover(self, node_ids: list[int]) -> dict[int, int]:
         unknown = [n for n in node_ids if n not in self.partition]
@@ -130,7 +131,37 @@ class NodeDirectory:
                 metrics = reply.content[wire.METRICS]
                 self.partition[node] = (int(metrics[wire.PARTITION_ID]),
                                         int(metrics[wire.NUM_PARTITIONS]))
+                if wire.DATA_SIZE in metrics:
+                    self.own_data[node] = (int(metrics[wire.DATA_SIZE]),
+                                           [int(c) for c in metrics[wire.LABEL_COUNTS]])
         return {n: self.partition[n][0] for n in node_ids if n in self.partition}
+
+    def device_data(self, node_ids: list[int], num_partitions: int,
+                    num_classes: int) -> tuple[list[int], dict[str, list[int]]] | None:
+        """(partition sizes, label counts) as the nodes reported them, when they hold their
+        own data (node config ``data-path``); None when they hold benchmark partitions."""
+        self.discover(node_ids)
+        own = [n for n in node_ids if n in self.own_data]
+        if not own:
+            return None
+        if len(own) != len(node_ids):
+            raise ValueError(f"{len(own)} of {len(node_ids)} nodes hold their own data "
+                             "(node config 'data-path') and the others benchmark partitions: "
+                             "give every SuperNode a data-path, or none")
+        by_partition = {self.partition[n][0]: self.own_data[n] for n in own}
+        missing = sorted(set(range(num_partitions)) - set(by_partition))
+        if missing or len(by_partition) != len(own):
+            raise ValueError(f"Nodes with their own data must each have a distinct "
+                             f"partition-id in [0, {num_partitions}); missing {missing}, "
+                             f"{len(own)} nodes for {len(by_partition)} ids")
+        sizes = [by_partition[p][0] for p in range(num_partitions)]
+        counts = {str(p): (by_partition[p][1] + [0] * num_classes)[:num_classes]
+                  for p in range(num_partitions)}
+        too_small = [p for p, n in enumerate(sizes) if n < 2]
+        if too_small:
+            raise ValueError(f"Nodes of partitions {too_small} hold fewer than 2 samples; "
+                             "each needs one training and one validation sample")
+        return sizes, counts
 
     def num_partitions(self, node_ids: list[int]) -> int:
         self.discover(node_ids)
@@ -155,8 +186,11 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     num_partitions = nodes.num_partitions(node_ids)
     strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
     check_attack(cfg, grid, num_partitions)
-    sizes = check_partitions(cfg.data, num_partitions)  # raises before any training
     info = dataset_info(cfg.dataset)
+    # Nodes with their own data say what they hold; otherwise the server computes the
+    # benchmark split it shares with the nodes (and checks it) before any training.
+    reported = nodes.device_data(node_ids, num_partitions, info.num_classes)
+    sizes = reported[0] if reported else check_partitions(cfg.data, num_partitions)
     test = load_test_data(cfg.dataset)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
     initial = ArrayRecord(model.state_dict())
@@ -210,14 +244,16 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
             "num_nodes": len(node_ids),
             "partition_sizes": sizes,
             "partition_train_sizes": train_n,
-            "label_counts": label_counts(cfg.data, num_partitions),
+            "label_counts": reported[1] if reported else label_counts(cfg.data, num_partitions),
+            "data_source": "node data-path" if reported else "benchmark split",
             "model_parameters": num_parameters(model),
             "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
                         "num_train": info.num_train, "num_test": info.num_test},
         },
     )
     try:  # a picture of the split; a failure here must not cost the run
-        plot_label_distribution(cfg.data, num_partitions, run_dir / LABEL_PLOT)
+        if not reported:
+            plot_label_distribution(cfg.data, num_partitions, run_dir / LABEL_PLOT)
     except Exception as err:  # noqa: BLE001
         log(WARNING, "Could not draw the label distribution: %s", err)
     log(INFO, "Run %s: %s, %d partitions of %s (%s), results in %s", run_dir.name,
@@ -240,7 +276,9 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
 
     def round_config() -> ConfigRecord:
-        return ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_dir.name})
+        return ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_dir.name,
+                             wire.IMAGE_SHAPE: [int(v) for v in info.image_shape],
+                             wire.NUM_CLASSES: int(info.num_classes)})
 
     try:
         result = strategy.start(

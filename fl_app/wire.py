@@ -39,6 +39,14 @@ NODE_STATE_DIR = "state-dir"  # where a node keeps state that must survive a res
 # Query reply: which partition a node holds
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+# ... and, for a node with its own data (node config DATA_PATH), what it holds
+DATA_PATH = "data-path"  # node config: this device's parquet file or IDX folder
+DATA_SIZE = "data-size"  # its number of samples (training + validation)
+LABEL_COUNTS = "label-counts"  # samples of each label
+
+# ConfigRecord entries the server adds so that a client needs no copy of the dataset
+IMAGE_SHAPE = "image-shape"  # (C, H, W) of the model's input
+NUM_CLASSES = "num-classes"
 
 # Round statistics the server adds to the aggregated train metrics
 REPLIES_VALID = "replies-valid"

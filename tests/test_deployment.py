@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
-           **overrides) -> tuple[dict, dict]:
+           node_configs: list[str] | None = None, **overrides) -> tuple[dict, dict]:
     """Start a SuperLink and ``num_nodes`` SuperNodes, run the app, stop every process
     (checked), and return the run's summary.
 
@@ -35,7 +35,8 @@ def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
         for pid in range(num_nodes):
             if secure:
                 link.register_node(files.node_public_key(pid))
-            link.add_supernode(pid, num_nodes, private_key=files.node_key(pid) if secure else None)
+            link.add_supernode(pid, num_nodes, private_key=files.node_key(pid) if secure else None,
+                               node_config=node_configs[pid] if node_configs else "")
         if secure:  # holds a valid partition, but its key was never registered
             intruder = link.add_supernode(0, num_nodes, private_key=files.node_key(num_nodes))
         proc = link.run({"num-server-rounds": 2, "run-name": run_name,
@@ -59,6 +60,32 @@ def test_superlink_and_two_supernodes_train_and_record(tmp_path):
     summary, _ = deploy(tmp_path, 2, "deployed")
     assert summary["complete"] and summary["num_nodes"] == 2 and summary["num_partitions"] == 2
     assert summary["history"][-1]["replies_valid"] == 2
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_supernodes_train_on_their_own_data(tmp_path):
+    """Each SuperNode reads its own IDX folder (node config data-path): the server takes
+    the sizes and label counts the nodes report, and the clients need no dataset copy."""
+    import numpy as np
+
+    from partitions.sources import load_digits_split
+    from tests.test_device_data import write_idx
+
+    train, _ = load_digits_split(0)  # the benchmark's train split: the test split stays out
+    pixels = np.rint((train.x[:, 0].astype(np.float64) * 0.5 + 0.5) * 255).astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(train.y))
+    halves = [order[: len(order) // 2], order[len(order) // 2:]]
+    configs = []
+    for pid, rows in enumerate(halves):
+        write_idx(tmp_path / f"device-{pid}", pixels[rows], train.y[rows])
+        configs.append(f'partition-id={pid} num-partitions=2 '
+                       f'data-path="{tmp_path / f"device-{pid}"}"')
+    summary, _ = deploy(tmp_path, 2, "own-data", node_configs=configs)
+    assert summary["status"] == "completed", summary.get("error")
+    assert summary["data_source"] == "node data-path"
+    assert summary["partition_sizes"] == [len(h) for h in halves]
+    for pid, rows in enumerate(halves):
+        assert summary["label_counts"][str(pid)] == np.bincount(train.y[rows], minlength=10).tolist()
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
 
 

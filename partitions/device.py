@@ -1,0 +1,97 @@
+"""A device's own data: what a SuperNode trains on when its node config names ``data-path``.
+
+In deployment a SuperNode either holds a benchmark partition (``partition-id`` of
+``num-partitions`` of the run's ``dataset``, the same split as in simulation) or its own
+data: ``data-path`` = a ``.parquet`` file (image and label columns, as the hub and
+parquet sources) or an MNIST-format IDX folder (``train-images-idx3-ubyte[.gz]`` and
+``train-labels-idx1-ubyte[.gz]``; test files are not needed). Every row is this device's;
+the preprocessing is the same as for the benchmark sources (``sources.scale_images``:
+pixels to [-1, 1]) and so is the seeded train/validation split (``train_val_split``).
+
+A device's data must match the run's model: the same image shape and labels in
+[0, num_classes) of the run's ``dataset`` (whose test split the server evaluates on).
+Loaded data is cached per process, keyed by the file's path, size and modification time
+and by the split's settings, so a changed file is read again.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .federated import ClientData, DatasetInfo, train_val_split
+from .sources import (
+    IMAGE_KEYS,
+    LABEL_KEYS,
+    ImageArrays,
+    _idx_file,
+    find_column,
+    hf_to_arrays,
+    read_idx,
+    scale_images,
+)
+
+DATA_PATH = "data-path"  # node-config key
+
+
+def read_device_data(path: Path) -> ImageArrays:
+    """All of a device's samples, preprocessed as the benchmark sources are."""
+    if path.is_file() and path.suffix == ".parquet":
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.Dataset.from_parquet(str(path))
+        columns = list(ds.column_names)
+        return hf_to_arrays(ds, find_column(columns, IMAGE_KEYS, "image"),
+                            find_column(columns, LABEL_KEYS, "label"))
+    if path.is_dir():
+        images_file = _idx_file(path, "train-images-idx3-ubyte")
+        labels_file = _idx_file(path, "train-labels-idx1-ubyte")
+        if images_file is not None and labels_file is not None:
+            images, labels = read_idx(images_file), read_idx(labels_file)
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise ValueError(f"{path}: images {images.shape} and labels {labels.shape} "
+                                 "do not match")
+            return ImageArrays(scale_images(images[:, None], 255.0), labels.astype(np.int64))
+    raise ValueError(f"Node config '{DATA_PATH}' = {str(path)!r} is neither a .parquet file "
+                     "nor a folder with train-images-idx3-ubyte[.gz] and "
+                     "train-labels-idx1-ubyte[.gz]")
+
+
+@lru_cache(maxsize=4)
+def _cached(path: str, size: int, mtime_ns: int, validation_fraction: float,
+            seed: int) -> ClientData:
+    data = read_device_data(Path(path))
+    if len(data) < 2:
+        raise ValueError(f"Node config '{DATA_PATH}' = {path!r} holds {len(data)} sample(s); "
+                         "a client needs at least one training and one validation sample")
+    return train_val_split(data, validation_fraction, seed)
+
+
+def load_device_data(data_path: str, info: DatasetInfo, *, validation_fraction: float,
+                     seed: int) -> ClientData:
+    """This device's data, split into train and validation, checked against the run's
+    dataset ``info`` (image shape, number of classes)."""
+    path = Path(str(data_path)).expanduser()
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise ValueError(f"Node config '{DATA_PATH}' = {data_path!r} cannot be read: "
+                         f"{err.strerror or err}") from None
+    if path.is_dir():  # a folder's files decide: key on the newest of them
+        stat = max((p.stat() for p in path.iterdir() if p.is_file()), key=lambda s: s.st_mtime_ns,
+                   default=stat)
+    data = _cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                   float(validation_fraction), int(seed))
+    shape = tuple(data.train.x.shape[1:])
+    if shape != tuple(info.image_shape):
+        raise ValueError(f"Node config '{DATA_PATH}' = {data_path!r} holds images of shape "
+                         f"{shape}; the run's dataset (and model) needs {tuple(info.image_shape)}")
+    labels = np.concatenate([data.train.y, data.val.y])
+    if labels.min() < 0 or labels.max() >= info.num_classes:
+        raise ValueError(f"Node config '{DATA_PATH}' = {data_path!r} has labels in "
+                         f"[{labels.min()}, {labels.max()}]; the run's dataset has "
+                         f"{info.num_classes} classes (0 to {info.num_classes - 1})")
+    return data

@@ -1,0 +1,107 @@
+"""A SuperNode's own data (node config ``data-path``): parquet or IDX, checked against the
+run's dataset, split like a benchmark partition, and reported to the server."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from partitions import DatasetInfo
+from partitions.device import load_device_data, read_device_data
+from partitions.federated import validation_size
+
+DIGITS = DatasetInfo((1, 8, 8), 10, 0, 0)
+
+
+def write_idx(folder, images: np.ndarray, labels: np.ndarray) -> None:
+    """MNIST-format IDX files (unsigned bytes) for ``images`` (N, H, W) and ``labels``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    (folder / "train-images-idx3-ubyte").write_bytes(
+        bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, h, w))
+        + images.astype(np.uint8).tobytes())
+    (folder / "train-labels-idx1-ubyte").write_bytes(
+        bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.astype(np.uint8).tobytes())
+
+
+def digits_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 8, 8)), rng.integers(0, 10, size=n)
+
+
+def test_an_idx_folder_is_read_scaled_and_split_like_a_partition(tmp_path):
+    images, labels = digits_like(50)
+    write_idx(tmp_path / "node", images, labels)
+    data = load_device_data(str(tmp_path / "node"), DIGITS, validation_fraction=0.1, seed=3)
+    assert len(data.train) + len(data.val) == 50
+    assert len(data.val) == validation_size(50, 0.1)
+    assert data.train.x.shape[1:] == (1, 8, 8) and data.train.x.dtype == np.float32
+    assert data.train.x.min() >= -1.0 and data.train.x.max() <= 1.0
+    # every sample kept exactly once, with its own label
+    x = np.concatenate([data.train.x, data.val.x])[:, 0]
+    y = np.concatenate([data.train.y, data.val.y])
+    pixels = np.rint((x.astype(np.float64) * 0.5 + 0.5) * 255).astype(int)  # undo the scaling
+    want = sorted((tuple(img.ravel()), int(l)) for img, l in zip(images, labels))
+    got = sorted((tuple(img.ravel()), int(l)) for img, l in zip(pixels, y))
+    assert got == want
+
+
+def test_a_parquet_file_is_read_like_the_parquet_sources(tmp_path):
+    import datasets
+
+    images, labels = digits_like(30, seed=1)
+    path = tmp_path / "node.parquet"
+    datasets.Dataset.from_dict({"image": [img.astype(np.uint8) for img in images],
+                                "label": labels.astype(np.int64)}).to_parquet(str(path))
+    data = read_device_data(path)
+    assert data.x.shape == (30, 1, 8, 8)
+    np.testing.assert_allclose(data.x[:, 0], (images / 255.0 - 0.5) / 0.5, atol=1e-6)
+    assert data.y.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("missing", "cannot be read"),
+    ("shape", "images of shape (1, 6, 6); the run's dataset (and model) needs (1, 8, 8)"),
+    ("labels", "labels in [0, 12]; the run's dataset has 10 classes"),
+    ("empty-folder", "neither a .parquet file nor a folder"),
+])
+def test_bad_device_data_is_named(tmp_path, change, fragment):
+    folder = tmp_path / "node"
+    if change == "shape":
+        write_idx(folder, np.zeros((5, 6, 6)), np.zeros(5))
+    elif change == "labels":
+        write_idx(folder, np.zeros((5, 8, 8)), np.array([0, 1, 2, 12, 3]))
+    elif change == "empty-folder":
+        folder.mkdir()
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        load_device_data(str(folder), DIGITS, validation_fraction=0.1, seed=0)
+
+
+def test_a_changed_file_is_read_again(tmp_path):
+    folder = tmp_path / "node"
+    write_idx(folder, *digits_like(20))
+    first = load_device_data(str(folder), DIGITS, validation_fraction=0.1, seed=0)
+    write_idx(folder, *digits_like(40, seed=2))
+    later = os.stat(folder / "train-images-idx3-ubyte").st_mtime_ns + 10**9
+    os.utime(folder / "train-images-idx3-ubyte", ns=(later, later))
+    second = load_device_data(str(folder), DIGITS, validation_fraction=0.1, seed=0)
+    assert len(first.train) + len(first.val) == 20
+    assert len(second.train) + len(second.val) == 40
+
+
+def test_the_server_takes_sizes_and_label_counts_from_the_nodes():
+    from fl_app.server_app import NodeDirectory
+
+    nodes = NodeDirectory(grid=None)
+    nodes.partition = {11: (0, 2), 12: (1, 2)}
+    nodes.own_data = {11: (30, [10, 20]), 12: (5, [0, 0, 5])}
+    sizes, counts = nodes.device_data([11, 12], 2, num_classes=3)
+    assert sizes == [30, 5] and counts == {"0": [10, 20, 0], "1": [0, 0, 5]}
+    nodes.own_data = {11: (30, [10, 20])}  # one node with its own data, one without
+    with pytest.raises(ValueError, match="1 of 2 nodes hold their own data"):
+        nodes.device_data([11, 12], 2, num_classes=3)
+    nodes.own_data = {}
+    assert nodes.device_data([11, 12], 2, num_classes=3) is None
