@@ -13,8 +13,10 @@ is streamed here. Every process it started is stopped, by process group, whateve
 happens (also on Ctrl-C). The exit status is 0 only if the run's ``summary.json`` says
 ``completed`` (``flwr run`` itself exits 0 even when the ServerApp fails).
 
-Each SuperNode runs each message in a fresh ClientApp process, as on a real device; the
-folder holds the SuperLink's and SuperNodes' logs (``--workdir``, default
+Each SuperNode runs each message in a fresh ClientApp process, as on a real device, and
+gets a ``cache-dir`` (its partition, kept between messages) and a ``state-dir`` (its DP
+spend, kept across restarts) under ``<workdir>/node-<i>/``; the folder also holds the
+SuperLink's and SuperNodes' logs (``--workdir``, default
 ``deployment/<time>``), and the run's results go to ``<workdir>/results/<run-name>``.
 For SuperNodes on other machines, see docs/deployment.md.
 """
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         for pid in range(args.nodes):
             if args.auth:
                 link.register_node(files.node_public_key(pid))
-            link.add_supernode(pid, args.nodes,
+            node_dir = workdir / f"node-{pid}"
+            config = (f'partition-id={pid} num-partitions={args.nodes} '
+                      f'cache-dir="{node_dir / "cache"}" state-dir="{node_dir / "state"}"')
+            link.add_supernode(pid, args.nodes, node_config=config,
                                private_key=files.node_key(pid) if args.auth else None)
         print(f"{args.nodes} SuperNode(s) started; submitting the run", flush=True)
         link.run(overrides, app=REPO, timeout=args.timeout, output="-")

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 import strategies
 from partitions import DatasetInfo, dataset_info, load_client_data
-from partitions.device import load_device_data, read_device_data
+from partitions.device import cached_client_data, load_device_data, read_device_data
 
 from . import wire
 from .attacks import client_attack
@@ -67,6 +67,9 @@ def node_data(cfg: RunConfig, info: DatasetInfo, context: Context, pid: int, num
         return load_device_data(str(context.node_config[wire.DATA_PATH]), info,
                                 validation_fraction=float(cfg.validation_fraction),
                                 seed=derive_seed(cfg.seed, pid))
+    if wire.CACHE_DIR in context.node_config:  # deployment: outlive the ClientApp process
+        return cached_client_data(str(context.node_config[wire.CACHE_DIR]), cfg.data, pid, num,
+                                  lambda: load_client_data(cfg.data, pid, num))
     return load_client_data(cfg.data, pid, num)
 
 

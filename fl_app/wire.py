@@ -35,6 +35,7 @@ DP_EPSILON_MEAN = "dp-epsilon-mean"
 
 # Node config (flower-supernode --node-config)
 NODE_STATE_DIR = "state-dir"  # where a node keeps state that must survive a restart
+CACHE_DIR = "cache-dir"  # where a node caches its benchmark partition between messages
 
 # Query reply: which partition a node holds
 PARTITION_ID = "partition-id"

@@ -16,6 +16,7 @@ and by the split's settings, so a changed file is read again.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -94,4 +95,53 @@ def load_device_data(data_path: str, info: DatasetInfo, *, validation_fraction: 
         raise ValueError(f"Node config '{DATA_PATH}' = {data_path!r} has labels in "
                          f"[{labels.min()}, {labels.max()}]; the run's dataset has "
                          f"{info.num_classes} classes (0 to {info.num_classes - 1})")
+    return data
+
+
+# ---------------------------------------------------------------------------- disk cache
+CACHE_VERSION = 1  # bump when the preprocessing changes: old entries are then ignored
+
+
+def _source_stamp(location: str) -> str:
+    """Path, size and modification time of a local source (empty for digits and hub ids)."""
+    path = Path(location) if location else None
+    if path is None or not path.exists():
+        return location
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def cached_client_data(cache_dir: str, cfg, partition_id: int, num_partitions: int, load):
+    """``load()`` (a benchmark partition's ClientData) through a cache on the node's disk.
+
+    In deployment every message runs in a fresh ClientApp process, so the per-process
+    cache is lost and each message would load the whole dataset and split it again; with
+    node config ``cache-dir`` the partition is written once (atomically: a temporary file,
+    then a rename) and read back by later messages. The key covers the source (path, size
+    and modification time of its files), every split setting, the partition and the cache
+    format, so a changed dataset or config is never served stale.
+    """
+    import hashlib
+    import json
+
+    from .sources import resolve_source
+
+    spec = resolve_source(cfg.dataset)
+    key = json.dumps({"v": CACHE_VERSION, "source": spec.describe(),
+                      "stamp": _source_stamp(spec.location), "cfg": repr(cfg),
+                      "pid": partition_id, "num": num_partitions}, sort_keys=True)
+    folder = Path(cache_dir).expanduser()
+    path = folder / f"partition-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                return ClientData(train=ImageArrays(z["train_x"], z["train_y"]),
+                                  val=ImageArrays(z["val_x"], z["val_y"]))
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged entry is rebuilt below
+    data = load()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, train_x=data.train.x, train_y=data.train.y, val_x=data.val.x, val_y=data.val.y)
+    os.replace(tmp, path)
     return data

@@ -105,3 +105,29 @@ def test_the_server_takes_sizes_and_label_counts_from_the_nodes():
         nodes.device_data([11, 12], 2, num_classes=3)
     nodes.own_data = {}
     assert nodes.device_data([11, 12], 2, num_classes=3) is None
+
+
+def test_the_partition_cache_serves_later_messages_and_never_a_stale_entry(tmp_path, make_config):
+    from partitions import load_client_data
+    from partitions.device import cached_client_data
+
+    cfg = make_config().data
+    calls = []
+
+    def load():
+        calls.append(1)
+        return load_client_data(cfg, 1, 4)
+
+    first = cached_client_data(str(tmp_path), cfg, 1, 4, load)
+    second = cached_client_data(str(tmp_path), cfg, 1, 4, load)  # a later process
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first.train.x, second.train.x)
+    np.testing.assert_array_equal(first.val.y, second.val.y)
+    other = make_config(seed=1).data  # another split: another entry
+    cached_client_data(str(tmp_path), other, 1, 4, lambda: (calls.append(1), load_client_data(other, 1, 4))[1])
+    assert len(calls) == 2
+    for entry in tmp_path.glob("partition-*.npz"):  # a damaged entry is rebuilt
+        entry.write_bytes(b"torn write")
+    third = cached_client_data(str(tmp_path), cfg, 1, 4, load)
+    assert len(calls) == 3 and len(third.train) == len(first.train)
+    assert not list(tmp_path.glob("*.tmp.npz"))
