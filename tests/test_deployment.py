@@ -1,9 +1,9 @@
 """Flower's deployment runtime: a SuperLink and two SuperNodes as separate processes.
 
 Each SuperNode holds one partition through its node config; every message starts a
-fresh ClientApp process, as on real devices. One deployment is insecure, one uses TLS,
-SuperNode authentication and SecAgg+. Slow (~1.5 min): each ClientApp process
-imports PyTorch.
+fresh ClientApp process, as on real devices. One deployment is insecure and its nodes
+read their own data; one holds benchmark partitions over TLS, with SuperNode
+authentication and SecAgg+. Slow (minutes): each ClientApp process imports PyTorch.
 """
 
 from __future__ import annotations
@@ -56,13 +56,6 @@ def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
     return summary, refused
 
 
-def test_superlink_and_two_supernodes_train_and_record(tmp_path):
-    summary, _ = deploy(tmp_path, 2, "deployed")
-    assert summary["complete"] and summary["num_nodes"] == 2 and summary["num_partitions"] == 2
-    assert summary["history"][-1]["replies_valid"] == 2
-    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
-
-
 def test_supernodes_train_on_their_own_data(tmp_path):
     """Each SuperNode reads its own IDX folder (node config data-path): the server takes
     the sizes and label counts the nodes report, and the clients need no dataset copy."""
@@ -83,6 +76,7 @@ def test_supernodes_train_on_their_own_data(tmp_path):
     summary, _ = deploy(tmp_path, 2, "own-data", node_configs=configs)
     assert summary["status"] == "completed", summary.get("error")
     assert summary["data_source"] == "node data-path"
+    assert summary["num_nodes"] == 2 and summary["history"][-1]["replies_valid"] == 2
     assert summary["partition_sizes"] == [len(h) for h in halves]
     for pid, rows in enumerate(halves):
         assert summary["label_counts"][str(pid)] == np.bincount(train.y[rows], minlength=10).tolist()
