@@ -113,7 +113,7 @@ class NodeDirectory:
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.partition: dict[int, tuple[int, int]] = {}
-        self.own_data: dict[int, tuple[int, list[int]]] = {}  # node -> (size, label counts)
+        self.own_data_of: dict[int, tuple[int, list[int]]] = {}  # node -> (size, label counts)
 
     def discover(self, node_ids: list[int]) -> dict[int, int]:
         unknown = [n for n in node_ids if n not in self.partition]
@@ -132,36 +132,30 @@ class NodeDirectory:
                 self.partition[node] = (int(metrics[wire.PARTITION_ID]),
                                         int(metrics[wire.NUM_PARTITIONS]))
                 if wire.DATA_SIZE in metrics:
-                    self.own_data[node] = (int(metrics[wire.DATA_SIZE]),
+                    self.own_data_of[node] = (int(metrics[wire.DATA_SIZE]),
                                            [int(c) for c in metrics[wire.LABEL_COUNTS]])
         return {n: self.partition[n][0] for n in node_ids if n in self.partition}
 
-    def device_data(self, node_ids: list[int], num_partitions: int,
-                    num_classes: int) -> tuple[list[int], dict[str, list[int]]] | None:
-        """(partition sizes, label counts) as the nodes reported them, when they hold their
-        own data (node config ``data-path``); None when they hold benchmark partitions."""
+    def own_data(self, node_ids: list[int], num_partitions: int,
+                 num_classes: int) -> dict[int, tuple[int, list[int]]]:
+        """partition id -> (size, label counts) for the nodes that hold their own data
+        (node config ``data-path``), as they reported it; empty when none does."""
         self.discover(node_ids)
-        own = [n for n in node_ids if n in self.own_data]
-        if not own:
-            return None
-        if len(own) != len(node_ids):
-            raise ValueError(f"{len(own)} of {len(node_ids)} nodes hold their own data "
-                             "(node config 'data-path') and the others benchmark partitions: "
-                             "give every SuperNode a data-path, or none")
-        by_partition = {self.partition[n][0]: self.own_data[n] for n in own}
-        missing = sorted(set(range(num_partitions)) - set(by_partition))
-        if missing or len(by_partition) != len(own):
-            raise ValueError(f"Nodes with their own data must each have a distinct "
-                             f"partition-id in [0, {num_partitions}); missing {missing}, "
-                             f"{len(own)} nodes for {len(by_partition)} ids")
-        sizes = [by_partition[p][0] for p in range(num_partitions)]
-        counts = {str(p): (by_partition[p][1] + [0] * num_classes)[:num_classes]
-                  for p in range(num_partitions)}
-        too_small = [p for p, n in enumerate(sizes) if n < 2]
-        if too_small:
-            raise ValueError(f"Nodes of partitions {too_small} hold fewer than 2 samples; "
-                             "each needs one training and one validation sample")
-        return sizes, counts
+        out: dict[int, tuple[int, list[int]]] = {}
+        for node in node_ids:
+            if node not in self.own_data_of:
+                continue
+            pid = self.partition[node][0]
+            if pid in out:
+                raise ValueError(f"Two nodes with their own data claim partition-id {pid}; "
+                                 f"give each SuperNode a distinct partition-id in "
+                                 f"[0, {num_partitions})")
+            size, counts = self.own_data_of[node]
+            if size < 2:
+                raise ValueError(f"The node with partition-id {pid} holds {size} sample(s) in "
+                                 "its data-path; each needs one training and one validation sample")
+            out[pid] = (size, (counts + [0] * num_classes)[:num_classes])
+        return out
 
     def num_partitions(self, node_ids: list[int]) -> int:
         self.discover(node_ids)
@@ -189,8 +183,16 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     info = dataset_info(cfg.dataset)
     # Nodes with their own data say what they hold; otherwise the server computes the
     # benchmark split it shares with the nodes (and checks it) before any training.
-    reported = nodes.device_data(node_ids, num_partitions, info.num_classes)
-    sizes = reported[0] if reported else check_partitions(cfg.data, num_partitions)
+    reported = nodes.own_data(node_ids, num_partitions, info.num_classes)
+    everyone_own = len(reported) == num_partitions
+    if everyone_own:  # no benchmark split at all
+        sizes = [reported[p][0] for p in range(num_partitions)]
+        counts = {str(p): reported[p][1] for p in range(num_partitions)}
+    else:  # benchmark partitions, where nodes with their own data replace theirs
+        sizes = check_partitions(cfg.data, num_partitions)
+        counts = label_counts(cfg.data, num_partitions)
+        for pid, (size, own) in reported.items():
+            sizes[pid], counts[str(pid)] = size, own
     test = load_test_data(cfg.dataset)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
     initial = ArrayRecord(model.state_dict())
@@ -244,15 +246,16 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
             "num_nodes": len(node_ids),
             "partition_sizes": sizes,
             "partition_train_sizes": train_n,
-            "label_counts": reported[1] if reported else label_counts(cfg.data, num_partitions),
-            "data_source": "node data-path" if reported else "benchmark split",
+            "label_counts": counts,
+            "data_source": {str(p): ("node data-path" if p in reported else "benchmark partition")
+                            for p in range(num_partitions)},
             "model_parameters": num_parameters(model),
             "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
                         "num_train": info.num_train, "num_test": info.num_test},
         },
     )
     try:  # a picture of the split; a failure here must not cost the run
-        if not reported:
+        if not reported:  # the picture is of the benchmark split
             plot_label_distribution(cfg.data, num_partitions, run_dir / LABEL_PLOT)
     except Exception as err:  # noqa: BLE001
         log(WARNING, "Could not draw the label distribution: %s", err)

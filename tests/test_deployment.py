@@ -57,10 +57,12 @@ def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
 
 
 def test_supernodes_train_on_their_own_data(tmp_path):
-    """Each SuperNode reads its own IDX folder (node config data-path): the server takes
-    the sizes and label counts the nodes report, and the clients need no dataset copy."""
+    """3 SuperNodes: two read their own IDX folders (node config data-path), one holds
+    benchmark partition 2 of 3. The server takes the sizes and label counts the first two
+    report, the clients need no dataset copy for their own data, and all three train."""
     import numpy as np
 
+    from partitions import DataConfig, check_partitions
     from partitions.sources import load_digits_split
     from tests.test_device_data import write_idx
 
@@ -71,15 +73,19 @@ def test_supernodes_train_on_their_own_data(tmp_path):
     configs = []
     for pid, rows in enumerate(halves):
         write_idx(tmp_path / f"device-{pid}", pixels[rows], train.y[rows])
-        configs.append(f'partition-id={pid} num-partitions=2 '
+        configs.append(f'partition-id={pid} num-partitions=3 '
                        f'data-path="{tmp_path / f"device-{pid}"}"')
-    summary, _ = deploy(tmp_path, 2, "own-data", node_configs=configs)
+    configs.append("partition-id=2 num-partitions=3")
+    summary, _ = deploy(tmp_path, 3, "own-data", node_configs=configs)
     assert summary["status"] == "completed", summary.get("error")
-    assert summary["data_source"] == "node data-path"
-    assert summary["num_nodes"] == 2 and summary["history"][-1]["replies_valid"] == 2
-    assert summary["partition_sizes"] == [len(h) for h in halves]
+    assert summary["data_source"] == {"0": "node data-path", "1": "node data-path",
+                                      "2": "benchmark partition"}
+    benchmark = check_partitions(DataConfig("digits", "iid", 0.5, 2, 2, 0.1, 0), 3)
+    assert summary["partition_sizes"] == [len(halves[0]), len(halves[1]), benchmark[2]]
     for pid, rows in enumerate(halves):
         assert summary["label_counts"][str(pid)] == np.bincount(train.y[rows], minlength=10).tolist()
+    assert summary["num_nodes"] == 3
+    assert all(r["replies_valid"] == 3 for r in summary["history"][1:])
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
 
 

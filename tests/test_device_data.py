@@ -96,15 +96,19 @@ def test_the_server_takes_sizes_and_label_counts_from_the_nodes():
     from fl_app.server_app import NodeDirectory
 
     nodes = NodeDirectory(grid=None)
-    nodes.partition = {11: (0, 2), 12: (1, 2)}
-    nodes.own_data = {11: (30, [10, 20]), 12: (5, [0, 0, 5])}
-    sizes, counts = nodes.device_data([11, 12], 2, num_classes=3)
-    assert sizes == [30, 5] and counts == {"0": [10, 20, 0], "1": [0, 0, 5]}
-    nodes.own_data = {11: (30, [10, 20])}  # one node with its own data, one without
-    with pytest.raises(ValueError, match="1 of 2 nodes hold their own data"):
-        nodes.device_data([11, 12], 2, num_classes=3)
-    nodes.own_data = {}
-    assert nodes.device_data([11, 12], 2, num_classes=3) is None
+    nodes.partition = {11: (0, 3), 12: (1, 3), 13: (2, 3)}
+    nodes.own_data_of = {11: (30, [10, 20]), 12: (5, [0, 0, 5])}  # 13: a benchmark partition
+    assert nodes.own_data([11, 12, 13], 3, num_classes=3) == {0: (30, [10, 20, 0]),
+                                                              1: (5, [0, 0, 5])}
+    nodes.partition[12] = (0, 3)  # two nodes claim partition 0
+    with pytest.raises(ValueError, match="Two nodes with their own data claim partition-id 0"):
+        nodes.own_data([11, 12, 13], 3, num_classes=3)
+    nodes.partition[12] = (1, 3)
+    nodes.own_data_of[12] = (1, [1])
+    with pytest.raises(ValueError, match="holds 1 sample"):
+        nodes.own_data([11, 12, 13], 3, num_classes=3)
+    nodes.own_data_of = {}
+    assert nodes.own_data([11, 12, 13], 3, num_classes=3) == {}
 
 
 def test_the_partition_cache_serves_later_messages_and_never_a_stale_entry(tmp_path, make_config):
