@@ -47,6 +47,7 @@ LABEL_PLOT = "label_distribution.png"
 INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
 QUERY_TIMEOUT = 120.0
 NODE_WAIT_TIMEOUT = 600.0
+ALL_NODES_GRACE = 60.0  # seconds a deployment waits for every partition's node
 SIMULATION_NODE_GRACE = 10.0  # seconds for the simulation engine to register its nodes
 
 
@@ -178,6 +179,15 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     """Train one run config to the end and record it; returns its summary."""
     node_ids = wait_for_nodes(grid, cfg.min_train_nodes)
     num_partitions = nodes.num_partitions(node_ids)
+    if len(node_ids) < num_partitions and not is_simulation(grid):
+        # Deployment: give the other SuperNodes a moment, so that what they hold (their
+        # sizes, their own data) is known before the run; then go on with those connected.
+        try:
+            node_ids = wait_for_nodes(grid, num_partitions, timeout=ALL_NODES_GRACE)
+        except RuntimeError:
+            node_ids = list(grid.get_node_ids())
+            log(WARNING, "%d of %d partitions' nodes connected; the run starts with them",
+                len(node_ids), num_partitions)
     strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
     check_attack(cfg, grid, num_partitions)
     info = dataset_info(cfg.dataset)
