@@ -33,9 +33,9 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from . import wire
+from strategies.secagg import CLIPPED
 
-CLIPPED = "secagg-clipped"  # = strategies.secagg.CLIPPED (kept import-free of strategies)
+from . import wire
 
 
 def secagg_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -92,11 +92,13 @@ def _upload(request: Message, reply: Message, context: Context) -> Message:
 
 def _seed_quantization(request: Message, context: Context) -> None:
     """Seed NumPy's global generator, which the mod's stochastic rounding draws from,
-    from the run's seed, the round and this node's partition (stable across runs)."""
-    from .config import RunConfig
+    from the run's seed, the round and this node's partition (stable across runs). The
+    run config was validated by the train handler that just ran; only its seed is read."""
+    import json
+
     from .training import derive_seed
 
     config = request.content[wire.CONFIG]
-    seed = RunConfig.from_json(str(config[wire.RUN_CONFIG])).seed
+    seed = int(json.loads(str(config[wire.RUN_CONFIG]))["seed"])
     partition = int(context.node_config.get(wire.PARTITION_ID, 0))
     np.random.seed(derive_seed(seed, int(config[wire.SERVER_ROUND]), partition, 0x5EC))

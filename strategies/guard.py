@@ -226,11 +226,6 @@ class Guarded(Strategy):
         failed = any(m.has_error() and m.error.code == SECAGG_ERROR_CODE for m, _ in rejected)
         secure = failed or any(is_secure_aggregate(m) for m in valid)
         num_valid = sum(len(contributors(m)) for m in valid)
-        # Under secure aggregation the replies are masked vectors the grid summed; their
-        # size is reported by the protocol (UPLOAD_BYTES in the aggregate's metrics).
-        upload = [] if secure else [
-            sum(record_nbytes(r) for r in m.content.array_records.values()) for m in valid
-        ]
         stats = {
             wire.REPLIES_VALID: num_valid,
             wire.REPLIES_REJECTED: self._sent - num_valid if secure else len(rejected),
@@ -239,7 +234,9 @@ class Guarded(Strategy):
         }
         if failed:  # the protocol could not unmask a sum this round (see the log)
             stats[SECAGG_FAILED] = 1
-        if not secure:
+        if not secure:  # (under SecAgg+ the protocol reports the masked uploads' size)
+            upload = [sum(record_nbytes(r) for r in m.content.array_records.values())
+                      for m in valid]
             stats[wire.UPLOAD_BYTES] = int(sum(upload) / len(upload)) if upload else 0
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None

@@ -286,7 +286,6 @@ class SecureAggregationGrid(Grid):
         self.settings = settings.check()
         self.reply_spec = reply_spec
         self.rng = rng or random.SystemRandom()
-        self.last_round: dict = {}
 
     # ---- plain delegation
     def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
@@ -320,7 +319,6 @@ class SecureAggregationGrid(Grid):
             return [self._secure_round(messages)]
         except SecAggFailed as err:
             log(WARNING, "SecAgg+ round failed: %s; the round aggregates nothing", err)
-            self.last_round = {"failed": str(err)}
             return [Message(error=Error(code=SECAGG_ERROR_CODE,
                                         reason=f"secure aggregation failed: {err}"),
                             reply_to=messages[0])]
@@ -456,7 +454,6 @@ class SecureAggregationGrid(Grid):
         if claimed != total_ratio:  # someone's masked weight is not its plaintext claim
             raise SecAggFailed(f"the unmasked weight sum {total_ratio} differs from the "
                                f"{claimed} the clients' plaintext num-examples imply")
-        self.last_round = {"in_sum": sorted(in_sum), "dropped": sorted(sampled - in_sum)}
         log(INFO, "SecAgg+: the sum of %d of %d sampled nodes unmasked (%d dropped)",
             len(in_sum), len(sampled), len(sampled - in_sum))
         return _aggregate_reply(train[min(in_sum)], mean, keys, spec, template, plain,
