@@ -26,7 +26,7 @@ from .central_dp import central_dp_gate
 from .config import RunConfig
 from .secagg_client import secagg_gate
 from .model import build_model
-from .training import derive_seed, evaluate, train_local
+from .training import derive_seed, evaluate, resolve_device, train_local
 
 app = ClientApp()
 
@@ -80,7 +80,7 @@ def _setup(msg: Message, context: Context):
     data = node_data(cfg, info, context, pid, num)
     model = build_model(info, kind=cfg.model)
     model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict(), strict=True)
-    return cfg, pid, data, model
+    return cfg, pid, data, model.to(resolve_device(cfg.device))
 
 
 @app.query()
@@ -130,6 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         accountant=private.accountant if private else None,
     )
     seconds = time.perf_counter() - started
+    model.to("cpu")  # the reply (and the client half's arrays) in host memory
     arrays = ArrayRecord(model.state_dict())
     if attack is not None:
         x = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}

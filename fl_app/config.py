@@ -21,6 +21,7 @@ from partitions import PARTITIONERS, DataConfig, resolve_source
 
 from .attacks import ATTACKS
 from .model import MODELS
+from .training import DEVICES
 
 AUTO = "auto"
 # DP keys and their defaults (pyproject.toml; a test keeps the two equal): with dp = false
@@ -58,6 +59,7 @@ class RunConfig:
     seed: int
     dataset: str
     model: str
+    device: str
     partitioner: str
     alpha: float
     classes_per_partition: int
@@ -143,6 +145,7 @@ class RunConfig:
         _int("seed", self.seed, minimum=0)
         _str("dataset", self.dataset)
         _choice("model", self.model, MODELS)
+        _choice("device", self.device, DEVICES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _positive("alpha", self.alpha)
         _int("classes-per-partition", self.classes_per_partition, minimum=1)

@@ -223,7 +223,9 @@ class PrivateTraining:
                              f"got {settings.grad_sample_mode!r}")
         self.module = prepare_module(model, settings.grad_sample_mode, batch_first=True,
                                      loss_reduction="mean")
-        self.noise = torch.Generator().manual_seed(int(settings.noise_seed))
+        # Opacus draws the noise on the parameters' device with this generator
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.noise = torch.Generator(device=device).manual_seed(int(settings.noise_seed))
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm, expected_batch_size=self.rate * num_examples,

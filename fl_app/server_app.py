@@ -39,7 +39,7 @@ from .attacks import attacker_partitions
 from .config import RunConfig, load_sweep
 from .model import build_model, num_parameters
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
-from .training import derive_seed, evaluate
+from .training import derive_seed, evaluate, resolve_device
 
 app = ServerApp()
 
@@ -206,6 +206,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     test = load_test_data(cfg.dataset)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
     initial = ArrayRecord(model.state_dict())
+    model.to(resolve_device(cfg.device))  # the server's evaluation runs there
 
     train_n = train_sizes(sizes, float(cfg.validation_fraction))
     secagg = secagg_settings(cfg, train_n, len(node_ids)) if cfg.secagg else None
@@ -337,6 +338,7 @@ def main(grid: Grid, context: Context) -> None:
     runs = load_sweep(base)  # every entry validated before the first run starts
     for cfg in runs:  # before any node is asked anything
         check_results_dir(cfg.results_dir)
+        resolve_device(cfg.device)  # 'cuda' on a server without a GPU fails here
         preflight(cfg.data)
     nodes = NodeDirectory(grid)
     node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))

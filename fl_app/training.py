@@ -12,6 +12,11 @@ the loop itself is the same for every strategy:
 With ``dp`` settings the same loop runs Opacus's DP-SGD (``fl_app/privacy.py``): batches
 are Poisson-sampled instead of a shuffled partition of the data, and the step is
 clip, noise, scale, hook, SGD.
+
+Both functions run where the model is (``resolve_device`` picks it from run-config
+``device``): each batch is moved to the model's device; the data stay in host memory
+and the shuffling and Poisson sampling stay on the CPU, so the batches drawn for a seed
+are the same on every device (the arithmetic on a GPU is not bit-identical to the CPU's).
 """
 
 from __future__ import annotations
@@ -28,6 +33,31 @@ from partitions import ImageArrays
 
 if TYPE_CHECKING:  # pragma: no cover
     from .privacy import DPSettings
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(setting: str, cuda_available: bool | None = None) -> torch.device:
+    """The torch device for run-config ``device`` in this process.
+
+    ``auto``: the GPU where this process has one (as Flower's examples pick it), else
+    the CPU; ``cpu``; ``cuda``: a GPU, and an error naming the key where there is none
+    (a run that asked for GPUs should not crawl on a CPU unnoticed).
+    """
+    if setting not in DEVICES:
+        raise ValueError(f"Run config 'device' must be one of {list(DEVICES)}; got {setting!r}")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if setting == "cuda" and not cuda_available:
+        raise ValueError("Run config 'device' = \"cuda\" but this process sees no CUDA GPU "
+                         "(torch.cuda.is_available() is False); use \"auto\" or \"cpu\"")
+    return torch.device("cuda" if setting != "cpu" and cuda_available else "cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @dataclass(frozen=True)
@@ -63,7 +93,9 @@ def train_local(
     accountant=None,
 ) -> TrainResult:
     """``epochs`` passes of mini-batch SGD over ``data``, shuffled by ``seed``; with ``dp``
-    (and the node's ``accountant``), DP-SGD with Poisson-sampled batches."""
+    (and the node's ``accountant``), DP-SGD with Poisson-sampled batches. Runs on the
+    model's device."""
+    device = model_device(model)
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y)
     n = len(y)
@@ -92,7 +124,7 @@ def train_local(
                        else _shuffled_batches(n, batch_size, generator))
             for idx in batches:
                 idx = torch.as_tensor(idx, dtype=torch.long)
-                inputs, targets = x[idx], y[idx]
+                inputs, targets = x[idx].to(device), y[idx].to(device)
                 if private is not None:
                     private.zero_grad()
                 else:
@@ -123,14 +155,17 @@ def train_local(
 def evaluate(model: nn.Module, data: ImageArrays, batch_size: int = 1024) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of ``model`` on ``data``."""
     model.eval()
+    device = model_device(model)
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start:start + batch_size])
-        loss_sum += float(criterion(logits, y[start:start + batch_size]))
-        correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
+        inputs = x[start:start + batch_size].to(device)
+        targets = y[start:start + batch_size].to(device)
+        logits = model(inputs)
+        loss_sum += float(criterion(logits, targets))
+        correct += int((logits.argmax(1) == targets).sum())
     return loss_sum / len(y), correct / len(y)
 
 

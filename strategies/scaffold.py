@@ -318,7 +318,8 @@ class ScaffoldClient:
         self.committed = resolve_pending(state, run_tag, node_id, accepted)
         self.c_i = self._committed_c_i()
         params = dict(model.named_parameters())
-        self.correction = {k: torch.from_numpy(self.c[k] - self.c_i[k]) for k in params}
+        self.correction = {k: torch.from_numpy(self.c[k] - self.c_i[k]).to(p.device)
+                           for k, p in params.items()}
         self.grad_sum = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
         self.hooks = LocalHooks(after_backward=self._correct)
 
@@ -341,7 +342,7 @@ class ScaffoldClient:
             y = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
             new_c_i, _ = control_variate_update(self.c_i, self.c, self.x, y, num_steps, self.lr)
         else:
-            grad_sum = {k: self.grad_sum[k].numpy() if k in self.grad_sum else np.zeros_like(v)
+            grad_sum = {k: self.grad_sum[k].cpu().numpy() if k in self.grad_sum else np.zeros_like(v)
                         for k, v in self.x.items()}
             new_c_i, _ = gradient_mean_update(self.c_i, grad_sum, num_steps)
         # Delta c_i from the stored (model-dtype) c_i+, so that what the server adds is

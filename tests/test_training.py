@@ -114,3 +114,61 @@ def test_server_knows_each_partition_training_size():
     cfg = DataConfig("digits", "dirichlet", 0.3, 2, 2, 0.15, 4)
     sizes = check_partitions(cfg, 5)
     assert train_sizes(sizes, 0.15) == [len(load_client_data(cfg, p, 5).train) for p in range(5)]
+
+
+# ------------------------------------------------------------------ device selection
+@pytest.mark.parametrize("setting,cuda,expected", [
+    ("auto", False, "cpu"), ("auto", True, "cuda"), ("cpu", True, "cpu"), ("cpu", False, "cpu"),
+    ("cuda", True, "cuda"),
+])
+def test_device_setting_resolves_as_documented(setting, cuda, expected):
+    from fl_app.training import resolve_device
+
+    assert resolve_device(setting, cuda_available=cuda).type == expected
+
+
+def test_cuda_without_a_gpu_and_unknown_devices_are_refused_naming_the_key(make_config):
+    from fl_app.training import resolve_device
+
+    with pytest.raises(ValueError, match=r"'device' = \"cuda\" but this process sees no CUDA"):
+        resolve_device("cuda", cuda_available=False)
+    with pytest.raises(ValueError, match=r"Run config 'device' must be one of \['auto', 'cpu', 'cuda'\]"):
+        make_config(device="gpu")
+
+
+GPU_CHECK_DEVICES = ("cpu", "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "scaffold"])
+def test_training_on_the_gpu_matches_the_cpu(name):
+    """The same seeded local round on the CPU and on the GPU: the same batches, weights
+    within float32 tolerance, and the client half's arrays back in host memory."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    import strategies
+    from fl_app import wire
+    from strategies.scaffold import C_RECORD
+
+    info = dataset_info("digits")
+    data = load_client_data(DataConfig("digits", "iid", 0.5, 2, 2, 0.1, 0), 0, 4)
+    results = {}
+    for device in GPU_CHECK_DEVICES:
+        model = build_model(info, seed=0).to(device)
+        content = RecordDict({wire.CONFIG: ConfigRecord({"proximal-mu": 0.1, wire.SERVER_ROUND: 1,
+                                                          wire.RUN_TAG: "gpu-check"})})
+        if name == "scaffold":
+            content[C_RECORD] = ArrayRecord({k: v.cpu() for k, v in build_model(info, seed=5).state_dict().items()})
+        half = strategies.client_half(name, model, content, RecordDict(), lr=0.05, node_id=1)
+        result = train_local(model, data.train, epochs=1, batch_size=32, lr=0.05, momentum=0.9,
+                             seed=3, hooks=half.hooks)
+        model.to("cpu")
+        extra = half.finish(model, result.steps)
+        results[device] = ({k: v.numpy() for k, v in model.state_dict().items()}, extra)
+    cpu, gpu = (results[d] for d in GPU_CHECK_DEVICES)
+    for key, value in cpu[0].items():
+        np.testing.assert_allclose(gpu[0][key], value, rtol=1e-3, atol=1e-4)
+    assert set(gpu[1]) == set(cpu[1])
+    for key, value in cpu[1].items():
+        assert isinstance(gpu[1][key], np.ndarray)
+        np.testing.assert_allclose(gpu[1][key], value, rtol=1e-3, atol=1e-4)

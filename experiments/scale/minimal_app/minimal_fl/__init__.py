@@ -1,0 +1,1 @@
+"""Minimal FedAvg app (benchmark fixture)."""
