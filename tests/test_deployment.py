@@ -3,7 +3,8 @@
 Each SuperNode holds one partition through its node config; every message starts a
 fresh ClientApp process, as on real devices. One deployment is insecure and its nodes
 read their own data; one holds benchmark partitions over TLS, with SuperNode
-authentication and SecAgg+. Slow (minutes): each ClientApp process imports PyTorch.
+authentication and SecAgg+; in one, with DP-SGD, a SuperNode is stopped mid-run and
+restarted. Slow (minutes): each ClientApp process imports PyTorch.
 """
 
 from __future__ import annotations
@@ -102,3 +103,71 @@ def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path
     rounds = summary["history"][1:]
     assert all(r["secagg_survivors"] == 3 and r["round_aggregated"] == 1 for r in rounds)
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
+    """3 SuperNodes with sample-level DP-SGD, each with a state-dir; min-train-nodes 2.
+    SuperNode 2 is stopped (SIGTERM, as a device shutting down) once round 1 is recorded,
+    and started again, same node config, once round 2 is. The run completes; the results
+    say how many nodes took part in each round; the restarted node's accountant continues
+    from its state-dir: its history holds exactly one entry per round it trained, so no
+    round's spend is lost (a fresh accountant would hold only the rounds after restart)."""
+    import threading
+    import time
+
+    from experiments.launch import _terminate_group
+    from fl_app.privacy import accountant_file, steps_per_epoch
+
+    rounds, run_name = 4, "stopped-node"
+    link = LocalSuperLink(tmp_path, simulation=False).start()
+    configs = [f'partition-id={pid} num-partitions=3 state-dir="{tmp_path / f"state-{pid}"}" '
+               f'cache-dir="{tmp_path / "cache"}"' for pid in range(3)]
+    summary_path = tmp_path / "results" / run_name / "summary.json"
+
+    def recorded_rounds() -> int:
+        try:
+            return len(json.loads(summary_path.read_text())["history"]) - 1
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    outcome: dict = {}
+    try:
+        for pid in range(3):
+            link.add_supernode(pid, 3, node_config=configs[pid])
+        runner = threading.Thread(target=lambda: outcome.update(proc=link.run(
+            {"num-server-rounds": rounds, "run-name": run_name, "min-train-nodes": 2,
+             "results-dir": str(tmp_path / "results"), "dp": True, "dp-noise-multiplier": 1.1,
+             "batch-size": 64}, timeout=900)))
+        runner.start()
+        for wanted, action in ((1, "stop"), (2, "restart")):
+            while recorded_rounds() < wanted and runner.is_alive():
+                time.sleep(0.5)
+            if action == "stop":
+                _terminate_group(link.supernodes[2])
+            else:
+                link.add_supernode(2, 3, node_config=configs[2])
+        runner.join(timeout=900)
+        summary = json.loads(summary_path.read_text())
+    finally:
+        processes = [link.process, *link.supernodes]
+        link.stop()
+    assert all(p.poll() is not None for p in processes)
+    proc = outcome.get("proc")
+    assert summary["status"] == "completed", (summary.get("error"), proc and proc.stdout[-3000:])
+    history = summary["history"][1:]
+    valid = [r["replies_valid"] for r in history]
+    assert valid[0] == 3 and valid[1] == 2, valid  # round 2 ran without the stopped node
+    assert all(v >= 2 for v in valid) and all(r["round_aggregated"] == 1 for r in history)
+    # Each node's accountant on disk ((sigma, q, steps) entries; Opacus merges equal
+    # ones): the DP-SGD steps of every round the node trained, none missing.
+    run_tag = summary["run_name"]
+    steps = {pid: sum(k for _, _, k in json.loads(
+        accountant_file(str(tmp_path / f"state-{pid}"), run_tag, pid).read_text())["history"])
+        for pid in range(3)}
+    per_round = [steps_per_epoch(n, 64) for n in summary["partition_train_sizes"]]
+    assert steps[0] == rounds * per_round[0] and steps[1] == rounds * per_round[1], steps
+    trained_by_2 = sum(v == 3 for v in valid)
+    assert trained_by_2 >= 2, valid  # round 1, and at least one round after the restart
+    assert steps[2] == trained_by_2 * per_round[2], (steps, valid)
+    spends = [r["dp_epsilon_max"] for r in history]
+    assert all(a < b for a, b in zip(spends, spends[1:])), spends

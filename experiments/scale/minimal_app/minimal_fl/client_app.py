@@ -10,7 +10,6 @@ from flwr.clientapp import ClientApp
 
 from .task import Net, client_data, test, train
 
-torch.set_num_threads(1)
 app = ClientApp()
 
 
