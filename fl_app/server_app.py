@@ -135,22 +135,24 @@ class NodeDirectory:
                 if wire.DATA_SIZE in metrics:
                     self.own_data_of[node] = (int(metrics[wire.DATA_SIZE]),
                                            [int(c) for c in metrics[wire.LABEL_COUNTS]])
-        return {n: self.partition[n][0] for n in node_ids if n in self.partition}
+        wanted = set(node_ids)  # in the order the nodes answered: the first claim wins
+        return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
 
     def own_data(self, node_ids: list[int], num_partitions: int,
                  num_classes: int) -> dict[int, tuple[int, list[int]]]:
         """partition id -> (size, label counts) for the nodes that hold their own data
         (node config ``data-path``), as they reported it; empty when none does."""
-        self.discover(node_ids)
         out: dict[int, tuple[int, list[int]]] = {}
-        for node in node_ids:
+        held: set[int] = set()
+        for node, pid in self.discover(node_ids).items():  # as PartitionSampler: first claim wins
+            if pid in held:
+                log(WARNING, "Node %s claims partition-id %d, already held by another node: "
+                             "left out (give each SuperNode its own partition-id in [0, %d))",
+                    node, pid, num_partitions)
+                continue
+            held.add(pid)
             if node not in self.own_data_of:
                 continue
-            pid = self.partition[node][0]
-            if pid in out:
-                raise ValueError(f"Two nodes with their own data claim partition-id {pid}; "
-                                 f"give each SuperNode a distinct partition-id in "
-                                 f"[0, {num_partitions})")
             size, counts = self.own_data_of[node]
             if size < 2:
                 raise ValueError(f"The node with partition-id {pid} holds {size} sample(s) in "

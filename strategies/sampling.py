@@ -6,6 +6,11 @@ clients. Here the nodes are ordered by the partition they hold (learned once per
 with a query message), and a ``numpy`` generator seeded with ``(seed, round, stage)``
 picks among them: the same config and seed sample the same partitions every run.
 
+Each partition is held by one node: when a second connected node claims a partition
+(two SuperNodes started with the same ``partition-id``), the node that claimed it first
+keeps it, the other is left out with a warning naming both, and takes over if the first
+disconnects (a SuperNode restarted with its old node config gets a new node id).
+
 A node that has not said which partition it holds (its query failed or timed out) is
 not sampled: a reply from it could not be bounded or ordered, and it may not be running
 the app at all. It is asked again at most once per round (each query can block for the
@@ -15,8 +20,10 @@ query timeout), so a node that comes up late joins from the next round on.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from logging import WARNING
 
 import numpy as np
+from flwr.supercore import log
 
 STAGES = {"train": 0, "evaluate": 1}
 
@@ -36,8 +43,10 @@ class PartitionSampler:
     def __init__(self, seed: int, discover: Callable[[list[int]], dict[int, int]]) -> None:
         self.seed = seed
         self._discover = discover
-        self.partition_of: dict[int, int] = {}
+        self.partition_of: dict[int, int] = {}  # in the order the nodes were learned
+        self._rank: dict[int, int] = {}  # node id -> when it was learned (first claim wins)
         self._asked_in_round: dict[int, int] = {}  # node id -> round it was last asked
+        self._left_out: set[int] = set()  # duplicate claimants already warned about
 
     def learn(self, node_ids: Iterable[int], server_round: int = 0) -> None:
         """Ask the nodes not known yet, except those already asked in ``server_round``."""
@@ -46,14 +55,26 @@ class PartitionSampler:
         if unknown:
             for node in unknown:
                 self._asked_in_round[node] = server_round
-            self.partition_of.update(self._discover(unknown))
+            for node, pid in self._discover(unknown).items():
+                self.partition_of[node] = pid
+                self._rank[node] = len(self._rank)
 
     def ordered(self, node_ids: Iterable[int], server_round: int = 0) -> list[int]:
-        """The nodes whose partition is known, sorted by partition id."""
+        """One node per known partition (its first claimant among ``node_ids``), sorted
+        by partition id."""
         nodes = list(node_ids)
         self.learn(nodes, server_round)
-        return sorted((n for n in nodes if n in self.partition_of),
-                      key=lambda n: (self.partition_of[n], n))
+        holder: dict[int, int] = {}
+        for node in sorted((n for n in nodes if n in self.partition_of), key=self._rank.__getitem__):
+            pid = self.partition_of[node]
+            if pid not in holder:
+                holder[pid] = node
+            elif node not in self._left_out:
+                self._left_out.add(node)
+                log(WARNING, "Node %s claims partition-id %d, already held by node %s: left "
+                             "out while that node is connected (give each SuperNode its own "
+                             "partition-id)", node, pid, holder[pid])
+        return [holder[pid] for pid in sorted(holder)]
 
     def choose(self, node_ids: Iterable[int], k: int, server_round: int, stage: str) -> list[int]:
         """``min(k, known nodes)`` distinct nodes, the same ones for the same seed, round

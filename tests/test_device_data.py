@@ -100,10 +100,11 @@ def test_the_server_takes_sizes_and_label_counts_from_the_nodes():
     nodes.own_data_of = {11: (30, [10, 20]), 12: (5, [0, 0, 5])}  # 13: a benchmark partition
     assert nodes.own_data([11, 12, 13], 3, num_classes=3) == {0: (30, [10, 20, 0]),
                                                               1: (5, [0, 0, 5])}
-    nodes.partition[12] = (0, 3)  # two nodes claim partition 0
-    with pytest.raises(ValueError, match="Two nodes with their own data claim partition-id 0"):
-        nodes.own_data([11, 12, 13], 3, num_classes=3)
-    nodes.partition[12] = (1, 3)
+    nodes.partition[12] = (0, 3)  # two nodes claim partition 0: the first to answer keeps it
+    assert nodes.own_data([11, 12, 13], 3, num_classes=3) == {0: (30, [10, 20, 0])}
+    nodes.partition = {12: (0, 3), 11: (0, 3), 13: (2, 3)}  # now 12 answered first
+    assert nodes.own_data([11, 12, 13], 3, num_classes=3) == {0: (5, [0, 0, 5])}
+    nodes.partition = {11: (0, 3), 12: (1, 3), 13: (2, 3)}
     nodes.own_data_of[12] = (1, [1])
     with pytest.raises(ValueError, match="holds 1 sample"):
         nodes.own_data([11, 12, 13], 3, num_classes=3)

@@ -289,3 +289,19 @@ def test_guard_sends_fewer_messages_when_nodes_are_unknown():
     strategy = Guarded(FedAvg(min_train_nodes=1, min_available_nodes=1), sampler=sampler)
     messages = configure(strategy, nodes=(31, 32, 33, 34))
     assert sorted(m.metadata.dst_node_id for m in messages) == [31, 32]
+
+
+def test_two_nodes_claiming_one_partition_the_first_keeps_it_until_it_leaves(caplog):
+    """A second SuperNode started with a partition-id already held is left out (warned,
+    once) while the holder is connected; a restarted SuperNode (new node id) takes over
+    its partition once the old id is gone."""
+    mapping = {41: 0, 42: 1, 43: 1, 44: 2}
+    sampler = sampler_for(mapping, seed=0)
+    with caplog.at_level("WARNING"):
+        for server_round in (1, 2):
+            chosen = sampler.choose([41, 42, 43, 44], 4, server_round, "train")
+            assert chosen == [41, 42, 44]
+    warnings = [r.getMessage() for r in caplog.records if "claims partition-id" in r.getMessage()]
+    assert warnings == ["Node 43 claims partition-id 1, already held by node 42: left out while "
+                        "that node is connected (give each SuperNode its own partition-id)"]
+    assert sampler.choose([41, 43, 44], 3, 3, "train") == [41, 43, 44]  # 42 disconnected
