@@ -23,6 +23,7 @@ from partitions.device import cached_client_data, load_device_data, read_device_
 from . import wire
 from .attacks import client_attack
 from .central_dp import central_dp_gate
+from .faults import HUGE_NUM_EXAMPLES, InjectedFault, corrupt_arrays, is_faulty
 from .config import RunConfig
 from .secagg_client import secagg_gate
 from .model import build_model
@@ -96,12 +97,29 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
+def state_dir(msg: Message, context: Context) -> str | None:
+    """Where this client keeps state that must survive a restart (SCAFFOLD's c_i, the DP
+    accountant): node config ``state-dir`` (deployment), else the run's client-state
+    folder the server sends in simulation (where server and clients share one machine),
+    else nowhere (Context.state only)."""
+    if wire.NODE_STATE_DIR in context.node_config:
+        return str(context.node_config[wire.NODE_STATE_DIR])
+    folder = msg.content[wire.CONFIG].get(wire.CLIENT_STATE_DIR)
+    return str(folder) if folder else None
+
+
 @app.train(mods=[secagg_gate, central_dp_gate])
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    folder = state_dir(msg, context)
+    # Simulated faulty client (test facility, off by default): see fl_app/faults.py.
+    fault = cfg.fault_kind if is_faulty(cfg.seed, server_round, pid, float(cfg.fault_rate)) else None
+    if fault == "exception":
+        raise InjectedFault(f"fault-kind = exception (test facility): partition {pid} fails "
+                            f"in round {server_round}")
     half = strategies.client_half(cfg.strategy, model, msg.content, context.state,
-                                  lr=float(cfg.lr), node_id=context.node_id)
+                                  lr=float(cfg.lr), member_id=pid, state_dir=folder)
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
@@ -110,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp and not user_dp:  # sample-level DP-SGD; the spend composes over every round
         from .privacy import ClientRound  # imports Opacus: only when DP is on
 
-        private = ClientRound(cfg, context.state, context.node_config,
+        private = ClientRound(cfg, context.state, {wire.NODE_STATE_DIR: folder} if folder else {},
                               run_tag=str(msg.content[wire.CONFIG][wire.RUN_TAG]),
                               partition_id=pid, num_examples=len(train_data),
                               server_round=server_round)
@@ -138,6 +156,9 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in y.items()})
     for key, value in half.finish(model, result.steps).items():
         arrays[key] = Array(value)
+    if fault in ("nan", "shapes"):
+        bad = corrupt_arrays(fault, {k: a.numpy() for k, a in arrays.items()})
+        arrays = ArrayRecord({k: Array(v) for k, v in bad.items()})
     dp_metrics = private.finish() if private else {}
     # Under DP (either mode) the training loss and accuracy stay on the client: they are
     # computed on the private data without noise, so they would leak around the guarantee.
@@ -152,6 +173,10 @@ def train(msg: Message, context: Context) -> Message:
         **half.metrics(),
         **dp_metrics,
     })
+    if fault == "huge-examples":
+        metrics[wire.NUM_EXAMPLES] = HUGE_NUM_EXAMPLES
+    if fault == "timeout":  # the server stops waiting after round-timeout seconds
+        time.sleep(float(cfg.round_timeout) + 2.0)
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     return Message(content, reply_to=msg)
 

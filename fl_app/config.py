@@ -20,6 +20,7 @@ import strategies
 from partitions import PARTITIONERS, DataConfig, resolve_source
 
 from .attacks import ATTACKS
+from .faults import FAULT_KINDS
 from .model import MODELS
 from .training import DEVICES
 
@@ -99,6 +100,12 @@ class RunConfig:
     results_dir: str
     run_name: str
     sweep_file: str
+    checkpoint: bool
+    resume_from: str
+    fail_after_round: int
+    round_timeout: float
+    fault_rate: float
+    fault_kind: str
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -201,6 +208,28 @@ class RunConfig:
             raise ValueError(f"Run config 'sweep-file' must be a path string; got {self.sweep_file!r}")
         if self.sweep_file and not Path(self.sweep_file).expanduser().is_file():
             raise ValueError(f"Run config 'sweep-file': no such file: {self.sweep_file!r}")
+        if not isinstance(self.checkpoint, bool):
+            raise ValueError(f"Run config 'checkpoint' must be true or false; got {self.checkpoint!r}")
+        if not isinstance(self.resume_from, str):
+            raise ValueError(f"Run config 'resume-from' must be a path string (empty: a new run); "
+                             f"got {self.resume_from!r}")
+        if self.resume_from and not self.checkpoint:
+            raise ValueError("Run config 'resume-from' needs 'checkpoint' = true: the resumed run "
+                             "must go on checkpointing (and its clients on keeping their state)")
+        if self.resume_from and self.sweep_file:
+            raise ValueError("Run config 'resume-from' resumes one run; with 'sweep-file', submit "
+                             "the sweep again instead: it resumes its interrupted entries from "
+                             "their checkpoints and skips the finished ones")
+        _int("fail-after-round", self.fail_after_round, minimum=0)
+        _positive("round-timeout", self.round_timeout)
+        _choice("fault-kind", self.fault_kind, FAULT_KINDS)
+        _number("fault-rate", self.fault_rate)
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"Run config 'fault-rate' must be in [0, 1]; got {self.fault_rate!r}")
+        if (self.fault_rate > 0) != (self.fault_kind != "none"):
+            raise ValueError(f"Run config 'fault-rate' = {self.fault_rate!r} and 'fault-kind' = "
+                             f"{self.fault_kind!r}: set both (a rate > 0 and a kind in "
+                             f"{list(FAULT_KINDS[1:])}) or neither")
         resolve_source(self.dataset)  # unknown name or missing file
 
     def _check_dp(self) -> None:

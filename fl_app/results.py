@@ -12,6 +12,10 @@
   ``partition_train_sizes`` and ``label_counts`` (per partition, samples per label,
   from flwr-datasets' ``compute_counts``);
 - ``final_model.pt``: the final global weights (a PyTorch state dict);
+- ``checkpoint.pkl``: the last complete round's model, strategy state, random
+  generators and history (``fl_app/checkpoint.py``; run-config ``resume-from``);
+- ``client-state/`` (simulation): the clients' state that outlives a round (SCAFFOLD's
+  c_i, the DP accountant), per partition;
 - ``accuracy.png``: test accuracy per round;
 - ``label_distribution.png``: flwr-datasets' ``plot_label_distributions`` of the split.
 
@@ -85,11 +89,13 @@ def write_json(path: Path, payload: Any) -> None:
 class RunRecorder:
     """Collects the per-round history of one run and keeps ``summary.json`` current."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], extra: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any], extra: dict[str, Any],
+                 history: list[dict[str, Any]] | None = None) -> None:
+        """``history``: the rounds already done (a run resumed from its checkpoint)."""
         self.run_dir = run_dir
         self.config = config
         self.extra = extra
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = list(history or [])
         self.status = RUNNING
         self.error: str | None = None
         write_json(run_dir / CONFIG, config)

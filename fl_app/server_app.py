@@ -14,7 +14,8 @@ import time
 from datetime import datetime
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -34,6 +35,9 @@ from strategies.sampling import PartitionSampler
 from strategies.secagg import SecAggSettings, SecureAggregationGrid
 from strategies.validation import array_spec
 
+from strategies.state import capture, restore
+
+from . import checkpoint as ckpt
 from . import wire
 from .attacks import attacker_partitions
 from .config import RunConfig, load_sweep
@@ -44,6 +48,7 @@ from .training import derive_seed, evaluate, resolve_device
 app = ServerApp()
 
 LABEL_PLOT = "label_distribution.png"
+CLIENT_STATE = "client-state"  # in simulation: the clients' state folder, in the run folder
 INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
 QUERY_TIMEOUT = 120.0
 NODE_WAIT_TIMEOUT = 600.0
@@ -97,7 +102,11 @@ def is_simulation(grid: Grid) -> bool:
 
 
 def check_attack(cfg: RunConfig, grid: Grid, num_partitions: int) -> None:
-    """Simulated attacks exist only in simulation, with no more attackers than partitions."""
+    """Simulated attacks and faults exist only in simulation, with no more attackers than
+    partitions."""
+    if cfg.fault_kind != "none" and not is_simulation(grid):
+        raise ValueError(f"Run config 'fault-kind' = {cfg.fault_kind!r} is a simulation-only "
+                         "test facility; outside simulation it must be \"none\"")
     if cfg.attack == "none":
         return
     if not is_simulation(grid):
@@ -177,8 +186,23 @@ def _history_record(metrics: MetricRecord | None) -> dict:
     return {k.replace("-", "_"): v for k, v in metrics.items()}
 
 
+def resume_point(cfg: RunConfig) -> tuple[ckpt.Checkpoint, "os.PathLike"] | None:
+    """The checkpoint ``resume-from`` names, checked against ``cfg``; None for a new run."""
+    if not cfg.resume_from:
+        return None
+    path = resolve_results_dir(cfg.resume_from)
+    checkpoint = ckpt.load(path)
+    ckpt.check_resumable(checkpoint, cfg.resolved(), path)
+    return checkpoint, path
+
+
+class SimulatedFailure(RuntimeError):
+    """Raised by run-config ``fail-after-round`` (a test facility)."""
+
+
 def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str) -> dict:
     """Train one run config to the end and record it; returns its summary."""
+    resume = resume_point(cfg)
     node_ids = wait_for_nodes(grid, cfg.min_train_nodes)
     num_partitions = nodes.num_partitions(node_ids)
     if len(node_ids) < num_partitions and not is_simulation(grid):
@@ -230,6 +254,8 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     )
     sampler = PartitionSampler(cfg.seed, nodes.discover)
     inner = strategies.build(cfg, num_partitions, total_examples=sum(train_n))
+    if hasattr(inner, "member_of"):  # SCAFFOLD: the accepted map keyed by partition id
+        inner.member_of = sampler.partition_of.get
     if cfg.attack != "none":  # simulated Byzantine clients: a test facility
         inner = AttackSimulation(
             inner, attack=cfg.attack,
@@ -250,11 +276,25 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
     if secagg is not None:  # the strategy sees one reply: the unmasked weighted mean
         run_grid = SecureAggregationGrid(
             grid, secagg, reply_spec=getattr(inner, "reply_array_spec", None) or array_spec)
-    run_dir = fresh_run_dir(resolve_results_dir(cfg.results_dir), run_dir_name)
+    first_round = 1
+    if resume is not None:  # the same folder and run name: clients find their state by it
+        checkpoint, run_dir = resume
+        initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in checkpoint.arrays.items()})
+        restore(strategy, checkpoint.strategy)
+        ckpt.restore_rng(checkpoint.rng)
+        first_round = checkpoint.round + 1
+        resumed_at = [*checkpoint.resumed_at, checkpoint.round]
+        log(INFO, "Resuming run %s after round %d of %d", run_dir.name, checkpoint.round,
+            cfg.num_server_rounds)
+    else:
+        run_dir = fresh_run_dir(resolve_results_dir(cfg.results_dir), run_dir_name)
+        resumed_at = []
     recorder = RunRecorder(
         run_dir,
         cfg.resolved(),
+        history=checkpoint.history if resume is not None else None,
         extra={
+            **({"resumed_after_rounds": resumed_at} if resumed_at else {}),
             "num_partitions": num_partitions,
             "num_nodes": len(node_ids),
             "partition_sizes": sizes,
@@ -286,15 +326,26 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
         if server_round > 0:
             record.update(_history_record(strategy.last_train_metrics))
             record.update(_history_record(strategy.last_evaluate_metrics))
+        if cfg.checkpoint:  # before the summary: a checkpoint never lags the history
+            ckpt.save(run_dir, ckpt.Checkpoint(
+                round=server_round, arrays={k: a.numpy() for k, a in arrays.items()},
+                strategy=capture(strategy), history=[*recorder.history, record],
+                rng=ckpt.rng_state(), config=cfg.resolved(), resumed_at=resumed_at))
         recorder.add_round(record)
         log(INFO, "[%s] round %d/%d: test accuracy %.4f, test loss %.4f", run_dir.name,
             server_round, cfg.num_server_rounds, accuracy, loss)
+        if cfg.fail_after_round and server_round == cfg.fail_after_round:
+            raise SimulatedFailure(f"fail-after-round = {server_round}: a simulated ServerApp "
+                                   "failure (test facility)")
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
 
     def round_config() -> ConfigRecord:
-        return ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_dir.name,
-                             wire.IMAGE_SHAPE: [int(v) for v in info.image_shape],
-                             wire.NUM_CLASSES: int(info.num_classes)})
+        config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_dir.name,
+                               wire.IMAGE_SHAPE: [int(v) for v in info.image_shape],
+                               wire.NUM_CLASSES: int(info.num_classes)})
+        if cfg.checkpoint and is_simulation(grid):  # clients share this machine's disk
+            config[wire.CLIENT_STATE_DIR] = str(run_dir / CLIENT_STATE)
+        return config
 
     try:
         result = strategy.start(
@@ -304,6 +355,8 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
             train_config=round_config(),
             evaluate_config=round_config(),
             evaluate_fn=evaluate_fn,
+            timeout=float(cfg.round_timeout),
+            first_round=first_round,
         )
     except Exception as err:
         recorder.fail(err)  # `flwr run` exits 0 anyway: the summary must say it failed
@@ -341,6 +394,7 @@ def main(grid: Grid, context: Context) -> None:
     for cfg in runs:  # before any node is asked anything
         check_results_dir(cfg.results_dir)
         resolve_device(cfg.device)  # 'cuda' on a server without a GPU fails here
+        resume_point(cfg)  # a missing or unreadable checkpoint, or another config
         preflight(cfg.data)
     nodes = NodeDirectory(grid)
     node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))
@@ -355,7 +409,19 @@ def main(grid: Grid, context: Context) -> None:
             if is_complete(run_dir):
                 log(INFO, "Sweep %d/%d: %s already complete, skipped", i, len(runs), name)
                 continue
-            if run_dir.exists():  # an interrupted earlier attempt: keep it aside
+            if run_dir.exists():  # an interrupted earlier attempt: resume it, or keep it aside
+                try:
+                    resumed = cfg.replace(**{"resume-from": str(run_dir)}) if cfg.checkpoint else None
+                    if resumed is not None:
+                        resume_point(resumed)
+                except ValueError as err:
+                    log(WARNING, "Sweep %d/%d: %s cannot be resumed (%s); set aside, started "
+                                 "again", i, len(runs), name, err)
+                    resumed = None
+                if resumed is not None:
+                    log(INFO, "Sweep %d/%d: %s resumed from its checkpoint", i, len(runs), name)
+                    run_one(grid, resumed, nodes, name)
+                    continue
                 shutil.move(str(run_dir), str(run_dir.with_name(f"{name}.incomplete-{timestamp}")))
             log(INFO, "Sweep %d/%d: %s", i, len(runs), name)
         run_one(grid, cfg, nodes, name)

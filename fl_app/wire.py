@@ -35,6 +35,7 @@ DP_EPSILON_MEAN = "dp-epsilon-mean"
 
 # Node config (flower-supernode --node-config)
 NODE_STATE_DIR = "state-dir"  # where a node keeps state that must survive a restart
+CLIENT_STATE_DIR = "client-state-dir"  # server -> client, simulation only: the run's client-state folder
 CACHE_DIR = "cache-dir"  # where a node caches its benchmark partition between messages
 
 # Query reply: which partition a node holds
@@ -52,6 +53,7 @@ NUM_CLASSES = "num-classes"
 # Round statistics the server adds to the aggregated train metrics
 REPLIES_VALID = "replies-valid"
 REPLIES_REJECTED = "replies-rejected"
+REPLIES_MISSING = "replies-missing"
 ROUND_AGGREGATED = "round-aggregated"  # 1 if the round's aggregate became the global model
 UPLOAD_BYTES = "upload-bytes-per-client"
 DOWNLOAD_BYTES = "download-bytes-per-client"

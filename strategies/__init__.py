@@ -227,11 +227,13 @@ class ClientHalf:
 
 
 def client_half(name: str, model: nn.Module, content: RecordDict, state: RecordDict,
-                *, lr: float, node_id: int) -> ClientHalf:
+                *, lr: float, member_id: int, state_dir: str | None = None) -> ClientHalf:
     """The client half of strategy ``name``, set up from the train message ``content``.
 
     ``model`` must already hold the global weights (FedProx and SCAFFOLD copy them);
-    ``node_id`` is this node's id (SCAFFOLD's commit protocol is keyed on it).
+    ``member_id`` is this client's id in the federation, its partition id (SCAFFOLD's
+    commit protocol is keyed on it); ``state_dir``: where state that must survive a
+    restart is kept on disk (SCAFFOLD's c_i), if anywhere.
     """
     config = content[wire.CONFIG]
     if name == "fedprox":
@@ -240,6 +242,7 @@ def client_half(name: str, model: nn.Module, content: RecordDict, state: RecordD
         return ClientHalf(hooks=client_hooks(model, float(config[PROXIMAL_MU])))
     if name == "scaffold":
         scaffold = ScaffoldClient(model, content, state, str(config[wire.RUN_TAG]), lr,
-                                  node_id=node_id, server_round=int(config[wire.SERVER_ROUND]))
+                                  member_id=member_id, server_round=int(config[wire.SERVER_ROUND]),
+                                  state_dir=state_dir)
         return ClientHalf(hooks=scaffold.hooks, finish=scaffold.finish, metrics=scaffold.metrics)
     return ClientHalf()

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from fl_app import wire
@@ -195,6 +195,55 @@ class Guarded(Strategy):
                 stage, node, partition, reason)
 
     # ------------------------------------------------------------------ Strategy API
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's ``Strategy.start`` loop (flwr/serverapp/strategy/strategy.py, 1.42),
+        which always starts at round 1, with one addition for resuming a run:
+        ``first_round`` > 1 continues from a checkpoint (``initial_arrays`` = the model
+        after round ``first_round - 1``, this strategy's state already restored) without
+        evaluating the initial model again. Per round, as in Flower: train, federated
+        evaluation, then ``evaluate_fn`` (where the ServerApp records and checkpoints)."""
+        if first_round <= 1:
+            return super().start(grid, initial_arrays, num_rounds, timeout, train_config,
+                                 evaluate_config, evaluate_fn)
+        log(INFO, "Resuming %s at round %d of %d", type(self.inner).__name__, first_round,
+            num_rounds)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(), initial_arrays
+        for current_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid),
+                timeout=timeout)
+            agg_arrays, train_metrics = self.aggregate_train(current_round, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[current_round] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid),
+                timeout=timeout)
+            evaluate_metrics = self.aggregate_evaluate(current_round, replies)
+            if evaluate_metrics is not None:
+                result.evaluate_metrics_clientapp[current_round] = evaluate_metrics
+            if evaluate_fn:
+                res = evaluate_fn(current_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+        return result
+
     def summary(self) -> None:
         log(INFO, "\t├──> Guarded: reply validation, seeded partition-space sampling, "
                   "at least %d valid replies per round", self.min_valid_replies)
@@ -229,6 +278,8 @@ class Guarded(Strategy):
         stats = {
             wire.REPLIES_VALID: num_valid,
             wire.REPLIES_REJECTED: self._sent - num_valid if secure else len(rejected),
+            # messages sent that got no reply at all within the round's timeout
+            wire.REPLIES_MISSING: 0 if secure else max(self._sent - num_valid - len(rejected), 0),
             **_dp_stats(valid, rejected),
             wire.DOWNLOAD_BYTES: self._download_bytes,
         }

@@ -43,11 +43,21 @@ for good if a client keeps c_i+ while the server never adds its Delta c_i (a rep
 timed out, rejected by the guard, left out of a round skipped for too few valid
 replies, or part of an aggregate that was rolled back). So the client stores c_i+ as
 *pending*, tagged with the round r it was computed in, and keeps using its committed
-c_i. The server records, for every node, the last round whose contribution went into an
-aggregate that stood (``accepted``; kept in the strategy, so a rolled-back round's
-record is rolled back with it) and sends that map (``scaffold-accepted``: node id ->
-round) with every train message. When the node is next sampled it commits its pending
+c_i. The server records, for every client, the last round whose contribution went into
+an aggregate that stood (``accepted``; kept in the strategy, so a rolled-back round's
+record is rolled back with it) and sends that map (``scaffold-accepted``: member id ->
+round) with every train message. When the client is next sampled it commits its pending
 c_i+ if and only if the map says its round-r contribution was aggregated, else drops it.
+A client's member id is its partition id in the app (``member_of``; the node id by
+default): node ids change when a SuperNode restarts or a run is resumed, partitions do
+not.
+
+Where c_i lives: in the node's ``Context.state``, and, with a state folder (node config
+``state-dir`` in deployment; the run's ``client-state`` folder in simulation, sent by
+the server), also on disk, written atomically after every round the client trains
+(``scaffold-<run>-p<member>.npz``: c_i, the pending c_i+ and its round). A restarted
+SuperNode or a resumed run reloads it, and the accepted map of the server's checkpoint
+decides the pending c_i+ exactly as it would have without the interruption.
 The server never holds any c_i (only the Delta c_i it aggregates, which secure
 aggregation can hide), and the map reveals only who took part when, which the server
 knows anyway. A client never stores a non-finite c_i+: it keeps its previous c_i (the
@@ -62,8 +72,13 @@ The upload is therefore twice FedAvg's (reported per round).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,7 +95,7 @@ from .secagg import contributors
 from .validation import ArraySpec, array_spec
 
 C_RECORD = "scaffold-c"  # server -> client: the server control variate c
-ACCEPTED_RECORD = "scaffold-accepted"  # server -> client: node id -> last aggregated round
+ACCEPTED_RECORD = "scaffold-accepted"  # server -> client: member id -> last aggregated round
 CONTROL_VARIATE = "scaffold-control-variate"  # server -> client: how c_i+ is computed
 VARIATES = ("gradient-mean", "displacement")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -184,7 +199,8 @@ class Scaffold(FedAvg):
 
     def __init__(self, *, num_clients: int, server_lr: float = 1.0,
                  control_variate: str = "gradient-mean", weighting: str = "num-examples",
-                 total_examples: float | None = None, **fedavg_kwargs) -> None:
+                 total_examples: float | None = None,
+                 member_of: Callable[[int], int | None] | None = None, **fedavg_kwargs) -> None:
         if control_variate not in VARIATES:
             raise ValueError(f"SCAFFOLD control_variate must be one of {list(VARIATES)}, "
                              f"got {control_variate!r}")
@@ -206,7 +222,8 @@ class Scaffold(FedAvg):
         self.total_examples = None if total_examples is None else float(total_examples)
         self.c: NDArrays | None = None
         self.x: NDArrays | None = None
-        self.accepted: dict[int, int] = {}  # node id -> last round its Delta c_i was added
+        self.accepted: dict[int, int] = {}  # member id -> last round its Delta c_i was added
+        self.member_of = member_of  # node id -> member id (None: the node id itself)
 
     def summary(self) -> None:
         log(INFO, "\t├──> SCAFFOLD (Option II, %s, %s weighting): eta_g = %g, N = %d",
@@ -254,7 +271,9 @@ class Scaffold(FedAvg):
                                       server_lr=self.server_lr)
         for message in valid:  # one reply per node, or a secure aggregate of several
             for node in contributors(message):
-                self.accepted[node] = server_round
+                member = self.member_of(node) if self.member_of is not None else node
+                if member is not None:
+                    self.accepted[int(member)] = server_round
         return _record(new_x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def state_dict(self) -> dict:
@@ -268,8 +287,60 @@ class Scaffold(FedAvg):
 
 
 # ------------------------------------------------------------------ client side
-def resolve_pending(state: RecordDict, run_tag: str, node_id: int, accepted: ConfigRecord) -> bool:
-    """Commit or drop this node's pending c_i+ by the server's accepted map (in place);
+def scaffold_file(state_dir: str | Path, run_tag: str, member_id: int) -> Path:
+    """Where a client keeps its c_i on disk: keyed by run and member (partition) id."""
+    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", run_tag)
+    return Path(state_dir).expanduser() / f"scaffold-{safe}-p{int(member_id)}.npz"
+
+
+def save_client_state(state: RecordDict, path: Path) -> None:
+    """c_i, the pending c_i+ and their meta data, written to a temporary file, flushed,
+    then renamed: a crash leaves the previous file or the new one, never half of one."""
+    arrays: dict[str, np.ndarray] = {}
+    for prefix, key in (("ci/", STATE_CI), ("pending/", STATE_PENDING)):
+        if key in state:
+            arrays.update({prefix + k: a.numpy() for k, a in state[key].items()})
+    meta = dict(state[STATE_META]) if STATE_META in state else {}
+    arrays["meta"] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_client_state(state: RecordDict, path: Path, run_tag: str) -> None:
+    """Fill ``state`` from ``path`` when it holds nothing of this run (a restarted node,
+    a resumed run); a damaged file is an error, not a silent c_i = 0 (the server's c
+    still counts this client's c_i)."""
+    meta = state.get(STATE_META)
+    if (meta is not None and meta.get(RUN_TAG) == run_tag) or not path.exists():
+        return
+    try:
+        with np.load(path) as data:
+            saved = json.loads(str(data["meta"]))
+            groups: dict[str, NDArrays] = {"ci/": {}, "pending/": {}}
+            for name in data.files:
+                for prefix, group in groups.items():
+                    if name.startswith(prefix):
+                        group[name[len(prefix):]] = data[name]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"Cannot read this client's SCAFFOLD state {path} ({err}); the "
+                         "server's c counts its c_i, so training without it would break "
+                         "c = sum_i q_i c_i. Restore the file or start a new run") from None
+    if saved.get(RUN_TAG) != run_tag:
+        return
+    if groups["ci/"]:
+        state[STATE_CI] = _record(groups["ci/"])
+    if groups["pending/"]:
+        state[STATE_PENDING] = _record(groups["pending/"])
+    state[STATE_META] = ConfigRecord(saved)
+
+
+def resolve_pending(state: RecordDict, run_tag: str, member_id: int, accepted: ConfigRecord) -> bool:
+    """Commit or drop this client's pending c_i+ by the server's accepted map (in place);
     True if it was committed.
 
     State from another run (another ``run_tag``) is cleared: c_i starts at zero.
@@ -282,7 +353,7 @@ def resolve_pending(state: RecordDict, run_tag: str, node_id: int, accepted: Con
         return False
     committed = False
     if STATE_PENDING in state:
-        if accepted.get(str(node_id)) == meta.get(PENDING_ROUND):
+        if accepted.get(str(member_id)) == meta.get(PENDING_ROUND):
             state[STATE_CI] = state[STATE_PENDING]
             committed = True
         del state[STATE_PENDING]
@@ -300,7 +371,8 @@ class ScaffoldClient:
     """
 
     def __init__(self, model: nn.Module, content: RecordDict, state: RecordDict,
-                 run_tag: str, lr: float, *, node_id: int, server_round: int) -> None:
+                 run_tag: str, lr: float, *, member_id: int, server_round: int,
+                 state_dir: str | None = None) -> None:
         if C_RECORD not in content:
             raise ValueError(f"SCAFFOLD client: the train message carries no '{C_RECORD}' record")
         self.variate = str(content["config"].get(CONTROL_VARIATE, VARIATES[0]))
@@ -315,7 +387,10 @@ class ScaffoldClient:
         if set(self.c) != set(self.x):
             raise ValueError("SCAFFOLD client: c and the model have different keys")
         accepted = content[ACCEPTED_RECORD] if ACCEPTED_RECORD in content else ConfigRecord()
-        self.committed = resolve_pending(state, run_tag, node_id, accepted)
+        self.path = scaffold_file(state_dir, run_tag, member_id) if state_dir else None
+        if self.path is not None:
+            load_client_state(state, self.path, run_tag)
+        self.committed = resolve_pending(state, run_tag, member_id, accepted)
         self.c_i = self._committed_c_i()
         params = dict(model.named_parameters())
         self.correction = {k: torch.from_numpy(self.c[k] - self.c_i[k]).to(p.device)
@@ -357,4 +432,6 @@ class ScaffoldClient:
         else:
             log(WARNING, "SCAFFOLD client: c_i+ is not finite (local training diverged); "
                          "keeping the previous c_i")
+        if self.path is not None:
+            save_client_state(self.state, self.path)
         return {DC_PREFIX + k: v for k, v in delta_c.items()}

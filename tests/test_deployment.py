@@ -171,3 +171,19 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     assert steps[2] == trained_by_2 * per_round[2], (steps, valid)
     spends = [r["dp_epsilon_max"] for r in history]
     assert all(a < b for a, b in zip(spends, spends[1:])), spends
+
+
+def test_a_serverapp_failure_is_in_the_summary_and_the_launcher_exits_non_zero(tmp_path, capsys):
+    """``flwr run`` exits 0 when the ServerApp raises; the launcher (deploy.local) must
+    not: the run fails after round 1 (fail-after-round, a test facility), summary.json
+    says failed with the error, and the launcher returns 1 after stopping every process."""
+    from deploy import local
+
+    code = local.main(["--nodes", "2", "--workdir", str(tmp_path), "-c",
+                       'num-server-rounds=2 fail-after-round=1 run-name="fails"'])
+    assert code == 1
+    summary = json.loads((tmp_path / "results" / "fails" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 1
+    assert summary["error"] == ("SimulatedFailure: fail-after-round = 1: a simulated ServerApp "
+                                "failure (test facility)")
+    assert "The run did not complete" in capsys.readouterr().err

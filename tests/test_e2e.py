@@ -205,3 +205,52 @@ def test_bad_config_fails_before_training_naming_the_key(link):
     assert "Run config 'alpha' must be a number > 0; got -0.5" in output
     assert "[ROUND 1" not in output
     assert not (link.workdir / "bad").exists()
+
+
+def _same_run(results, a: str, b: str) -> None:
+    """Runs a and b have the same history (every recorded metric but the timings) and
+    the same final model."""
+    timing = {"round_seconds", "train_seconds", "local_seconds"}
+    ha, hb = summary(results, a)["history"], summary(results, b)["history"]
+    assert len(ha) == len(hb)
+    for ra, rb in zip(ha, hb):
+        assert ra.keys() == rb.keys()
+        for key in ra.keys() - timing:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["round"], key)
+    wa = torch.load(results / a / "final_model.pt")
+    wb = torch.load(results / b / "final_model.pt")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_crashed_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(link, sweep_run):
+    """FedAdam and SCAFFOLD (half the clients sampled, so some c_i+ stay pending across
+    the crash) fail right after round 2's checkpoint (fail-after-round, as a crash would)
+    and are resumed: FedAdam by submitting its sweep again (an interrupted entry resumes
+    from its checkpoint), SCAFFOLD with resume-from. Both end with the history and the
+    model of the uninterrupted runs of the same config in ``sweep_run``: the server's
+    state (Adam's moments, c, the accepted map), the RNG and the clients' c_i (from
+    their state folder; the simulation's Context.state is gone) all came back."""
+    results, _, _ = sweep_run
+    crash = {"fail-after-round": 2, "results-dir": str(results)}
+    sweep = link.workdir / "crash-sweep.json"
+    sweep.write_text(json.dumps([{"run-name": f"{name}-crash", **TINY, "strategy": name}
+                                 for name in ("fedadam", "scaffold")]))
+    first = link.run({"sweep-file": str(sweep), **crash}, num_supernodes=4, timeout=600)
+    s = summary(results, "fedadam-crash")
+    assert s["status"] == "failed" and "fail-after-round = 2" in s["error"], first.stdout[-2000:]
+    assert s["rounds_completed"] == 2 and not (results / "scaffold-crash").exists()
+    second = link.run({"sweep-file": str(sweep), **crash}, num_supernodes=4, timeout=600)
+    assert "fedadam-crash resumed from its checkpoint" in second.stdout, second.stdout[-3000:]
+    assert summary(results, "fedadam-crash")["status"] == "completed"
+    assert summary(results, "fedadam-crash")["resumed_after_rounds"] == [2]
+    assert summary(results, "scaffold-crash")["status"] == "failed"
+    third = link.run({**TINY, "strategy": "scaffold", "results-dir": str(results),
+                      "resume-from": str(results / "scaffold-crash")}, num_supernodes=4,
+                     timeout=600)
+    s = summary(results, "scaffold-crash")
+    assert s["status"] == "completed", third.stdout[-3000:]
+    assert [r["round"] for r in s["history"]] == [0, 1, 2, 3, 4]
+    assert sum(r["scaffold_committed"] for r in s["history"][1:]) > 0
+    _same_run(results, "fedadam-crash", "fedadam")
+    _same_run(results, "scaffold-crash", "scaffold")

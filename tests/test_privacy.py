@@ -177,7 +177,7 @@ def test_scaffold_control_variate_comes_from_the_privatized_gradients(digits):
                           "config": ConfigRecord({"run-tag": "t"}),
                           C_RECORD: ArrayRecord({k: Array(np.zeros_like(v)) for k, v in x.items()})})
     state = RecordDict()
-    client = ScaffoldClient(model, content, state, "t", 0.05, node_id=1, server_round=1)
+    client = ScaffoldClient(model, content, state, "t", 0.05, member_id=1, server_round=1)
     result = train_local(model, digits, epochs=1, batch_size=32, lr=0.05, seed=3,
                          dp=settings(sigma=1.0, clip=0.1, seed=9), accountant=RDPAccountant(),
                          hooks=client.hooks)

@@ -63,7 +63,7 @@ class Federation:
         model = Point(self.x)
         config = content["config"]
         client = ScaffoldClient(model, content, self.states[i], str(config["run-tag"]), self.lr,
-                                node_id=NODE0 + i, server_round=int(config["server-round"]))
+                                member_id=NODE0 + i, server_round=int(config["server-round"]))
         opt = torch.optim.SGD(model.parameters(), lr=self.lr)
         for _ in range(self.K):
             opt.zero_grad()

@@ -91,7 +91,7 @@ def client_round(x, c_record, state, a, b, K, lr, tag="run", variate="gradient-m
                           ACCEPTED_RECORD: ConfigRecord(accepted),
                           "config": ConfigRecord({"run-tag": tag, CONTROL_VARIATE: variate,
                                                   "server-round": server_round})})
-    client = ScaffoldClient(model, content, state, tag, lr, node_id=node_id,
+    client = ScaffoldClient(model, content, state, tag, lr, member_id=node_id,
                             server_round=server_round)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     for _ in range(K):
@@ -229,7 +229,7 @@ def test_gradient_correction_equals_a_linear_penalty_on_the_real_model():
         x = {k: Array(t.numpy()) for k, t in model.state_dict().items()}
         content = RecordDict({"arrays": ArrayRecord(x), "config": ConfigRecord({"run-tag": "t"}),
                               C_RECORD: ArrayRecord({k: Array(v[k].numpy()) for k in x})})
-        client = ScaffoldClient(model, content, RecordDict(), "t", 0.05, node_id=1,
+        client = ScaffoldClient(model, content, RecordDict(), "t", 0.05, member_id=1,
                                 server_round=1)  # c_i = 0: correction = v
         train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1, hooks=client.hooks)
         return model
@@ -255,11 +255,11 @@ def test_client_state_persists_within_a_run_and_resets_for_another():
     assert np.abs(stored).sum() > 0
     # same run, round 1 aggregated: starts from the committed c_i+
     client = ScaffoldClient(Point(x), _content(x, c, "run-a", {"1": 1}), state, "run-a", 0.1,
-                            node_id=1, server_round=2)
+                            member_id=1, server_round=2)
     assert np.array_equal(client.c_i["w"], stored)
     # another run in the same process (a sweep): starts from zero
     client = ScaffoldClient(Point(x), _content(x, c, "run-b", {"1": 1}), state, "run-b", 0.1,
-                            node_id=1, server_round=2)
+                            member_id=1, server_round=2)
     assert not client.c_i["w"].any() and STATE_CI not in state
 
 
@@ -272,7 +272,7 @@ def test_client_without_server_control_variate_fails_clearly():
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2))}),
                           "config": ConfigRecord({"run-tag": "t"})})
     with pytest.raises(ValueError, match="carries no 'scaffold-c' record"):
-        ScaffoldClient(Point(np.zeros(2)), content, RecordDict(), "t", 0.1, node_id=1, server_round=1)
+        ScaffoldClient(Point(np.zeros(2)), content, RecordDict(), "t", 0.1, member_id=1, server_round=1)
 
 
 def test_reply_without_delta_c_is_rejected_and_upload_is_doubled():
