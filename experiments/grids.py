@@ -340,3 +340,25 @@ for _n in (10, 20, 50):
         num_supernodes=_n,
         target_accuracy=0.8,
     ))
+
+# ---------------------------------------------------------------- faulty clients (issue: reliability)
+# Each sampled client is faulty with probability fault-rate per round (drawn from the
+# seed): the server must leave every faulty reply out and go on with the others.
+register(Grid(
+    name="faults-digits",
+    description="Digits IID, 10 clients (all sampled), 10 rounds x 1 epoch, FedAvg, min-train-nodes 2, "
+                "round-timeout 15 s: no faults, and 10 % / 30 % faulty clients of each kind "
+                "(exception, timeout, NaN update, wrong shapes, huge num-examples).",
+    base={"dataset": "digits", "num-server-rounds": 10, "local-epochs": 1, "fraction-train": 1.0,
+          "min-train-nodes": 2, "round-timeout": 15.0},
+    strategies={"none": {"strategy": "fedavg"},
+                **{f"{kind}{int(rate * 100)}": {"strategy": "fedavg", "fault-kind": kind,
+                                                 "fault-rate": rate}
+                   for kind in ("exception", "timeout", "nan", "shapes", "huge-examples")
+                   for rate in (0.1, 0.3)}},
+    splits=("iid",),
+    seeds=(0, 1, 2),
+    num_supernodes=10,
+    target_accuracy=0.9,
+    baseline="none",
+))
