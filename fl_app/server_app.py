@@ -399,8 +399,11 @@ def main(grid: Grid, context: Context) -> None:
     nodes = NodeDirectory(grid)
     node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))
     num_partitions = nodes.num_partitions(node_ids)
-    for cfg in runs:  # impossible splits, for every entry before the first run
-        preflight(cfg.data, num_partitions)
+    # Impossible splits, for every entry before the first run; the benchmark split is
+    # drawn only if some node holds a benchmark partition (not its own data-path).
+    draw = len(nodes.own_data_of) < num_partitions
+    for data in dict.fromkeys(cfg.data for cfg in runs):
+        preflight(data, num_partitions, draw=draw)
     timestamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for i, cfg in enumerate(runs, start=1):
         name = cfg.run_name or cfg.default_run_name(timestamp)

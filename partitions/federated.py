@@ -206,10 +206,13 @@ def check_split_arithmetic(cfg: DataConfig, num_partitions: int, num_train: int,
                 f"{cfg.dataset!r} has {num_train} training samples. Use fewer partitions")
 
 
-def preflight(cfg: DataConfig, num_partitions: int | None = None) -> None:
-    """The checks a run's split can take without splitting: the source is readable and
-    (given the number of partitions) the split is arithmetically possible. Cheap: for
-    every sweep entry before the first."""
+def preflight(cfg: DataConfig, num_partitions: int | None = None, *,
+              draw: bool = False) -> None:
+    """The checks a run's split can take before the run: the source is readable and
+    (given the number of partitions) the split is arithmetically possible; with
+    ``draw``, a split that can fail only when drawn (Dirichlet: flwr-datasets redraws
+    until every partition has its minimum size, and gives up after 10 attempts) is
+    drawn and checked. For every sweep entry before the first."""
     try:
         info = dataset_info(cfg.dataset)
     except Exception as err:  # noqa: BLE001 - a corrupt file fails in many libraries' ways
@@ -219,6 +222,8 @@ def preflight(cfg: DataConfig, num_partitions: int | None = None) -> None:
                          f"{type(err).__name__}: {err}") from err
     if num_partitions is not None:
         check_split_arithmetic(cfg, num_partitions, info.num_train, info.num_classes)
+        if draw and cfg.partitioner == "dirichlet":
+            check_partitions(cfg, num_partitions)
 
 
 def dataset_info(dataset: str) -> DatasetInfo:
@@ -242,6 +247,12 @@ def partition_labels(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
                 for pid in range(num_partitions)
             ]
     except ValueError as err:  # e.g. Dirichlet could not meet its minimum size
+        if cfg.partitioner == "dirichlet" and "attempts" in str(err):
+            raise ValueError(
+                f"Run config 'alpha' = {cfg.alpha:g}: flwr-datasets' DirichletPartitioner "
+                f"could not give each of the {num_partitions} partitions of dataset "
+                f"{cfg.dataset!r} at least {DIRICHLET_MIN_PARTITION_SIZE} samples ({err}). "
+                "Raise 'alpha' or use fewer partitions") from None
         raise ValueError(
             f"Could not split dataset {cfg.dataset!r} into {num_partitions} partitions "
             f"with partitioner {cfg.partitioner!r} (alpha={cfg.alpha}, classes-per-partition="

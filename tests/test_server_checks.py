@@ -66,3 +66,27 @@ def test_unwritable_results_dir_and_corrupt_dataset_are_named(tmp_path, make_con
     corrupt.write_bytes(b"not a parquet file" * 10)
     with pytest.raises(ValueError, match=r"'dataset' = .*broken.parquet' could not be read"):
         preflight(make_config(dataset=str(corrupt)).data)
+
+
+def test_a_sweep_entry_whose_dirichlet_split_cannot_be_drawn_fails_before_the_first_run(
+        tmp_path, defaults, monkeypatch, recwarn):
+    """flwr-datasets' Dirichlet partitioner gives up after 10 draws: that is found for
+    every sweep entry before the first run starts, in one message naming 'alpha', and
+    without the partitioner's ten warnings."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"run-name": "fine"},
+                                 {"run-name": "too-fine", "partitioner": "dirichlet", "alpha": 0.001}]))
+    monkeypatch.setattr(server_app.NodeDirectory, "num_partitions", lambda self, ids: 50)
+    ran = []
+    monkeypatch.setattr(server_app, "run_one", lambda *args: ran.append(args))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
+        **defaults, "sweep-file": str(sweep), "results-dir": str(tmp_path / "results")})
+    with pytest.raises(ValueError, match=r"'alpha' = 0.001: flwr-datasets' DirichletPartitioner "
+                                         r"could not give each of the 50 partitions"):
+        server_app.main(InMemoryGrid(range(50)), context)
+    assert ran == []
+    assert not [w for w in recwarn if "attempts" in str(w.message) or "alpha" in str(w.message)]
