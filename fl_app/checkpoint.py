@@ -25,16 +25,16 @@ The file is a pickle: load checkpoints only from folders you trust.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .atomic import write_atomic
 
 CHECKPOINT = "checkpoint.pkl"
 FORMAT = 1
@@ -69,21 +69,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` atomically (temporary file, fsync, rename, fsync the folder)."""
     path = run_dir / CHECKPOINT
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=CHECKPOINT, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pickle.dump(checkpoint, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_atomic(path, lambda handle: pickle.dump(checkpoint, handle,
+                                                  protocol=pickle.HIGHEST_PROTOCOL))
     return path
 
 

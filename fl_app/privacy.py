@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +50,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from . import wire
+from .atomic import write_atomic
 from .training import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -172,14 +171,8 @@ def save_accountant(state: RecordDict, accountant: RDPAccountant, run_tag: str, 
         "steps": [int(h[2]) for h in history],
     })
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"run-tag": run_tag, "history": [[float(s), float(q), int(k)] for s, q, k in history]}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda handle: handle.write(json.dumps(payload).encode()))
 
 
 def epsilon_after(accountant: RDPAccountant, delta: float, *, noise_multiplier: float = 0.0,

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic import write_atomic
 
 SUMMARY = "summary.json"
 RUNNING, COMPLETED, NO_PROGRESS, FAILED = "running", "completed", "no-progress", "failed"
@@ -79,11 +80,8 @@ def fresh_run_dir(root: Path, name: str) -> Path:
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    write_atomic(path, lambda handle: handle.write(text.encode()))
 
 
 class RunRecorder:

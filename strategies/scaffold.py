@@ -73,9 +73,7 @@ The upload is therefore twice FedAvg's (reported per round).
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -89,6 +87,7 @@ from flwr.supercore import log
 from torch import nn
 
 from fl_app.training import LocalHooks
+from fl_app.atomic import write_atomic
 from fl_app.wire import RUN_TAG
 
 from .secagg import contributors
@@ -302,13 +301,7 @@ def save_client_state(state: RecordDict, path: Path) -> None:
             arrays.update({prefix + k: a.numpy() for k, a in state[key].items()})
     meta = dict(state[STATE_META]) if STATE_META in state else {}
     arrays["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load_client_state(state: RecordDict, path: Path, run_tag: str) -> None:
