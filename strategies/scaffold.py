@@ -52,10 +52,12 @@ A client's member id is its partition id in the app (``member_of``; the node id 
 default): node ids change when a SuperNode restarts or a run is resumed, partitions do
 not.
 
-Where c_i lives: in the node's ``Context.state``, and, with a state folder (node config
+Where c_i lives: in the node's ``Context.state``, or, with a state folder (node config
 ``state-dir`` in deployment; the run's ``client-state`` folder in simulation, sent by
-the server), also on disk, written atomically after every round the client trains
-(``scaffold-<run>-p<member>.npz``: c_i, the pending c_i+ and its round). A restarted
+the server), on disk only, written atomically after every round the client trains
+(``scaffold-<run>-p<member>.npz``: c_i, the pending c_i+ and its round) and read at the
+start of the next (the simulation keeps every node's Context.state in one process: at
+10,000 clients, c_i and c_i+ in memory would be 3.7 GB and grow round over round). A restarted
 SuperNode or a resumed run reloads it, and the accepted map of the server's checkpoint
 decides the pending c_i+ exactly as it would have without the interruption.
 The server never holds any c_i (only the Delta c_i it aggregates, which secure
@@ -425,6 +427,9 @@ class ScaffoldClient:
         else:
             log(WARNING, "SCAFFOLD client: c_i+ is not finite (local training diverged); "
                          "keeping the previous c_i")
-        if self.path is not None:
-            save_client_state(self.state, self.path)
+        if self.path is not None:  # on disk only: the simulation holds every node's
+            save_client_state(self.state, self.path)  # Context.state, 2 x 190 KB each
+            for key in (STATE_CI, STATE_PENDING, STATE_META):
+                if key in self.state:
+                    del self.state[key]
         return {DC_PREFIX + k: v for k, v in delta_c.items()}

@@ -214,9 +214,9 @@ def test_a_restarted_client_commits_its_pending_c_i_from_disk_exactly_as_without
     assert first.committed and not again.committed  # round 4's first c_i+ never counted
     np.testing.assert_array_equal(again.c_i["w"], first.c_i["w"])  # round 3's c_i+ stands
     assert not np.array_equal(first.c_i["w"], b.c_i["w"])
-    committed = RecordDict()
-    _round(committed, tmp_path / "b", 5, {"4": 4})
-    assert STATE_CI in committed
+    _, later = _round(RecordDict(), tmp_path / "b", 5, {"4": 4})
+    assert later.committed  # the re-run's c_i+ is what round 5 commits
+    assert STATE_CI not in restarted  # with a state folder, c_i lives on disk only
 
 
 def test_a_damaged_client_state_file_is_an_error_not_a_silent_reset(tmp_path):

@@ -127,3 +127,21 @@ def test_pathological_with_more_classes_than_dataset_is_refused():
 def test_partition_id_out_of_range_is_refused():
     with pytest.raises(ValueError, match="partition-id"):
         load_client_data(data_config(), 5, 5)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_a_client_slices_the_same_rows_as_flwr_datasets_load_partition(partitioner):
+    """load_client_data takes each partition's rows from one per-process index table;
+    they must be exactly the rows flwr-datasets' load_partition gives."""
+    from partitions.federated import _partitioner, load_client_data, train_val_split
+
+    cfg = data_config(partitioner=partitioner)
+    source, partitioner_ = _partitioner(cfg, 5)
+    for pid in range(5):
+        direct = source.arrays_of(partitioner_.load_partition(pid))
+        seed = int(np.random.SeedSequence([cfg.seed, pid]).generate_state(1)[0])
+        expected = train_val_split(direct, cfg.validation_fraction, seed)
+        got = load_client_data(cfg, pid, 5)
+        for a, b in ((got.train, expected.train), (got.val, expected.val)):
+            np.testing.assert_array_equal(a.x, b.x)
+            np.testing.assert_array_equal(a.y, b.y)
