@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -129,12 +130,46 @@ def find_processes(root_pid: int) -> dict[str, list[int]]:
     return found
 
 
+def kill_tree(root_pid: int) -> None:
+    """SIGTERM the SuperLink's process group, then SIGKILL every process left in its tree
+    (the simulation and Ray run in other process groups)."""
+    pids = _tree(root_pid)
+    try:
+        os.killpg(root_pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    time.sleep(3)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def du_bytes(path: Path) -> tuple[int, int]:
+    """(bytes on disk, files) under ``path``; (0, 0) if it does not exist."""
+    total = files = 0
+    if not path.exists():
+        return 0, 0
+    for entry in path.rglob("*"):
+        try:
+            if entry.is_file():
+                files += 1
+                total += entry.stat().st_blocks * 512
+        except OSError:
+            pass
+    return total, files
+
+
 # ------------------------------------------------------------------ one run
 class Monitor:
     """Polls a SuperLink's process tree and the run's streamed log while the run goes."""
 
-    def __init__(self, root_pid: int, log_path: Path, py_spy: float, spy_dir: Path) -> None:
+    def __init__(self, root_pid: int, log_path: Path, py_spy: float, spy_dir: Path,
+                 max_rss_mib: float = 0.0) -> None:
         self.root_pid = root_pid
+        self.max_rss_mib = max_rss_mib
+        self.killed_for_memory: dict | None = None
         self.log_path = log_path
         self.py_spy = py_spy
         self.spy_dir = spy_dir
@@ -172,7 +207,16 @@ class Monitor:
     def poll(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self._scan_log()
-            self.samples.append((time.time(), tree_memory(self.root_pid)))
+            memory = tree_memory(self.root_pid)
+            self.samples.append((time.time(), memory))
+            if (self.max_rss_mib and memory["rss_mib"] > self.max_rss_mib
+                    and self.killed_for_memory is None):
+                self.killed_for_memory = {"rss_mib": round(memory["rss_mib"], 1),
+                                          "pss_mib": round(memory["pss_mib"], 1),
+                                          "rounds_started": sorted(self.round_starts)}
+                print(f"!! tree RSS {memory['rss_mib']:.0f} MiB > {self.max_rss_mib:.0f} MiB: "
+                      "stopping the run", flush=True)
+                kill_tree(self.root_pid)
             stop.wait(0.5)
         self._scan_log()
         for _, proc, _ in self.spy_procs:
@@ -222,14 +266,19 @@ def run_app(kind: str, strategy: str | None, args, workdir: Path, app_dir: Path,
     link.start()
     proc_box: dict = {}
     try:
-        monitor = Monitor(link.process.pid, log_path, args.py_spy, spy_dir)
+        monitor = Monitor(link.process.pid, log_path, args.py_spy, spy_dir,
+                          max_rss_mib=args.max_rss_gib * 1024)
         stop = threading.Event()
         poller = threading.Thread(target=monitor.poll, args=(stop,), daemon=True)
         poller.start()
         started = time.time()
         t0 = time.perf_counter()
-        proc_box["proc"] = link.run(overrides, num_supernodes=args.nodes, num_cpus=args.num_cpus,
-                                    app=app, timeout=args.timeout, output=log_path)
+        try:
+            proc_box["proc"] = link.run(overrides, num_supernodes=args.nodes,
+                                        num_cpus=args.num_cpus, app=app, timeout=args.timeout,
+                                        output=log_path)
+        except subprocess.TimeoutExpired:
+            proc_box["error"] = f"flwr run exceeded --timeout {args.timeout:g} s"
         total = time.perf_counter() - t0
         ended = time.time()
         stop.set()
@@ -239,30 +288,53 @@ def run_app(kind: str, strategy: str | None, args, workdir: Path, app_dir: Path,
     rounds_memory = monitor.per_round(ended)
     peak = max((m for _, m in monitor.samples), key=lambda m: m["pss_mib"], default={})
     out = {"app": "minimal" if kind == "minimal" else f"fl_app/{strategy}", "tag": tag,
-           "flwr_run_seconds": total, "exit_code": proc_box["proc"].returncode,
+           "flwr_run_seconds": total,
+           "exit_code": proc_box["proc"].returncode if "proc" in proc_box else None,
+           # Flower's start-up: from `flwr run` to the first [ROUND 1/R] line (FAB build and
+           # upload, SuperLink run creation, simulation start, Ray, N node contexts, ServerApp
+           # start-up up to its first round)
+           "startup_seconds": (round(monitor.round_starts[1] - started, 1)
+                               if 1 in monitor.round_starts else None),
            "peak_pss_mib": round(peak.get("pss_mib", 0.0), 1),
            "peak_rss_mib": round(max((m["rss_mib"] for _, m in monitor.samples), default=0.0), 1),
            "peak_pss_by_kind_mib": peak.get("pss_by_kind_mib", {}),
            "rounds_memory": rounds_memory, "run_dir": str(run_dir)}
+    if monitor.killed_for_memory is not None:
+        out["killed_for_memory"] = monitor.killed_for_memory
+    if "error" in proc_box:
+        out["error"] = proc_box["error"]
+    if kind != "minimal":
+        run_folder = results / tag
+        state_bytes, state_files = du_bytes(run_folder / "client-state")
+        all_bytes, _ = du_bytes(run_folder)
+        ckpt = run_folder / "checkpoint.pkl"
+        out["disk"] = {"client_state_bytes": state_bytes, "client_state_files": state_files,
+                       "run_folder_bytes": all_bytes,
+                       "checkpoint_bytes": ckpt.stat().st_size if ckpt.exists() else 0}
     if kind == "minimal":
         if not times_file.exists():
-            raise RuntimeError(f"minimal app wrote no times; see {log_path}")
-        history = [json.loads(line) for line in times_file.read_text().splitlines() if line]
+            out.setdefault("error", f"minimal app wrote no times; see {log_path}")
+            history = []
+        else:
+            history = [json.loads(line) for line in times_file.read_text().splitlines() if line]
     else:
         summary_path = results / tag / "summary.json"
         if not summary_path.exists():
-            raise RuntimeError(f"fl_app wrote no summary; see {log_path}")
-        summary = json.loads(summary_path.read_text())
-        out["status"] = summary.get("status")
-        history = [h for h in summary["history"] if h["round"] >= 1]
+            out.setdefault("error", f"fl_app wrote no summary; see {log_path}")
+            history = []
+        else:
+            summary = json.loads(summary_path.read_text())
+            out["status"] = summary.get("status")
+            history = [h for h in summary["history"] if h["round"] >= 1]
     out["round_seconds"] = [round(h["round_seconds"], 3) for h in history]
     out["train_seconds"] = [round(h["train_seconds"], 3) for h in history]
     warm = [h for h in history if h["round"] >= 2]
     out["warm_round_seconds"] = statistics.median(h["round_seconds"] for h in warm) if warm else None
     out["warm_train_seconds"] = statistics.median(h["train_seconds"] for h in warm) if warm else None
-    if kind != "minimal":
-        local = [h.get("local_seconds") for h in warm if h.get("local_seconds") is not None]
-        out["warm_local_seconds_mean"] = statistics.median(local) if local else None
+    # Clients' mean local-training seconds (the same work in both apps): a load gauge, as
+    # other processes on the machine slow it down exactly as they slow the rest.
+    local = [h.get("local_seconds") for h in warm if h.get("local_seconds") is not None]
+    out["warm_local_seconds_mean"] = statistics.median(local) if local else None
     if args.py_spy > 0:
         out["py_spy_files"] = sorted(str(p) for p in spy_dir.glob("*.txt"))
     return out
@@ -313,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the minimal app skips the server's test-set evaluation")
     parser.add_argument("--py-spy", type=float, default=0.0,
                         help="seconds of py-spy sampling from the start of round 2")
-    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--apps", nargs="+", default=None,
+                        help="what to run, in order, e.g. `--apps scaffold` (no minimal app): "
+                             "'minimal' and strategy names; default: minimal + --strategies")
+    parser.add_argument("--timeout", type=float, default=3600, help="per flwr run, seconds")
+    parser.add_argument("--max-rss-gib", type=float, default=20.0,
+                        help="stop a run whose process tree's summed RSS exceeds this (0: never)")
     parser.add_argument("--workdir", default="", help="default: a new temporary folder")
     parser.add_argument("--no-write", action="store_true", help="do not append to scale.jsonl")
     parser.add_argument("--no-snapshot", action="store_true",
@@ -322,11 +399,13 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    git_at_snapshot = git_state()  # what the snapshot holds (HEAD may move during a long sitting)
     app_dir = REPO if args.no_snapshot else snapshot(workdir / "app-snapshot")
     if not args.no_snapshot:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             [str(app_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    order = [("minimal", None)] + [("fl_app", s) for s in args.strategies]
+    names = args.apps if args.apps else ["minimal", *args.strategies]
+    order = [("minimal", None) if n == "minimal" else ("fl_app", n) for n in names]
     if args.passes >= 2:
         order = order + order[::-1]
     print(f"workdir {workdir}; order {[s or k for k, s in order]}; load {load_average()}", flush=True)
@@ -338,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         result["load_before"] = load_before
         result["load_after"] = load_average()
         runs.append(result)
+        with open(workdir / "runs-so-far.jsonl", "a") as handle:  # survives an interrupted sitting
+            handle.write(json.dumps(result) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k not in ("rounds_memory",)}),
               flush=True)
         for r in result["rounds_memory"]:
@@ -351,21 +432,29 @@ def main(argv: list[str] | None = None) -> int:
     base_round = median_of("minimal", "warm_round_seconds")
     base_train = median_of("minimal", "warm_train_seconds")
     ratios = {}
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value is not None else "n/a"
+
     for app in dict.fromkeys(r["app"] for r in runs):
         round_s, train_s = median_of(app, "warm_round_seconds"), median_of(app, "warm_train_seconds")
         ratios[app] = {"warm_round_seconds": round_s, "warm_train_seconds": train_s,
-                       "ratio_round_vs_minimal": round_s / base_round if base_round else None,
-                       "ratio_train_vs_minimal": train_s / base_train if base_train else None,
-                       "peak_pss_mib": max(r["peak_pss_mib"] for r in runs if r["app"] == app)}
-        print(f"{app:18s} warm round {round_s:7.2f} s ({ratios[app]['ratio_round_vs_minimal']:.2f}x "
-              f"minimal), train phase {train_s:7.2f} s ({ratios[app]['ratio_train_vs_minimal']:.2f}x), "
+                       "ratio_round_vs_minimal": round_s / base_round if base_round and round_s else None,
+                       "ratio_train_vs_minimal": train_s / base_train if base_train and train_s else None,
+                       "warm_local_seconds": median_of(app, "warm_local_seconds_mean"),
+                       "startup_seconds": median_of(app, "startup_seconds"),
+                       "peak_pss_mib": max(r["peak_pss_mib"] for r in runs if r["app"] == app),
+                       "peak_rss_mib": max(r["peak_rss_mib"] for r in runs if r["app"] == app),
+                       "errors": [r["error"] for r in runs if r["app"] == app and "error" in r]}
+        print(f"{app:18s} warm round {fmt(round_s, '7.2f')} s "
+              f"({fmt(ratios[app]['ratio_round_vs_minimal'], '.2f')}x minimal), train phase "
+              f"{fmt(train_s, '7.2f')} s ({fmt(ratios[app]['ratio_train_vs_minimal'], '.2f')}x), "
               f"peak PSS {ratios[app]['peak_pss_mib']:.0f} MiB", flush=True)
     record = {"date": datetime.now().isoformat(timespec="seconds"), "nodes": args.nodes,
               "rounds": args.rounds, "fraction": args.fraction, "dataset": args.dataset,
               "num_cpus": args.num_cpus, "cores": os.cpu_count(), "passes": args.passes,
               "minimal_central_eval": not args.no_minimal_central_eval,
-              "load_start": runs[0]["load_before"], "git": git_state(),
-              "snapshot": not args.no_snapshot, "summary": ratios, "runs": runs}
+              "load_start": runs[0]["load_before"], "git": git_at_snapshot,
+              "snapshot": not args.no_snapshot, "apps": names, "summary": ratios, "runs": runs}
     if not args.no_write:
         OUT.parent.mkdir(parents=True, exist_ok=True)
         with open(OUT, "a") as handle:

@@ -17,7 +17,8 @@
 - ``client-state/`` (simulation): the clients' state that outlives a round (SCAFFOLD's
   c_i, the DP accountant), per partition;
 - ``accuracy.png``: test accuracy per round;
-- ``label_distribution.png``: flwr-datasets' ``plot_label_distributions`` of the split.
+- ``label_distribution.png``: flwr-datasets' ``plot_label_distributions`` of the split
+  (up to 100 partitions).
 
 Nothing is overwritten: a run whose directory already exists gets a numbered suffix.
 """

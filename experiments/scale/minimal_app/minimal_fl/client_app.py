@@ -31,7 +31,8 @@ def train_fn(msg: Message, context: Context) -> Message:
                         seed=int(msg.content["config"]["server-round"]) * 100003 + pid)
     seconds = time.perf_counter() - started
     metrics = MetricRecord({"train-loss": loss, "num-examples": len(data.train),
-                            "local-steps": steps, "local-seconds": seconds})
+                            "local-steps": steps, "local-seconds": seconds,
+                            "torch-threads": torch.get_num_threads()})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
                    reply_to=msg)
 

@@ -32,6 +32,9 @@ class TimedFedAvg(FedAvg):
     def aggregate_train(self, server_round, replies):
         out = super().aggregate_train(server_round, replies)
         self.stamps["train_end"] = time.perf_counter()
+        metrics = out[1]
+        if metrics is not None and "local-seconds" in metrics:
+            self.stamps["local_seconds"] = float(metrics["local-seconds"])
         return out
 
 
@@ -63,6 +66,7 @@ def main(grid: Grid, context: Context) -> None:
             s = getattr(strategy, "stamps", {})
             record = {"round": server_round, "round_seconds": now - clock["last"],
                       "train_seconds": s.get("train_end", now) - s.get("train_start", now),
+                      "local_seconds": s.get("local_seconds"),
                       "wall": time.time()}
             with open(times_file, "a") as handle:
                 handle.write(json.dumps(record) + "\n")

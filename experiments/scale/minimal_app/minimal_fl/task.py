@@ -42,16 +42,21 @@ def data_config(run_config) -> "object":
 def client_data(run_config, partition_id: int, num_partitions: int):
     """(train, val) ImageArrays of a partition: the same arrays as
     partitions.load_client_data, from row indices computed once per process."""
-    from partitions import ImageArrays, partition_indices, train_val_split
-    from partitions.federated import _prepared
-    from partitions.sources import resolve_source
+    from partitions import ImageArrays, train_val_split
+    from partitions.federated import INDEX_KEY, _partitioner
 
     cfg = data_config(run_config)
     key = (cfg, num_partitions)
     if key not in _SPLITS:
-        source = _prepared(resolve_source(cfg.dataset))
+        # The repository's partitioner (same seed, same shuffle); each partition's row
+        # indices read once as a NumPy column (vectorized), for every partition.
+        source, partitioner = _partitioner(cfg, num_partitions)
         pixels = source._train_pixels  # idx / digits sources keep their pixels in NumPy
-        _SPLITS[key] = (pixels, partition_indices(cfg, num_partitions))
+        # (p[:] reads the rows as one Arrow batch; np.asarray(p[column]) would iterate a
+        # lazy datasets Column row by row, ~60 us a row)
+        indices = [np.asarray(partitioner.load_partition(p)[:][INDEX_KEY], dtype=np.int64)
+                   for p in range(num_partitions)]
+        _SPLITS[key] = (pixels, indices)
     pixels, indices = _SPLITS[key]
     idx = indices[partition_id]
     split_seed = int(np.random.SeedSequence([cfg.seed, partition_id]).generate_state(1)[0])
