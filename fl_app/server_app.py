@@ -54,6 +54,7 @@ LABEL_PLOT_MAX_PARTITIONS = 100
 CLIENT_STATE = "client-state"  # in simulation: the clients' state folder, in the run folder
 INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
 QUERY_TIMEOUT = 120.0
+QUERY_BATCH = 1000  # query messages in flight at once (see NodeDirectory.discover)
 NODE_WAIT_TIMEOUT = 600.0
 ALL_NODES_GRACE = 60.0  # seconds a deployment waits for every partition's node
 SIMULATION_NODE_GRACE = 10.0  # seconds for the simulation engine to register its nodes
@@ -129,7 +130,18 @@ class NodeDirectory:
         self.own_data_of: dict[int, tuple[int, list[int]]] = {}  # node -> (size, label counts)
 
     def discover(self, node_ids: list[int]) -> dict[int, int]:
+        """Ask the nodes not known yet which partition they hold, QUERY_BATCH at a time:
+        Flower's in-memory simulation scans every stored message for every node each
+        delivery cycle (flwr/server/superlink/linkstate/in_memory_linkstate.py,
+        get_message_ins), so 10,000 queries at once are slow enough to time out, and a
+        query whose reply is never pulled stays stored, slowing every later round."""
         unknown = [n for n in node_ids if n not in self.partition]
+        for start in range(0, len(unknown), QUERY_BATCH):
+            self._query(unknown[start:start + QUERY_BATCH])
+        wanted = set(node_ids)  # in the order the nodes answered: the first claim wins
+        return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
+
+    def _query(self, unknown: list[int]) -> None:
         if unknown:
             messages = [
                 Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
@@ -147,8 +159,6 @@ class NodeDirectory:
                 if wire.DATA_SIZE in metrics:
                     self.own_data_of[node] = (int(metrics[wire.DATA_SIZE]),
                                            [int(c) for c in metrics[wire.LABEL_COUNTS]])
-        wanted = set(node_ids)  # in the order the nodes answered: the first claim wins
-        return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
 
     def own_data(self, node_ids: list[int], num_partitions: int,
                  num_classes: int) -> dict[int, tuple[int, list[int]]]:

@@ -90,3 +90,32 @@ def test_a_sweep_entry_whose_dirichlet_split_cannot_be_drawn_fails_before_the_fi
         server_app.main(InMemoryGrid(range(50)), context)
     assert ran == []
     assert not [w for w in recwarn if "attempts" in str(w.message) or "alpha" in str(w.message)]
+
+
+def test_nodes_are_asked_for_their_partition_in_bounded_batches():
+    """At 10,000 simulated nodes, one batch of 10,000 queries outlasts its timeout in
+    Flower's in-memory delivery loop; the directory asks QUERY_BATCH nodes at a time."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fl_app import wire
+
+    class AnsweringGrid(InMemoryGrid):
+        batches: list[int] = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            self.batches.append(len(messages))
+            replies = []
+            for msg in messages:
+                reply = Message(RecordDict({wire.METRICS: MetricRecord({
+                    wire.PARTITION_ID: msg.metadata.dst_node_id - 1,
+                    wire.NUM_PARTITIONS: 2500})}), reply_to=msg)
+                replies.append(reply)
+            return replies
+
+    grid = AnsweringGrid(range(1, 2501))
+    nodes = server_app.NodeDirectory(grid)
+    mapping = nodes.discover(list(range(1, 2501)))
+    assert grid.batches == [1000, 1000, 500]
+    assert mapping == {n: n - 1 for n in range(1, 2501)}
+    assert nodes.num_partitions(list(range(1, 2501))) == 2500 and grid.batches == [1000, 1000, 500]
