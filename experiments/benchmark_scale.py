@@ -284,7 +284,17 @@ def run_app(kind: str, strategy: str | None, args, workdir: Path, app_dir: Path,
         stop.set()
         poller.join()
     finally:
+        # The simulation and Ray run in their own process group: a simulation stuck in
+        # Flower's delivery loop outlived its SuperLink's SIGTERM (seen at 10,000 nodes,
+        # flwr run timed out) and went on burning a core. Note the tree first, then stop
+        # the SuperLink, then SIGKILL whatever of that tree is left.
+        leftover = _tree(link.process.pid) if link.process is not None else []
         link.stop()
+        for pid in leftover:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     rounds_memory = monitor.per_round(ended)
     peak = max((m for _, m in monitor.samples), key=lambda m: m["pss_mib"], default={})
     out = {"app": "minimal" if kind == "minimal" else f"fl_app/{strategy}", "tag": tag,
