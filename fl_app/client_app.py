@@ -128,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp and not user_dp:  # sample-level DP-SGD; the spend composes over every round
         from .privacy import ClientRound  # imports Opacus: only when DP is on
 
-        private = ClientRound(cfg, context.state, {wire.NODE_STATE_DIR: folder} if folder else {},
+        private = ClientRound(cfg, context.state, folder,
                               run_tag=str(msg.content[wire.CONFIG][wire.RUN_TAG]),
                               partition_id=pid, num_examples=len(train_data),
                               server_round=server_round)

@@ -51,7 +51,7 @@ from torch import nn
 
 from . import wire
 from .atomic import write_atomic
-from .training import derive_seed
+from .training import derive_seed, model_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -217,8 +217,7 @@ class PrivateTraining:
         self.module = prepare_module(model, settings.grad_sample_mode, batch_first=True,
                                      loss_reduction="mean")
         # Opacus draws the noise on the parameters' device with this generator
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.noise = torch.Generator(device=device).manual_seed(int(settings.noise_seed))
+        self.noise = torch.Generator(device=model_device(model)).manual_seed(int(settings.noise_seed))
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm, expected_batch_size=self.rate * num_examples,
@@ -272,11 +271,10 @@ class ClientRound:
     """Sample-level DP for one client round: its accountant (from Context.state and the
     node's ``state-dir``), its sigma, the budget check, and the reply's DP metrics."""
 
-    def __init__(self, cfg: "RunConfig", state: RecordDict, node_config: dict, *, run_tag: str,
+    def __init__(self, cfg: "RunConfig", state: RecordDict, state_dir: str | None, *, run_tag: str,
                  partition_id: int, num_examples: int, server_round: int) -> None:
         self.state, self.run_tag = state, run_tag
-        state_dir = node_config.get(wire.NODE_STATE_DIR)
-        self.path = accountant_file(str(state_dir), run_tag, partition_id) if state_dir else None
+        self.path = accountant_file(state_dir, run_tag, partition_id) if state_dir else None
         self.accountant = load_accountant(state, run_tag, path=self.path)
         self.delta, self.max_epsilon = float(cfg.dp_delta), float(cfg.dp_max_epsilon)
         sigma = round_noise(cfg, num_examples)

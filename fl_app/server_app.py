@@ -13,6 +13,7 @@ import shutil
 import time
 from datetime import datetime
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -105,7 +106,7 @@ def is_simulation(grid: Grid) -> bool:
     return type(grid).__name__ == "InMemoryGrid"
 
 
-def check_attack(cfg: RunConfig, grid: Grid, num_partitions: int) -> None:
+def check_test_facilities(cfg: RunConfig, grid: Grid, num_partitions: int) -> None:
     """Simulated attacks and faults exist only in simulation, with no more attackers than
     partitions."""
     if cfg.fault_kind != "none" and not is_simulation(grid):
@@ -199,7 +200,7 @@ def _history_record(metrics: MetricRecord | None) -> dict:
     return {k.replace("-", "_"): v for k, v in metrics.items()}
 
 
-def resume_point(cfg: RunConfig) -> tuple[ckpt.Checkpoint, "os.PathLike"] | None:
+def resume_point(cfg: RunConfig) -> tuple[ckpt.Checkpoint, Path] | None:
     """The checkpoint ``resume-from`` names, checked against ``cfg``; None for a new run."""
     if not cfg.resume_from:
         return None
@@ -213,9 +214,10 @@ class SimulatedFailure(RuntimeError):
     """Raised by run-config ``fail-after-round`` (a test facility)."""
 
 
-def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str) -> dict:
-    """Train one run config to the end and record it; returns its summary."""
-    resume = resume_point(cfg)
+def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
+            resume: tuple[ckpt.Checkpoint, Path] | None = None) -> dict:
+    """Train one run config to the end and record it; returns its summary. ``resume``:
+    the checkpoint to continue from and its run folder (``resume_point(cfg)``)."""
     node_ids = wait_for_nodes(grid, cfg.min_train_nodes)
     num_partitions = nodes.num_partitions(node_ids)
     if len(node_ids) < num_partitions and not is_simulation(grid):
@@ -228,7 +230,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str)
             log(WARNING, "%d of %d partitions' nodes connected; the run starts with them",
                 len(node_ids), num_partitions)
     strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
-    check_attack(cfg, grid, num_partitions)
+    check_test_facilities(cfg, grid, num_partitions)
     info = dataset_info(cfg.dataset)
     # Nodes with their own data say what they hold; otherwise the server computes the
     # benchmark split it shares with the nodes (and checks it) before any training.
@@ -404,10 +406,11 @@ def secagg_settings(cfg: RunConfig, train_n: list[int], num_nodes: int) -> SecAg
 def main(grid: Grid, context: Context) -> None:
     base = RunConfig.from_mapping(context.run_config)
     runs = load_sweep(base)  # every entry validated before the first run starts
+    resumes = []
     for cfg in runs:  # before any node is asked anything
         check_results_dir(cfg.results_dir)
         resolve_device(cfg.device)  # 'cuda' on a server without a GPU fails here
-        resume_point(cfg)  # a missing or unreadable checkpoint, or another config
+        resumes.append(resume_point(cfg))  # a missing or bad checkpoint, or another config
         preflight(cfg.data)
     nodes = NodeDirectory(grid)
     node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))
@@ -418,7 +421,7 @@ def main(grid: Grid, context: Context) -> None:
     for data in dict.fromkeys(cfg.data for cfg in runs):
         preflight(data, num_partitions, draw=draw)
     timestamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for i, cfg in enumerate(runs, start=1):
+    for i, (cfg, resume) in enumerate(zip(runs, resumes), start=1):
         name = cfg.run_name or cfg.default_run_name(timestamp)
         if base.sweep_file:
             run_dir = resolve_results_dir(cfg.results_dir) / name
@@ -426,18 +429,19 @@ def main(grid: Grid, context: Context) -> None:
                 log(INFO, "Sweep %d/%d: %s already complete, skipped", i, len(runs), name)
                 continue
             if run_dir.exists():  # an interrupted earlier attempt: resume it, or keep it aside
+                resumed, point = None, None
                 try:
-                    resumed = cfg.replace(**{"resume-from": str(run_dir)}) if cfg.checkpoint else None
-                    if resumed is not None:
-                        resume_point(resumed)
+                    if cfg.checkpoint:
+                        resumed = cfg.replace(**{"resume-from": str(run_dir)})
+                        point = resume_point(resumed)
                 except ValueError as err:
                     log(WARNING, "Sweep %d/%d: %s cannot be resumed (%s); set aside, started "
                                  "again", i, len(runs), name, err)
-                    resumed = None
-                if resumed is not None:
+                    point = None
+                if point is not None:
                     log(INFO, "Sweep %d/%d: %s resumed from its checkpoint", i, len(runs), name)
-                    run_one(grid, resumed, nodes, name)
+                    run_one(grid, resumed, nodes, name, point)
                     continue
                 shutil.move(str(run_dir), str(run_dir.with_name(f"{name}.incomplete-{timestamp}")))
             log(INFO, "Sweep %d/%d: %s", i, len(runs), name)
-        run_one(grid, cfg, nodes, name)
+        run_one(grid, cfg, nodes, name, resume)

@@ -144,6 +144,10 @@ class _PreparedSource:
         """Training pixels and labels at ``idx`` (only when ``holds_pixels``)."""
         return ImageArrays(self._train_pixels.x[idx], self._train_pixels.y[idx])
 
+    def labels_at(self, idx: np.ndarray) -> np.ndarray:
+        """Training labels at ``idx`` (only when ``holds_pixels``)."""
+        return np.asarray(self._train_pixels.y[idx], dtype=np.int64)
+
     def arrays_of(self, part) -> ImageArrays:
         """Pixels and labels of a partition (a ``datasets.Dataset``)."""
         if self._train_pixels is not None:
@@ -258,6 +262,8 @@ def partition_labels(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
     try:
         with warnings.catch_warnings():  # one warning per failed Dirichlet draw: the
             warnings.simplefilter("ignore", UserWarning)  # error below says it all
+            if source.holds_pixels:  # the per-process index table: the split drawn once
+                return [source.labels_at(idx) for idx in partition_indices(cfg, num_partitions)]
             return [
                 _column(partitioner.load_partition(pid), source.label_key)
                 for pid in range(num_partitions)

@@ -18,7 +18,7 @@ from fl_app.attacks import (
     gaussian,
     sign_flip,
 )
-from fl_app.server_app import check_attack
+from fl_app.server_app import check_test_facilities
 from partitions import ImageArrays
 from strategies.attack_sim import AttackSimulation, alie_update, alie_z, ipm_update
 from strategies.guard import Guarded
@@ -142,12 +142,12 @@ class HttpGrid:  # stands for the deployment runtime's grid
 
 def test_attacks_are_refused_outside_simulation_and_beyond_the_partitions(make_config):
     cfg = make_config(attack="sign-flip", **{"num-attackers": 2})
-    check_attack(cfg, InMemoryGrid(), 10)
+    check_test_facilities(cfg, InMemoryGrid(), 10)
     with pytest.raises(ValueError, match="simulation-only test facility"):
-        check_attack(cfg, HttpGrid(), 10)
+        check_test_facilities(cfg, HttpGrid(), 10)
     with pytest.raises(ValueError, match="'num-attackers' = 2 exceeds the 1 partitions"):
-        check_attack(cfg, InMemoryGrid(), 1)
-    check_attack(make_config(), HttpGrid(), 10)  # no attack: fine anywhere
+        check_test_facilities(cfg, InMemoryGrid(), 1)
+    check_test_facilities(make_config(), HttpGrid(), 10)  # no attack: fine anywhere
 
 
 def test_attack_wrapper_summary_logs_without_error():

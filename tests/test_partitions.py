@@ -133,7 +133,8 @@ def test_partition_id_out_of_range_is_refused():
 def test_a_client_slices_the_same_rows_as_flwr_datasets_load_partition(partitioner):
     """load_client_data takes each partition's rows from one per-process index table;
     they must be exactly the rows flwr-datasets' load_partition gives."""
-    from partitions.federated import _partitioner, load_client_data, train_val_split
+    from partitions.federated import (_partitioner, load_client_data, partition_labels,
+                                      train_val_split)
 
     cfg = data_config(partitioner=partitioner)
     source, partitioner_ = _partitioner(cfg, 5)
@@ -142,6 +143,7 @@ def test_a_client_slices_the_same_rows_as_flwr_datasets_load_partition(partition
         seed = int(np.random.SeedSequence([cfg.seed, pid]).generate_state(1)[0])
         expected = train_val_split(direct, cfg.validation_fraction, seed)
         got = load_client_data(cfg, pid, 5)
+        np.testing.assert_array_equal(partition_labels(cfg, 5)[pid], direct.y)
         for a, b in ((got.train, expected.train), (got.val, expected.val)):
             np.testing.assert_array_equal(a.x, b.x)
             np.testing.assert_array_equal(a.y, b.y)

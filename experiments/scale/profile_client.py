@@ -51,6 +51,16 @@ def _grid(node_ids: list[int]) -> Mock:
     return grid
 
 
+def _pin(messages: list, nodes: list[int] | None) -> list:
+    """With ``nodes`` (a warm-up), only the first len(nodes) messages, sent to those nodes."""
+    if nodes is None:
+        return messages
+    messages = messages[:len(nodes)]
+    for message, node in zip(messages, nodes):
+        message.metadata.dst_node_id = node
+    return messages
+
+
 class Harness:
     """A strategy + ClientApp pair driven round by round in this process."""
 
@@ -111,11 +121,8 @@ class Harness:
     def round(self, server_round: int, profiler=None, warmup_nodes: list[int] | None = None) -> None:
         grid = _grid(self.node_ids)
         t0 = time.perf_counter()
-        messages = list(self.strategy.configure_train(server_round, self.arrays, self.train_config(), grid))
-        if warmup_nodes is not None:
-            messages = messages[:len(warmup_nodes)]
-            for m, n in zip(messages, warmup_nodes):
-                m.metadata.dst_node_id = n
+        messages = _pin(list(self.strategy.configure_train(server_round, self.arrays,
+                                                           self.train_config(), grid)), warmup_nodes)
         t1 = time.perf_counter()
         replies = self.deliver(messages, profiler, "train")
         t2 = time.perf_counter()
@@ -123,11 +130,8 @@ class Harness:
         t3 = time.perf_counter()
         if arrays is not None and warmup_nodes is None:
             self.arrays = arrays
-        ev = list(self.strategy.configure_evaluate(server_round, self.arrays, self.evaluate_config(), grid))
-        if warmup_nodes is not None:
-            ev = ev[:len(warmup_nodes)]
-            for m, n in zip(ev, warmup_nodes):
-                m.metadata.dst_node_id = n
+        ev = _pin(list(self.strategy.configure_evaluate(server_round, self.arrays,
+                                                        self.evaluate_config(), grid)), warmup_nodes)
         t4 = time.perf_counter()
         ereplies = self.deliver(ev, profiler, "evaluate")
         t5 = time.perf_counter()
