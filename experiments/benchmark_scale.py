@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-minimal-central-eval", action="store_true",
                         help="the minimal app skips the server's test-set evaluation")
     parser.add_argument("--py-spy", type=float, default=0.0,
-                        help="seconds of py-spy sampling from the start of round 2")
+                        help="seconds of py-spy sampling from the start of round 2 "
+                             "(needs `pip install py-spy`, not a dependency of the app)")
     parser.add_argument("--apps", nargs="+", default=None,
                         help="what to run, in order, e.g. `--apps scaffold` (no minimal app): "
                              "'minimal' and strategy names; default: minimal + --strategies")
