@@ -10,7 +10,7 @@
   ``test_accuracy``, ``test_loss``, the aggregated client metrics and round statistics;
   and what the split did before any accuracy: ``partition_sizes``,
   ``partition_train_sizes`` and ``label_counts`` (per partition, samples per label,
-  from flwr-datasets' ``compute_counts``);
+  counted from the drawn split; equal to flwr-datasets' ``compute_counts``, tested);
 - ``final_model.pt``: the final global weights (a PyTorch state dict);
 - ``checkpoint.pkl``: the last complete round's model, strategy state, random
   generators and history (``fl_app/checkpoint.py``; run-config ``resume-from``);

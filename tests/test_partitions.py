@@ -147,3 +147,23 @@ def test_a_client_slices_the_same_rows_as_flwr_datasets_load_partition(partition
         for a, b in ((got.train, expected.train), (got.val, expected.val)):
             np.testing.assert_array_equal(a.x, b.x)
             np.testing.assert_array_equal(a.y, b.y)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
+def test_label_counts_agree_with_flwr_datasets_compute_counts(partitioner):
+    """summary.json's label counts are counted from the split the run uses; flwr-datasets'
+    own compute_counts (which loads every partition again) must give the same numbers."""
+    from flwr_datasets.metrics import compute_counts
+
+    from partitions import label_counts
+    from partitions.federated import _partitioner
+
+    cfg = data_config(partitioner=partitioner, alpha=0.3)
+    counts = label_counts(cfg, 7)
+    source, partitioner_ = _partitioner(cfg, 7)
+    frame = compute_counts(partitioner_, column_name=source.label_key)
+    frame = frame.reindex(columns=list(range(10)), fill_value=0)
+    expected = {str(pid): [int(v) for v in row] for pid, row in zip(frame.index, frame.to_numpy())}
+    assert counts == expected
+    if partitioner != "pathological":  # which leaves out classes no partition drew
+        assert sum(map(sum, counts.values())) == dataset_info("digits").num_train
