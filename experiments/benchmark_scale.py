@@ -80,19 +80,20 @@ def _tree(root_pid: int) -> list[int]:
     return out
 
 
-def _mem_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in KiB, from smaps_rollup."""
-    rss = pss = 0
+def _mem_kib(pid: int) -> dict[str, int]:
+    """RSS, PSS and PSS split into anonymous, file-backed and shared-memory pages (Ray's
+    object store is a shared-memory file mapped into every worker), in KiB, from
+    smaps_rollup."""
+    out = {"Rss": 0, "Pss": 0, "Pss_Anon": 0, "Pss_File": 0, "Pss_Shmem": 0}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
+                key = line.split(":", 1)[0]
+                if key in out:
+                    out[key] = int(line.split()[1])
     except OSError:
         pass
-    return rss, pss
+    return out
 
 
 def _cmdline(pid: int) -> str:
@@ -106,17 +107,23 @@ def _cmdline(pid: int) -> str:
 def tree_memory(root_pid: int) -> dict:
     rss = pss = 0
     per: dict[str, int] = {}
+    split: dict[str, dict[str, int]] = {}
     for pid in _tree(root_pid):
-        r, p = _mem_kib(pid)
-        rss += r
-        pss += p
+        mem = _mem_kib(pid)
+        rss += mem["Rss"]
+        pss += mem["Pss"]
         cmd = _cmdline(pid)
         kind = ("actor" if "ClientAppActor" in cmd else "simulation" if "flwr-simulation" in cmd
                 else "superlink" if "flower-superlink" in cmd else "ray-core" if "ray" in cmd
                 else "other")
-        per[kind] = per.get(kind, 0) + p
+        per[kind] = per.get(kind, 0) + mem["Pss"]
+        parts = split.setdefault(kind, {"anon": 0, "file": 0, "shmem": 0})
+        for part in parts:
+            parts[part] += mem[f"Pss_{part.capitalize()}"]
     return {"rss_mib": rss / 1024, "pss_mib": pss / 1024,
-            "pss_by_kind_mib": {k: round(v / 1024, 1) for k, v in per.items()}}
+            "pss_by_kind_mib": {k: round(v / 1024, 1) for k, v in per.items()},
+            "pss_split_mib": {k: {part: round(v / 1024, 1) for part, v in parts.items()}
+                              for k, parts in split.items()}}
 
 
 def find_processes(root_pid: int) -> dict[str, list[int]]:
@@ -238,7 +245,8 @@ class Monitor:
                         "peak_pss_mib": round(max(m["pss_mib"] for m in window), 1),
                         "peak_rss_mib": round(max(m["rss_mib"] for m in window), 1),
                         "end_pss_mib": round(window[-1]["pss_mib"], 1),
-                        "end_pss_by_kind_mib": window[-1]["pss_by_kind_mib"]})
+                        "end_pss_by_kind_mib": window[-1]["pss_by_kind_mib"],
+                        "end_pss_split_mib": window[-1].get("pss_split_mib", {})})
         return out
 
 
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         for r in result["rounds_memory"]:
             print(f"  round {r['round']}: peak PSS {r['peak_pss_mib']:.0f} MiB, end PSS "
-                  f"{r['end_pss_mib']:.0f} MiB {r['end_pss_by_kind_mib']}", flush=True)
+                  f"{r['end_pss_mib']:.0f} MiB {r['end_pss_by_kind_mib']} {r['end_pss_split_mib']}", flush=True)
 
     def median_of(app: str, key: str) -> float | None:
         values = [r[key] for r in runs if r["app"] == app and r.get(key) is not None]
