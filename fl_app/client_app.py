@@ -26,7 +26,6 @@ from .central_dp import central_dp_gate
 from .faults import HUGE_NUM_EXAMPLES, InjectedFault, corrupt_arrays, is_faulty
 from .config import RunConfig
 from .secagg_client import secagg_gate
-from .memory import release_freed_memory
 from .model import build_model
 from .training import derive_seed, evaluate, resolve_device, train_local
 
@@ -111,7 +110,6 @@ def state_dir(msg: Message, context: Context) -> str | None:
 
 @app.train(mods=[secagg_gate, central_dp_gate])
 def train(msg: Message, context: Context) -> Message:
-    release_freed_memory()  # what earlier messages freed (see fl_app/memory.py)
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     folder = state_dir(msg, context)
