@@ -33,11 +33,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from deploy.credentials import make_all
-from experiments.launch import REPO, LocalSuperLink
-
-
-def _interrupt(signum, frame) -> None:  # noqa: ANN001 - signal handler signature
-    raise KeyboardInterrupt
+from experiments.launch import REPO, LocalSuperLink, raise_keyboard_interrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     link = LocalSuperLink(workdir, log_path=workdir / "superlink.log", simulation=False,
                           tls=files.root if files else None, node_auth=args.auth)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         link.start()
         print(f"SuperLink on 127.0.0.1:{link.port} ({'TLS' if secure else 'insecure'}"

@@ -56,6 +56,22 @@ def run_config_arg(overrides: dict[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
+def raise_keyboard_interrupt(signum, frame) -> None:  # noqa: ANN001 - a signal handler
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, ``kill``) raise KeyboardInterrupt in the main thread, so
+    that the ``finally``/``with`` blocks around a LocalSuperLink stop the processes it
+    started (they run in their own sessions: with SIGTERM's default action they outlived
+    a killed benchmark). Only where SIGTERM still has its default action."""
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+
+
 def _terminate_group(process: subprocess.Popen) -> None:
     """SIGTERM a process and its session (its children), SIGKILL after 20 s."""
     if process.poll() is not None:
@@ -108,6 +124,7 @@ class LocalSuperLink:
         return env
 
     def start(self, timeout: float = 60.0) -> "LocalSuperLink":
+        stop_on_sigterm()
         self.workdir.mkdir(parents=True, exist_ok=True)
         security = (f'root-certificates = "{self.tls.ca_cert.resolve()}"\n' if self.tls
                     else "insecure = true\n")

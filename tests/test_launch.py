@@ -1,0 +1,52 @@
+"""experiments/launch.py: a SIGTERMed script stops the SuperLink it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_superlink_a_script_started(tmp_path):
+    """The SuperLink runs in its own session, so SIGTERM's default action on the script
+    (``timeout``, ``kill``) used to leave it running; now the script's ``with`` block stops it."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from experiments.launch import LocalSuperLink
+        with LocalSuperLink(Path({str(tmp_path)!r}) / "link", simulation=False) as link:
+            print(link.process.pid, flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        superlink = int(proc.stdout.readline())
+        assert _alive(superlink)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while _alive(superlink) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(superlink), "the SuperLink outlived the SIGTERMed script"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(superlink, signal.SIGKILL)
+        except (ProcessLookupError, UnboundLocalError, PermissionError):
+            pass
