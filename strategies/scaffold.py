@@ -45,9 +45,12 @@ replies, or part of an aggregate that was rolled back). So the client stores c_i
 *pending*, tagged with the round r it was computed in, and keeps using its committed
 c_i. The server records, for every client, the last round whose contribution went into
 an aggregate that stood (``accepted``; kept in the strategy, so a rolled-back round's
-record is rolled back with it) and sends that map (``scaffold-accepted``: member id ->
-round) with every train message. When the client is next sampled it commits its pending
-c_i+ if and only if the map says its round-r contribution was aggregated, else drops it.
+record is rolled back with it) and sends each sampled client its own entry of that map
+(``scaffold-accepted``: {member id: round}, empty if it never counted) with its train
+message. The client commits its pending c_i+ if and only if the entry says its round-r
+contribution was aggregated, else drops it. (The whole map went to every client before:
+~6,500 entries a message by round 10 at 10,000 clients, and it told every client who
+else took part when.)
 A client's member id is its partition id in the app (``member_of``; the node id by
 default): node ids change when a SuperNode restarts or a run is resumed, partitions do
 not.
@@ -61,12 +64,13 @@ start of the next (the simulation keeps every node's Context.state in one proces
 SuperNode or a resumed run reloads it, and the accepted map of the server's checkpoint
 decides the pending c_i+ exactly as it would have without the interruption.
 The server never holds any c_i (only the Delta c_i it aggregates, which secure
-aggregation can hide), and the map reveals only who took part when, which the server
+aggregation can hide), and the map records only who took part when, which the server
 knows anyway. A client never stores a non-finite c_i+: it keeps its previous c_i (the
 reply then carries the non-finite Delta c_i and is rejected).
 
 Wire layout: the server sends c as a second ArrayRecord (``scaffold-c``) beside the
-model, and the accepted map as a ConfigRecord (``scaffold-accepted``); the client
+model, and the client's entry of the accepted map as a ConfigRecord
+(``scaffold-accepted``); the client
 replies with ONE ArrayRecord holding its model y_i under the model's keys (Delta y_i =
 y_i - x is formed on the server, which holds x) and Delta c_i under ``scaffold-dc/<key>``.
 The upload is therefore twice FedAvg's (reported per round).
@@ -246,10 +250,15 @@ class Scaffold(FedAvg):
         config[CONTROL_VARIATE] = self.control_variate
         messages = list(super().configure_train(server_round, arrays, config, grid))
         c_record = _record(self.c)
-        accepted = ConfigRecord({str(node): rnd for node, rnd in self.accepted.items()})
-        for content in {id(m.content): m.content for m in messages}.values():
+        for message in messages:  # the shared records, plus this client's own entry
+            node = message.metadata.dst_node_id
+            member = self.member_of(node) if self.member_of is not None else node
+            own = ({str(member): self.accepted[int(member)]}
+                   if member is not None and int(member) in self.accepted else {})
+            content = RecordDict(dict(message.content.items()))
             content[C_RECORD] = c_record
-            content[ACCEPTED_RECORD] = accepted
+            content[ACCEPTED_RECORD] = ConfigRecord(own)
+            message.content = content
         return messages
 
     def aggregate_train(

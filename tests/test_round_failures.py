@@ -224,11 +224,17 @@ def test_a_client_never_stores_a_non_finite_control_variate():
     np.testing.assert_allclose(fed.x, fed.optimum(fed.n), atol=1e-9)
 
 
-def test_accepted_map_travels_with_every_train_message():
+def test_each_train_message_carries_its_own_clients_accepted_entry_only():
+    """A client needs its own entry (did my round-r Delta c_i count?), not who else took
+    part when: the whole map would grow every message with the clients ever trained."""
     fed = three_clients()
     fed.round(1)
+    fed.scaffold.accepted.pop(fed.nodes[2])  # as if its reply had been left out
     messages = fed.guard.configure_train(2, ArrayRecord({"w": Array(fed.x)}),
                                          ConfigRecord({"run-tag": "run"}), make_grid(fed.nodes))
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(fed.nodes)
     for message in messages:
-        assert dict(message.content[ACCEPTED_RECORD]) == {str(n): 1 for n in fed.nodes}
+        node = message.metadata.dst_node_id
+        expected = {} if node == fed.nodes[2] else {str(node): 1}
+        assert dict(message.content[ACCEPTED_RECORD]) == expected
         assert C_RECORD in message.content

@@ -176,9 +176,10 @@ def test_full_algorithm_with_partial_participation_matches_reference():
     for rnd, sampled in enumerate(([0, 1], [1, 2], [0, 2], [0, 1]), start=1):
         messages = list(strategy.configure_train(
             rnd, ArrayRecord({"w": Array(x)}), ConfigRecord(), make_grid([10, 11, 12])))
-        content = messages[0].content
+        by_node = {m.metadata.dst_node_id: m.content for m in messages}
         replies, dys, dcs = [], [], []
         for i in sampled:
+            content = by_node[10 + i]  # its own message: c and its own accepted entry
             y, dc = client_round(x, content[C_RECORD], states[i], a[i], b[i], K, lr, node_id=10 + i,
                                  server_round=rnd, accepted=dict(content[ACCEPTED_RECORD]))
             replies.append(make_reply({"w": y, DC_PREFIX + "w": dc}, num_examples=5, node_id=10 + i))
