@@ -264,7 +264,7 @@ def run_app(kind: str, strategy: str | None, args, workdir: Path, app_dir: Path,
                      "central-eval": not args.no_minimal_central_eval}
         app = MINIMAL_APP
     else:
-        overrides = {**common, "strategy": strategy, "partitioner": "iid",
+        overrides = {**common, "strategy": strategy, "partitioner": "iid", "model": args.model,
                      "results-dir": str(results), "run-name": tag}
         app = app_dir
     log_path = run_dir / "flwr_run.log"
@@ -396,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=["fedavg", "scaffold"])
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--model", default="cnn", choices=["cnn", "mlp", "logreg"],
+                        help="this app's model (run-config `model`); the minimal app keeps its "
+                             "CNN, so compare other models across this app's runs only")
     parser.add_argument("--num-cpus", type=float, default=1)
     parser.add_argument("--passes", type=int, default=1,
                         help="2: run the order forward then backward (spreads load drift)")
@@ -470,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
               f"peak PSS {ratios[app]['peak_pss_mib']:.0f} MiB", flush=True)
     record = {"date": datetime.now().isoformat(timespec="seconds"), "nodes": args.nodes,
               "rounds": args.rounds, "fraction": args.fraction, "dataset": args.dataset,
+              "model": args.model,
               "num_cpus": args.num_cpus, "cores": os.cpu_count(), "passes": args.passes,
               "minimal_central_eval": not args.no_minimal_central_eval,
               "load_start": runs[0]["load_before"], "git": git_at_snapshot,
