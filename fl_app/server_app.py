@@ -137,8 +137,13 @@ class NodeDirectory:
         get_message_ins), so 10,000 queries at once are slow enough to time out, and a
         query whose reply is never pulled stays stored, slowing every later round."""
         unknown = [n for n in node_ids if n not in self.partition]
+        started = time.perf_counter()
         for start in range(0, len(unknown), QUERY_BATCH):
             self._query(unknown[start:start + QUERY_BATCH])
+            if len(unknown) > QUERY_BATCH:  # minutes at 10,000 nodes: say how far it got
+                log(INFO, "Asked %d of %d nodes which partition they hold (%.0f s)",
+                    min(start + QUERY_BATCH, len(unknown)), len(unknown),
+                    time.perf_counter() - started)
         wanted = set(node_ids)  # in the order the nodes answered: the first claim wins
         return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
 
