@@ -98,7 +98,7 @@ from fl_app.atomic import write_atomic
 from fl_app.wire import RUN_TAG
 
 from .secagg import contributors
-from .validation import ArraySpec, array_spec
+from .validation import ArraySpec, array_spec, array_values
 
 C_RECORD = "scaffold-c"  # server -> client: the server control variate c
 ACCEPTED_RECORD = "scaffold-accepted"  # server -> client: member id -> last aggregated round
@@ -181,9 +181,9 @@ def split_reply(record: ArrayRecord) -> tuple[NDArrays, NDArrays]:
     model, delta_c = {}, {}
     for key, array in record.items():
         if key.startswith(DC_PREFIX):
-            delta_c[key[len(DC_PREFIX):]] = array.numpy()
+            delta_c[key[len(DC_PREFIX):]] = array_values(array)
         else:
-            model[key] = array.numpy()
+            model[key] = array_values(array)
     return model, delta_c
 
 

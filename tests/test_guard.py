@@ -305,3 +305,49 @@ def test_two_nodes_claiming_one_partition_the_first_keeps_it_until_it_leaves(cap
     assert warnings == ["Node 43 claims partition-id 1, already held by node 42: left out while "
                         "that node is connected (give each SuperNode its own partition-id)"]
     assert sampler.choose([41, 43, 44], 3, 3, "train") == [41, 43, 44]  # 42 disconnected
+
+
+def _lying_array(announced_shape, data_values) -> Array:
+    """An Array whose dtype/shape fields announce one layout while its .npy data hold
+    another (the fields and the data are separate fields on the wire)."""
+    honest = Array(np.asarray(data_values, dtype=np.float32))
+    return Array(dtype="float32", shape=tuple(announced_shape), stype=honest.stype,
+                 data=honest.data)
+
+
+@pytest.mark.parametrize("values", [
+    np.arange(6, dtype=np.float32).reshape(2, 3),
+    np.linspace(-1, 1, 7),                               # float64
+    np.arange(5, dtype=np.int64),
+    np.array(3.5, dtype=np.float32),                     # 0-d
+    np.zeros((0, 4), dtype=np.float32),                  # empty
+    np.asfortranarray(np.arange(6.0).reshape(2, 3)),     # written Fortran-ordered
+    np.arange(4, dtype=">f4"),                           # big-endian
+    np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]),     # structured
+])
+def test_array_values_equal_flowers_own_parse(values):
+    from strategies.validation import array_values
+
+    array = Array(values)
+    got = array_values(array)
+    expected = array.numpy()
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_an_array_whose_fields_disagree_with_its_data_is_rejected():
+    """Flower's Array.numpy() returns whatever the data hold: a (1,) array announced as
+    (2,) passed the shape check and would broadcast into every weight of the mean."""
+    from strategies.validation import array_values
+
+    with pytest.raises(ValueError, match=r"data hold float32 \(1,\), its fields say float32 \(2,\)"):
+        array_values(_lying_array((2,), [1e6]))
+    strategy = guarded_fedavg()
+    configure(strategy)
+    good = make_reply(arrays([1, 1], [1]), num_examples=10, node_id=11)
+    bad = make_reply(arrays([1, 1], [1]), num_examples=10, node_id=12)
+    bad.content["arrays"]["w"] = _lying_array((2,), [1e6])
+    valid, rejected = split_replies([good, bad], array_spec(global_arrays()))
+    assert valid == [good] and "array 'w' is inconsistent" in rejected[0][1]
+    aggregate, _ = strategy.aggregate_train(1, [good, bad])
+    np.testing.assert_array_equal(aggregate["w"].numpy(), [1, 1])
