@@ -274,9 +274,11 @@ class Scaffold(FedAvg):
                                  for c in contents])
         p, q = aggregation_weights(num_examples, weighting=self.weighting,
                                    num_clients=self.num_clients, total_examples=self.total_examples)
-        parts = [split_reply(next(iter(c.array_records.values()))) for c in contents]
-        delta_y = [{k: y[k].astype(np.float64) - self.x[k] for k in self.x} for y, _ in parts]
-        mean_dy = weighted_sum(delta_y, p, self.x)
+        parts = [split_reply(next(iter(c.array_records.values()))) for c in contents]  # views
+        # sum_S p_i (y_i - x), one key at a time: no float64 copy of every reply at once
+        # (1,000 replies of the default CNN would hold 375 MB)
+        mean_dy = {k: sum(float(w) * (y[k].astype(np.float64) - self.x[k])
+                          for w, (y, _) in zip(p, parts)) for k in self.x}
         c_increment = weighted_sum([dc for _, dc in parts], q, self.c)
         new_x, self.c = server_update(self.x, self.c, mean_dy, c_increment,
                                       server_lr=self.server_lr)
