@@ -144,6 +144,16 @@ class Guarded(Strategy):
         self._round_started = 0.0
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate_metrics: MetricRecord | None = None
+        # A strategy in the chain with per-client records (SCAFFOLD's accepted entry)
+        # attaches them after the sampler has chosen the nodes, not before.
+        self._attach = None
+        layer = inner
+        while isinstance(layer, Strategy):
+            if hasattr(layer, "attach_accepted"):
+                layer.attach_later = True
+                self._attach = layer.attach_accepted
+                break
+            layer = getattr(layer, "inner", None)
 
     # ------------------------------------------------------------------ helpers
     def _readdress(self, messages: list[Message], grid: Grid, server_round: int, stage: str) -> list[Message]:
@@ -258,6 +268,8 @@ class Guarded(Strategy):
         self._expected_spec = spec_fn(arrays) if spec_fn else self._global_spec
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         messages = self._readdress(messages, grid, server_round, "train")
+        if self._attach is not None:  # per-client records, once the nodes are final
+            messages = self._attach(messages)
         self._sent = len(messages)
         self._download_bytes = (
             sum(record_nbytes(r) for r in messages[0].content.array_records.values())

@@ -230,6 +230,7 @@ class Scaffold(FedAvg):
         self.x: NDArrays | None = None
         self.accepted: dict[int, int] = {}  # member id -> last round its Delta c_i was added
         self.member_of = member_of  # node id -> member id (None: the node id itself)
+        self.attach_later = False  # set by a wrapper that calls attach_accepted itself
 
     def summary(self) -> None:
         log(INFO, "\t├──> SCAFFOLD (Option II, %s, %s weighting): eta_g = %g, N = %d",
@@ -250,13 +251,21 @@ class Scaffold(FedAvg):
         config[CONTROL_VARIATE] = self.control_variate
         messages = list(super().configure_train(server_round, arrays, config, grid))
         c_record = _record(self.c)
-        for message in messages:  # the shared records, plus this client's own entry
+        for content in {id(m.content): m.content for m in messages}.values():
+            content[C_RECORD] = c_record
+        # A wrapper that picks the nodes itself (Guarded's seeded sampler re-addresses
+        # shared content) attaches the entries once the nodes are final.
+        return messages if self.attach_later else self.attach_accepted(messages)
+
+    def attach_accepted(self, messages: list[Message]) -> list[Message]:
+        """Give each train message its own content: the shared records plus its client's
+        entry of the accepted map (empty if none), by the message's final destination."""
+        for message in messages:
             node = message.metadata.dst_node_id
             member = self.member_of(node) if self.member_of is not None else node
             own = ({str(member): self.accepted[int(member)]}
                    if member is not None and int(member) in self.accepted else {})
             content = RecordDict(dict(message.content.items()))
-            content[C_RECORD] = c_record
             content[ACCEPTED_RECORD] = ConfigRecord(own)
             message.content = content
         return messages

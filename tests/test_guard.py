@@ -351,3 +351,26 @@ def test_an_array_whose_fields_disagree_with_its_data_is_rejected():
     assert valid == [good] and "array 'w' is inconsistent" in rejected[0][1]
     aggregate, _ = strategy.aggregate_train(1, [good, bad])
     np.testing.assert_array_equal(aggregate["w"].numpy(), [1, 1])
+
+
+def test_scaffold_under_the_seeded_sampler_gets_each_final_nodes_accepted_entry():
+    """SCAFFOLD gives each client its own accepted entry; under Guarded the entries are
+    attached after the seeded sampler has re-addressed the messages (attached before,
+    the per-node content stopped the re-addressing and Flower's random sampling chose
+    the clients, which broke the seeded, resumable sampling)."""
+    from strategies.scaffold import ACCEPTED_RECORD, C_RECORD, Scaffold
+
+    mapping = {31: 2, 32: 0, 33: 1, 34: 3}
+    inner = Scaffold(num_clients=4, weighting="uniform", fraction_train=0.5, min_train_nodes=1,
+                     min_available_nodes=1, member_of=mapping.get)
+    inner.accepted = {2: 1, 0: 1}  # partitions 2 and 0 counted in round 1
+    strategy = Guarded(inner, sampler=sampler_for(mapping, seed=0))
+    messages = list(strategy.configure_train(2, global_arrays(), ConfigRecord(),
+                                             make_grid(list(mapping))))
+    expected = sampler_for(mapping, seed=0).choose(list(mapping), 2, 2, "train")
+    assert [m.metadata.dst_node_id for m in messages] == expected
+    for message in messages:
+        member = mapping[message.metadata.dst_node_id]
+        own = {str(member): 1} if member in inner.accepted else {}
+        assert dict(message.content[ACCEPTED_RECORD]) == own
+        assert C_RECORD in message.content
