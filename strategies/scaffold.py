@@ -170,10 +170,15 @@ def server_update(
     return new_x, new_c
 
 
-def weighted_sum(arrays: list[NDArrays], weights: np.ndarray, keys: Iterable[str]) -> NDArrays:
-    """sum_j weights[j] * arrays[j][k] for every key, accumulated in float64."""
-    return {k: sum(float(w) * a[k].astype(np.float64) for w, a in zip(weights, arrays))
-            for k in keys}
+def weighted_sum(arrays: list[NDArrays], weights: np.ndarray, keys: Iterable[str],
+                 minus: NDArrays | None = None) -> NDArrays:
+    """sum_j weights[j] * (arrays[j][k] - minus[k]) for every key (``minus`` absent: 0),
+    accumulated in float64 one key at a time (no float64 copy of every array at once)."""
+    def term(a: np.ndarray, k: str) -> np.ndarray:
+        values = a.astype(np.float64)
+        return values - minus[k] if minus is not None else values
+
+    return {k: sum(float(w) * term(a[k], k) for w, a in zip(weights, arrays)) for k in keys}
 
 
 def split_reply(record: ArrayRecord) -> tuple[NDArrays, NDArrays]:
@@ -284,10 +289,9 @@ class Scaffold(FedAvg):
         p, q = aggregation_weights(num_examples, weighting=self.weighting,
                                    num_clients=self.num_clients, total_examples=self.total_examples)
         parts = [split_reply(next(iter(c.array_records.values()))) for c in contents]  # views
-        # sum_S p_i (y_i - x), one key at a time: no float64 copy of every reply at once
-        # (1,000 replies of the default CNN would hold 375 MB)
-        mean_dy = {k: sum(float(w) * (y[k].astype(np.float64) - self.x[k])
-                          for w, (y, _) in zip(p, parts)) for k in self.x}
+        # sum_S p_i (y_i - x) without a float64 copy of every reply at once (1,000 replies
+        # of the default CNN would hold 375 MB)
+        mean_dy = weighted_sum([y for y, _ in parts], p, self.x, minus=self.x)
         c_increment = weighted_sum([dc for _, dc in parts], q, self.c)
         new_x, self.c = server_update(self.x, self.c, mean_dy, c_increment,
                                       server_lr=self.server_lr)
