@@ -37,7 +37,8 @@ def one_batch_gradient(mode: str, data, info) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model(info, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    private = privacy.PrivateTraining(model, opt, privacy.DPSettings(0.0, 1.0, 1e-5, 0, mode),
+    private = privacy.PrivateTraining(model, opt, privacy.DPSettings(0.0, 1.0, 1e-5, randomness="seeded", noise_seed=0,
+                                                              sampler_seed=0, grad_sample_mode=mode),
                                       num_examples=len(data), batch_size=32,
                                       accountant=RDPAccountant())
     x, y = torch.from_numpy(data.x[:32]), torch.from_numpy(data.y[:32])  # [:0] when empty
@@ -51,7 +52,8 @@ def one_batch_gradient(mode: str, data, info) -> torch.Tensor:
 
 def epoch_seconds(data, info, mode: str | None) -> float:
     model = build_model(info, seed=0)
-    dp = None if mode is None else privacy.DPSettings(1.0, 1.0, 1e-5, 0, mode)
+    dp = None if mode is None else privacy.DPSettings(1.0, 1.0, 1e-5, randomness="seeded", noise_seed=0,
+                                                            sampler_seed=0, grad_sample_mode=mode)
     started = time.perf_counter()
     train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1, dp=dp,
                 accountant=RDPAccountant() if dp else None)

@@ -43,7 +43,8 @@ def _worker(partition_ids, cfg_kwargs, num_partitions, hyper, barrier, queue) ->
 
     torch.set_num_threads(1)
     from fl_app.model import build_model
-    from fl_app.training import derive_seed, train_local
+    from fl_app.training import train_local
+    from fl_common.randomness import derive_seed
     from partitions import DataConfig, dataset_info, load_client_data
 
     cfg = DataConfig(**cfg_kwargs)

@@ -22,12 +22,14 @@ from partitions.device import cached_client_data, load_device_data, read_device_
 
 from . import wire
 from .attacks import client_attack
-from .central_dp import central_dp_gate
+from .user_dp_client import central_dp_gate
 from .faults import HUGE_NUM_EXAMPLES, InjectedFault, corrupt_arrays, is_faulty
 from .config import RunConfig
 from .secagg_client import secagg_gate
 from .model import build_model
-from .training import derive_seed, evaluate, resolve_device, train_local
+from fl_common.randomness import derive_seed
+
+from .training import evaluate, resolve_device, train_local
 
 app = ClientApp()
 

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import strategies
 from partitions import PARTITIONERS, DataConfig, resolve_source
 
+from fl_common.randomness import RANDOMNESS_MODES
+
 from .attacks import ATTACKS
 from .faults import FAULT_KINDS
 from .model import MODELS
@@ -29,7 +31,7 @@ AUTO = "auto"
 # any other value is a mistake the user should hear about.
 DP_MODES = ("sample", "user")
 USER_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
-DP_DEFAULTS = {"dp_mode": "sample", "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
+DP_DEFAULTS = {"dp_mode": "sample", "dp_randomness": "secure", "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
                "dp_target_epsilon": 0.0, "dp_max_epsilon": 0.0}
 SECAGG_DEFAULTS = {"secagg_num_shares": 5, "secagg_reconstruction_threshold": 3,
                    "secagg_clipping_range": 8.0, "secagg_quantization_range": 2**22,
@@ -85,6 +87,7 @@ class RunConfig:
     max_num_examples: int
     dp: bool
     dp_mode: str
+    dp_randomness: str
     dp_noise_multiplier: float
     dp_max_grad_norm: float
     dp_delta: float
@@ -243,6 +246,7 @@ class RunConfig:
                                  f"set dp = true, or leave them at their defaults")
             return
         _choice("dp-mode", self.dp_mode, DP_MODES)
+        _choice("dp-randomness", self.dp_randomness, RANDOMNESS_MODES)
         if self.dp_mode == "user":
             if self.strategy not in USER_DP_STRATEGIES:
                 raise ValueError(

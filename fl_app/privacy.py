@@ -24,10 +24,16 @@ the history is also written there, atomically, keyed by run and partition, so a
 SuperNode that restarts does not forget its spend. The spend counts whether or not the
 server later uses the reply: the noisy result was computed and sent.
 
-Seeded noise is for experiments only: a production deployment turns on Opacus's
-``secure_mode`` (a cryptographically secure generator, and noise drawn so that the
-floating-point attack of Mironov, CCS 2012, does not apply); a seeded torch generator is
-reproducible and therefore predictable.
+Randomness (``fl_common/randomness.py``). With ``dp-randomness = "secure"`` (the
+default) the noise generator and the Poisson sampler's generator are keyed per round from
+the operating system's CSPRNG, never from the run config (whose ``seed`` the server
+chose), and the noise is drawn with Opacus's floating-point-robust construction
+(``DPOptimizer(secure_mode=True)``: a discarded draw, then the mean of four, against the
+attack of Mironov, CCS 2012). ``"seeded"`` derives both from (``seed``, round,
+partition), as the app did before: reproducible for experiments, and therefore
+predictable by the server, which can regenerate the noise and subtract it
+(tests/test_dp_randomness.py shows it). The server accepts ``"seeded"`` only in
+simulation and marks such runs in summary.json.
 """
 
 from __future__ import annotations
@@ -50,8 +56,10 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from . import wire
+from fl_common.randomness import RANDOMNESS_MODES, derive_seed, secret_torch_generator
+
 from .atomic import write_atomic
-from .training import derive_seed, model_device
+from .training import model_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -72,8 +80,21 @@ class DPSettings:
     noise_multiplier: float  # sigma
     max_grad_norm: float  # C
     delta: float  # the delta epsilon is reported at
-    noise_seed: int  # seeds the noise generator (experiments only; see module docstring)
+    randomness: str = "secure"  # "secure": CSPRNG-keyed generators; "seeded": the seeds below
+    noise_seed: int | None = None  # "seeded" only: the noise generator's seed
+    sampler_seed: int | None = None  # "seeded" only: the Poisson sampler's seed
     grad_sample_mode: str = "hooks"  # Opacus's per-sample gradient mode (GRAD_SAMPLE_MODES)
+
+    def __post_init__(self) -> None:
+        if self.randomness not in RANDOMNESS_MODES:
+            raise ValueError(f"DP randomness must be one of {list(RANDOMNESS_MODES)}, got "
+                             f"{self.randomness!r}")
+        seeds = (self.noise_seed, self.sampler_seed)
+        if self.randomness == "seeded" and None in seeds:
+            raise ValueError("Seeded DP randomness needs both a noise and a sampler seed")
+        if self.randomness == "secure" and seeds != (None, None):
+            raise ValueError("Secure DP randomness takes no seeds: its generators are keyed "
+                             "from the OS CSPRNG")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -216,20 +237,29 @@ class PrivateTraining:
                              f"got {settings.grad_sample_mode!r}")
         self.module = prepare_module(model, settings.grad_sample_mode, batch_first=True,
                                      loss_reduction="mean")
-        # Opacus draws the noise on the parameters' device with this generator
-        self.noise = torch.Generator(device=model_device(model)).manual_seed(int(settings.noise_seed))
+        # Opacus draws the noise on the parameters' device with this generator; the
+        # Poisson batches are drawn on the CPU with the other one
+        secure = settings.randomness == "secure"
+        if secure:
+            self.noise = secret_torch_generator(model_device(model))
+            self.sampling = secret_torch_generator("cpu")
+        else:
+            self.noise = torch.Generator(device=model_device(model)).manual_seed(
+                int(settings.noise_seed))
+            self.sampling = torch.Generator().manual_seed(int(settings.sampler_seed))
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm, expected_batch_size=self.rate * num_examples,
-            loss_reduction="mean", generator=self.noise, secure_mode=False,
+            loss_reduction="mean", generator=self.noise, secure_mode=secure,
         )
         self.optimizer.attach_step_hook(
             accountant.get_optimizer_hook_fn(sample_rate=self.rate))
 
-    def batches(self, num_examples: int, generator: torch.Generator):
-        """One epoch of Poisson-sampled index batches (Opacus's sampler)."""
+    def batches(self, num_examples: int):
+        """One epoch of Poisson-sampled index batches (Opacus's sampler), drawn with this
+        round's sampling generator (secret with ``randomness = "secure"``)."""
         return iter(UniformWithReplacementSampler(num_samples=num_examples,
-                                                  sample_rate=self.rate, generator=generator))
+                                                  sample_rate=self.rate, generator=self.sampling))
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -280,9 +310,12 @@ class ClientRound:
         sigma = round_noise(cfg, num_examples)
         self.rate = sample_rate(num_examples, cfg.batch_size)
         self.steps = cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)
-        self.settings = DPSettings(sigma, float(cfg.dp_max_grad_norm), self.delta,
-                                   noise_seed=derive_seed(cfg.seed, server_round, partition_id,
-                                                          NOISE_TAG))
+        seeded = cfg.dp_randomness == "seeded"
+        self.settings = DPSettings(
+            sigma, float(cfg.dp_max_grad_norm), self.delta, randomness=cfg.dp_randomness,
+            noise_seed=derive_seed(cfg.seed, server_round, partition_id, NOISE_TAG) if seeded else None,
+            # the seed plain SGD's shuffling uses (train_local): the batches of the old code
+            sampler_seed=derive_seed(cfg.seed, server_round, partition_id) if seeded else None)
 
     def over_budget(self) -> str | None:
         """Why this round must not run (``dp-max-epsilon`` would be exceeded), or None."""

@@ -44,7 +44,9 @@ from .attacks import attacker_partitions
 from .config import RunConfig, load_sweep
 from .model import build_model, num_parameters
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
-from .training import derive_seed, evaluate, resolve_device
+from fl_common.randomness import derive_seed
+
+from .training import evaluate, resolve_device
 
 app = ServerApp()
 
@@ -120,6 +122,22 @@ def check_test_facilities(cfg: RunConfig, grid: Grid, num_partitions: int) -> No
     if cfg.num_attackers > num_partitions:
         raise ValueError(f"Run config 'num-attackers' = {cfg.num_attackers} exceeds the "
                          f"{num_partitions} partitions; accepted: 1 to {num_partitions}")
+
+
+SEEDED_WARNING = ("dp-randomness = \"seeded\": the DP noise and Poisson batches are derived "
+                  "from the run config's seed; they give NO guarantee against anyone who "
+                  "knows it (the server, every client). For experiments only")
+
+
+def check_dp_randomness(cfg: RunConfig, grid: Grid) -> None:
+    """Seeded DP randomness only in simulation, and said loudly there."""
+    if not (cfg.dp and cfg.dp_randomness == "seeded"):
+        return
+    if not is_simulation(grid):
+        raise ValueError("Run config 'dp-randomness' = \"seeded\" is accepted only in "
+                         "simulation: it lets the server regenerate and remove every client's "
+                         "DP noise. Use \"secure\" (the default) in deployment")
+    log(WARNING, SEEDED_WARNING)
 
 
 class NodeDirectory:
@@ -206,10 +224,13 @@ def _history_record(metrics: MetricRecord | None) -> dict:
 
 
 def resume_point(cfg: RunConfig) -> tuple[ckpt.Checkpoint, Path] | None:
-    """The checkpoint ``resume-from`` names, checked against ``cfg``; None for a new run."""
+    """The checkpoint ``resume-from`` names, checked against ``cfg``; None for a new run.
+    The folder must lie under ``results-dir`` (symbolic links resolved), and is returned
+    resolved."""
     if not cfg.resume_from:
         return None
-    path = resolve_results_dir(cfg.resume_from)
+    path = ckpt.check_location(resolve_results_dir(cfg.resume_from),
+                               resolve_results_dir(cfg.results_dir))
     checkpoint = ckpt.load(path)
     ckpt.check_resumable(checkpoint, cfg.resolved(), path)
     return checkpoint, path
@@ -236,6 +257,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
                 len(node_ids), num_partitions)
     strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
     check_test_facilities(cfg, grid, num_partitions)
+    check_dp_randomness(cfg, grid)
     info = dataset_info(cfg.dataset)
     # Nodes with their own data say what they hold; otherwise the server computes the
     # benchmark split it shares with the nodes (and checks it) before any training.
@@ -261,7 +283,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
 
         privacy.check_run(cfg, train_n, model)
     elif cfg.dp:
-        from strategies.central_dp import check_user_run
+        from strategies.user_dp import check_user_run
 
         check_user_run(cfg, num_partitions)
     # In simulation the server computed the split, so it knows what each client holds: a
@@ -283,12 +305,13 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
             partition_of=sampler.partition_of.get, epsilon=float(cfg.attack_epsilon))
     min_valid = cfg.min_train_nodes
     if cfg.dp and cfg.dp_mode == "user":  # DP-FedAvg: exactly m clipped updates per aggregate
-        from strategies.central_dp import UserLevelDP, user_noise
+        from strategies.user_dp import UserLevelDP, user_noise
 
         m = min(strategies.sampled_per_round(cfg, len(node_ids)), len(node_ids))
         inner = UserLevelDP(inner, noise_multiplier=user_noise(cfg),
                             clipping_norm=float(cfg.dp_max_grad_norm), num_sampled_clients=m,
-                            delta=float(cfg.dp_delta), seed=cfg.seed)
+                            delta=float(cfg.dp_delta), randomness=cfg.dp_randomness,
+                            seed=cfg.seed)
         min_valid = m
     strategy = Guarded(inner, sampler=sampler, min_valid_replies=min_valid,
                        example_limits=limits)
@@ -322,6 +345,11 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
             "label_counts": counts,
             "data_source": {str(p): ("node data-path" if p in reported else "benchmark partition")
                             for p in range(num_partitions)},
+            **({"dp_randomness": {"mode": cfg.dp_randomness,
+                                  "guarantee": "none against whoever knows the seed"
+                                  if cfg.dp_randomness == "seeded" else
+                                  "noise and batches keyed from each process's OS CSPRNG"}}
+               if cfg.dp else {}),
             "model_parameters": num_parameters(model),
             "dataset": {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
                         "num_train": info.num_train, "num_test": info.num_test},

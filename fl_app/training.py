@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
+from fl_common.randomness import derive_seed  # noqa: F401  (fl_app/secagg_client.py)
 from partitions import ImageArrays
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,7 +120,7 @@ def train_local(
     try:
         for _ in range(epochs):
             loss_sum, correct, seen = 0.0, 0, 0
-            batches = (private.batches(n, generator) if private is not None
+            batches = (private.batches(n) if private is not None
                        else _shuffled_batches(n, batch_size, generator))
             for idx in batches:
                 idx = torch.as_tensor(idx, dtype=torch.long)
@@ -167,8 +167,3 @@ def evaluate(model: nn.Module, data: ImageArrays, batch_size: int = 1024) -> tup
         loss_sum += float(criterion(logits, targets))
         correct += int((logits.argmax(1) == targets).sum())
     return loss_sum / len(y), correct / len(y)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed from several integers (run seed, round, partition, ...)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])

@@ -24,8 +24,11 @@ def digits():
     return load_client_data(DataConfig("digits", "iid", 0.5, 2, 2, 0.1, 0), 0, 2).train
 
 
-def settings(sigma=1.0, clip=1.0, seed=0):
-    return privacy.DPSettings(sigma, clip, 1e-5, noise_seed=seed)
+def settings(sigma=1.0, clip=1.0, seed=0, sampler_seed=0):
+    """Seeded DP settings: these tests compare exact values (the secure default is
+    tested in tests/test_dp_randomness.py)."""
+    return privacy.DPSettings(sigma, clip, 1e-5, randomness="seeded", noise_seed=seed,
+                              sampler_seed=sampler_seed)
 
 
 # ---------------------------------------------------------------- accounting

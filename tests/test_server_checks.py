@@ -119,3 +119,13 @@ def test_nodes_are_asked_for_their_partition_in_bounded_batches():
     assert grid.batches == [1000, 1000, 500]
     assert mapping == {n: n - 1 for n in range(1, 2501)}
     assert nodes.num_partitions(list(range(1, 2501))) == 2500 and grid.batches == [1000, 1000, 500]
+
+
+def test_seeded_dp_randomness_is_refused_outside_simulation(make_config, caplog):
+    seeded = make_config(dp=True, **{"dp-randomness": "seeded"})
+    with pytest.raises(ValueError, match="'dp-randomness' = \"seeded\" is accepted only in simulation"):
+        server_app.check_dp_randomness(seeded, GrpcGrid([1]))
+    server_app.check_dp_randomness(make_config(dp=True), GrpcGrid([1]))  # secure: fine
+    with caplog.at_level("WARNING"):
+        server_app.check_dp_randomness(seeded, InMemoryGrid([1]))
+    assert "NO guarantee against anyone who knows it" in caplog.text

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import strategies
     from fl_app.config import RunConfig
     from fl_app.model import build_model
-    from fl_app.training import derive_seed, evaluate
+    from fl_app.training import evaluate
+    from fl_common.randomness import derive_seed
     from partitions import ImageArrays, dataset_info, load_client_data, load_test_data, train_val_split
     from partitions.federated import INDEX_KEY, _partitioner
     from strategies.guard import ExampleLimits, Guarded

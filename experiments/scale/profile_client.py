@@ -161,7 +161,8 @@ class FlAppHarness(Harness):
         from fl_app.config import RunConfig
         from fl_app.model import build_model
         from fl_app.server_app import INIT_SEED_TAG
-        from fl_app.training import derive_seed, evaluate
+        from fl_app.training import evaluate
+        from fl_common.randomness import derive_seed
         from partitions import check_partitions, dataset_info, load_test_data, train_sizes
         from strategies.guard import ExampleLimits, Guarded
         from strategies.sampling import PartitionSampler

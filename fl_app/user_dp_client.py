@@ -3,7 +3,7 @@
 In ``dp-mode = "user"`` each client's whole contribution is protected (McMahan, Ramage,
 Talwar, Zhang, "Learning Differentially Private Recurrent Language Models", ICLR 2018):
 the client clips its model update to L2 norm C (Flower's ``fixedclipping_mod``), the
-server averages and adds Gaussian noise (``strategies/central_dp.py``). The mod only runs
+server averages and adds Gaussian noise (``strategies/user_dp.py``). The mod only runs
 on train messages that carry the clipping norm (the server's DP wrapper puts it there);
 every other message passes through, so the same ClientApp serves non-DP runs.
 """
