@@ -8,7 +8,15 @@ Flower records, and lists, tuples and dicts of those) is copied; an attribute th
 itself a strategy (a wrapper's inner strategy) is captured recursively; everything else
 (callables, samplers, settings objects) is configuration that the resumed ServerApp
 rebuilds from the same run config, and is left as built. ``restore`` writes the copies
-back. The capture pickles (``fl_app/checkpoint.py``).
+back.
+
+The capture is stored without pickle (``fl_app/checkpoint.py``): its structure and
+scalars as typed JSON (each value tagged with its exact type, so tuples stay tuples and
+SCAFFOLD's int-keyed accepted map keeps int keys), its arrays (NumPy arrays and scalars,
+the bytes of Flower's ``Array``) in an npz loaded with ``allow_pickle=False``. Loading a
+checkpoint therefore runs no code from it. Every type ``_SCALARS`` lists is one the
+checkpoint can encode; a subclass of one (a namedtuple, an ``OrderedDict``) is captured
+but refused by the save, loudly, rather than coming back as another type.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ in tests/test_e2e.py."""
 
 from __future__ import annotations
 
-import pickle
+import json
 import signal
 import subprocess
 import sys
@@ -42,11 +42,11 @@ def _strategies():
     }
 
 
-def test_a_captured_strategy_state_survives_pickling_into_a_freshly_built_strategy():
+def test_a_captured_strategy_state_survives_the_checkpoint_encoding_into_a_freshly_built_strategy():
     """What each strategy carries between rounds (FedAdam's m and v, SCAFFOLD's c and
-    accepted map, Flower's FedAvgM momentum) is captured, pickled, and restored into a
-    strategy built from scratch; configuration (callables such as SCAFFOLD's member_of)
-    stays as built."""
+    accepted map, Flower's FedAvgM momentum) is captured, encoded as the checkpoint
+    stores it (typed JSON and arrays, no pickle), and restored into a strategy built
+    from scratch; configuration (callables such as SCAFFOLD's member_of) stays as built."""
     rng = np.random.default_rng(0)
     w = lambda: {"w": rng.normal(size=(3, 2))}  # noqa: E731
     before = _strategies()
@@ -55,7 +55,8 @@ def test_a_captured_strategy_state_survives_pickling_into_a_freshly_built_strate
     before["fedavgm"].inner.momentum_vector = [rng.normal(size=4)]
     before["fedavgm"].inner.current_arrays = ArrayRecord({"w": Array(rng.normal(size=4))})
     for name, strategy in before.items():
-        state = pickle.loads(pickle.dumps(capture(strategy)))
+        arrays: dict[str, np.ndarray] = {}
+        state = ckpt.decode(json.loads(json.dumps(ckpt.encode(capture(strategy), arrays))), arrays)
         fresh = _strategies()[name]
         restore(fresh, state)
         inner, original = fresh.inner, strategy.inner
@@ -65,7 +66,7 @@ def test_a_captured_strategy_state_survives_pickling_into_a_freshly_built_strate
         elif name == "scaffold":
             np.testing.assert_array_equal(inner.c["w"], original.c["w"])
             assert inner.accepted == {0: 3, 2: 1}
-            assert inner.member_of(7) == 0  # the built one, not a pickled copy
+            assert inner.member_of(7) == 0  # the built one, not a stored copy
         else:
             np.testing.assert_array_equal(inner.momentum_vector[0], original.momentum_vector[0])
             np.testing.assert_array_equal(inner.current_arrays["w"].numpy(),
@@ -109,13 +110,14 @@ for r in range(1, 10_000):
 
 
 def test_a_checkpoint_killed_during_its_write_never_replaces_the_previous_one(tmp_path):
-    """A process writing 80 MB checkpoints in a loop is killed (SIGKILL) while a
-    temporary file is being written: the checkpoint on disk is a complete earlier one."""
+    """A process writing 80 MB checkpoints in a loop is killed (SIGKILL) while the
+    temporary file of a later checkpoint's npz is being written: the checkpoint on disk
+    (the manifest and the npz it names) is a complete earlier one."""
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the first one complete, a second one under way
-            if (tmp_path / ckpt.CHECKPOINT).exists() and list(tmp_path.glob("*.tmp")):
+            if (tmp_path / ckpt.CHECKPOINT).exists() and list(tmp_path.glob("*.npz*.tmp")):
                 break
             time.sleep(0.01)
         else:
@@ -133,24 +135,25 @@ def test_a_checkpoint_killed_during_its_write_never_replaces_the_previous_one(tm
 def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
     ckpt.save(tmp_path, _checkpoint(1))
 
-    def crash(obj, handle, protocol=None):
+    def crash(handle, arrays):
         handle.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.pickle, "dump", crash)
+    monkeypatch.setattr(ckpt, "_write_arrays", crash)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save(tmp_path, _checkpoint(2))
     monkeypatch.undo()
     assert ckpt.load(tmp_path).round == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(list(tmp_path.glob("*.npz"))) == 1
 
 
 def test_bad_resume_from_values_are_named(tmp_path):
     with pytest.raises(ValueError, match="'resume-from' = .* is not a folder"):
         ckpt.load(tmp_path / "missing")
-    with pytest.raises(ValueError, match="holds no checkpoint.pkl"):
+    with pytest.raises(ValueError, match="holds no checkpoint.json"):
         ckpt.load(tmp_path)
     (tmp_path / ckpt.CHECKPOINT).write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read .*checkpoint.pkl"):
+    with pytest.raises(ValueError, match="cannot read .*checkpoint.json"):
         ckpt.load(tmp_path)
 
 
