@@ -12,8 +12,9 @@
   ``partition_train_sizes`` and ``label_counts`` (per partition, samples per label,
   counted from the drawn split; equal to flwr-datasets' ``compute_counts``, tested);
 - ``final_model.pt``: the final global weights (a PyTorch state dict);
-- ``checkpoint.pkl``: the last complete round's model, strategy state, random
-  generators and history (``fl_app/checkpoint.py``; run-config ``resume-from``);
+- ``checkpoint.json`` and the ``checkpoint-<round>-<random>.npz`` it names: the last
+  complete round's model, strategy state, random generators and history, as data only
+  (typed JSON and arrays, no pickle; ``fl_app/checkpoint.py``; run-config ``resume-from``);
 - ``client-state/`` (simulation): the clients' state that outlives a round (SCAFFOLD's
   c_i, the DP accountant), per partition;
 - ``accuracy.png``: test accuracy per round;
