@@ -3,16 +3,18 @@
 Bell, Bonawitz, Gascon, Lepoint, Raykova, "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead", ACM CCS 2020 (SecAgg+), building on Bonawitz et al.,
 "Practical Secure Aggregation for Privacy-Preserving Machine Learning", ACM CCS 2017.
+The threat model (what holds against a curious server, a lying server and malicious
+clients) is in docs/secure-aggregation.md.
 
 What the protocol computes. Client i holds a vector v_i and a weight n_i (its
-``num-examples``). It uploads Q(r_i * v_i) and the integer r_i = round(T n_i / W)
+``num-examples``). It uploads Q(r_i * v_i / T) and the integer r_i = round(T n_i / W)
 (T = ``quantization_range``, W = ``max_weight``, Q = stochastic quantization of values
-clipped to +-``clipping_range``), masked with a private mask (seed b_i) and pairwise
-masks shared with its neighbours in a random k-regular graph (k + 1 = ``num_shares``).
-The masks cancel in the sum mod ``modulus_range``; the server reconstructs, from at least
-``threshold`` Shamir shares each, b_i of every client whose vector is in the sum and the
-pairwise-mask key sk1_d of every client d that shared keys but dropped before its vector
-arrived. What it learns is
+clipped to +-``clipping_range`` onto the integers [0, T]), masked with a private mask
+(seed b_i) and pairwise masks shared with its neighbours in a random k-regular graph
+(k + 1 = ``num_shares``). The masks cancel in the sum mod ``modulus_range``; the server
+reconstructs, from at least ``threshold`` Shamir shares each, b_i of every client whose
+vector is in the sum and the pairwise-mask key sk1_d of every client d that shared keys
+but dropped before its vector arrived. What it learns is
 
     sum_i r_i * v_i  and  sum_i r_i,   hence the weighted mean  sum_i r_i v_i / sum_i r_i,
 
@@ -24,10 +26,12 @@ the weighted mean and ``num-examples`` = sum_i n_i. The strategies do not change
 
 What travels. The client uploads its *update*, v_i = y_i - x for the model keys (x: the
 arrays it was sent) and its other reply arrays as they are (SCAFFOLD's Delta c_i), in
-sorted key order (``fl_app/secagg_client.py``); the server adds x back. Updates are
-small, so clipping rarely bites and the quantization error is relative to the update.
-Per-client ``num-examples`` and metrics travel in plaintext, as in Flower's own
-``SecAggPlusWorkflow``.
+sorted key order, then one array of ``SUMMED_SIZE`` values that carries its training
+metrics into the masked sum (``summed_metrics``; ``fl_app/secagg_client.py``); the
+server adds x back. In plaintext, per client, only what the protocol needs:
+``num-examples`` (the weights' cross-check below) and, under DP, ``dp-epsilon``
+(``PLAINTEXT_METRICS``); everything else the handler reports stays on the client or is
+summed inside the protocol.
 
 Error bound (per coordinate, from Flower's ``quantize``: stochastic rounding to a grid of
 step 2c/T): |mean_secure - mean_r| <= m * (2c/T) / sum_i (r_i/T) for the m surviving
@@ -35,10 +39,22 @@ clients, where mean_r is the mean with the quantized weights r_i/T; the weights
 themselves differ from n_i/W by at most 1/(2T) each. ``tests/test_secagg.py`` checks
 the result against the plain aggregate within this bound.
 
-Building blocks: Flower's ``secaggplus_mod`` on the client (unchanged) and
-``flwr.common.secure_aggregation`` (Shamir shares, key agreement, PRG masks,
-quantization) on the server. This module is the server half of the protocol for the
-Message API: Flower 1.42 has it only for the legacy strategy API (``SecAggPlusWorkflow``,
+Against malicious clients (``tests/test_secagg_malicious.py``): every reply of every
+stage is parsed defensively; a malformed, inconsistent or out-of-range reply makes
+its node a dropout for the round (counted in ``MALFORMED``, named in the log and in
+the reply's ``secagg`` record), never an exception. Shamir reconstruction tolerates
+wrong shares up to the unique-decoding bound and checks every rebuilt pairwise-mask
+key against its owner's public key; the unmasked sum must lie in [0, m T] per
+coordinate (what m clients clipped to +-c can produce) and its weight sum must match
+the clients' plaintext num-examples. A failure there skips the round
+(``SecAggFailed``, model unchanged).
+
+Building blocks: Flower's ``secaggplus_mod`` on the client, with its mask expansion
+replaced (``strategies/secagg_prg.py``: AES-256-CTR keyed by HKDF-SHA256 of the whole
+seed, instead of Flower's 32-bit MT19937 seeding), and ``flwr.common.secure_aggregation``
+(Shamir shares, key agreement, quantization) on the server. This module is the server
+half of the protocol for the Message API: Flower 1.42 has it only for the legacy
+strategy API (``SecAggPlusWorkflow``,
 flwr/server/workflow/secure_aggregation/secaggplus_workflow.py), which it follows, with
 two corrections: nodes that dropped before sharing keys are not expected to have shares
 (Flower's workflow asks for shares of every sampled node and would fail the round), and
@@ -55,12 +71,15 @@ visible to the strategy, to ``Guarded`` or to anything else on the server.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import bytes_to_ndarray
@@ -74,13 +93,17 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
 from flwr.supercore import log
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    public_key_to_bytes,
+)
 
 from fl_app import wire
 
+from .secagg_prg import mask_arrays
 from .validation import ArraySpec
 
 # Strategies whose aggregate is a num-examples-weighted mean of the replies (optionally
@@ -93,14 +116,31 @@ SECAGG_STRATEGIES = (*LINEAR, "scaffold")
 SECAGG_RECORD = "secagg"  # ConfigRecord in the one reply a secure round returns
 NODES = "nodes"  # node ids whose contributions are in the sum
 DROPPED = "dropped"  # node ids sampled but not in the sum
+MALFORMED_NODES = "malformed"  # node ids whose replies were refused this round
 DP_EPSILONS = "dp-epsilon"  # the contributors' plaintext DP spends (fl_app/privacy.py)
 SECAGG_ERROR_CODE = 4272  # error code of the reply of a round whose protocol failed
 MODULUS_RANGE = 2**32  # Flower's default; the sum of m values < T must stay below it
 # Round metrics of a secure round (in the one reply's MetricRecord)
 SURVIVORS = "secagg-survivors"
 DROPOUTS = "secagg-dropouts"
+MALFORMED = "secagg-malformed"  # nodes whose reply was refused (malformed, inconsistent)
 SECAGG_FAILED = "secagg-failed"  # 1 in a round whose protocol failed (Guarded's stats)
-CLIPPED = "secagg-clipped"  # values a client's clipping range cut (fl_app/secagg_client.py)
+CLIPPED = "secagg-clipped"  # contributors whose clipping range cut a value (summed inside)
+
+# Per-client plaintext under SecAgg+, besides num-examples: the DP spend (Guarded reports
+# its maximum, which no sum can give). The client sends nothing else in plaintext.
+PLAINTEXT_METRICS = (wire.DP_EPSILON,)
+# Training metrics whose num-examples-weighted mean is computed inside the masked sum;
+# value -> scale (one unit = scale x clipping range, so a loss up to 16 is not clipped).
+# "scaffold-committed" is strategies.scaffold.COMMITTED_METRIC (scaffold imports this
+# module; tests/test_secagg_malicious.py checks the two names agree).
+SUMMED_MEANS = {wire.TRAIN_LOSS: 1 / 16, wire.TRAIN_ACCURACY: 1 / 2, "scaffold-committed": 1 / 2}
+SUMMED_SIZE = 1 + 2 * len(SUMMED_MEANS)  # [clipped flag] + (present, value) per mean
+_FLAG = 0.5  # a flag is worth half the clipping range
+KEY_CURVE = ec.SECP384R1.name  # flwr.supercore.primitives.asymmetric.generate_key_pairs
+MAX_KEY_BYTES = 4096
+MAX_SHARE_BYTES = 4096
+MAX_DECODING_BASES = 128  # subsets of shares tried per secret when some disagree
 
 NDArrays = list[np.ndarray]
 
@@ -157,6 +197,18 @@ class SecAggSettings:
         }
 
 
+def threshold_problem(num_shares: object, threshold: object) -> str | None:
+    """Why a reconstruction threshold of ``threshold`` of ``num_shares`` shares is unsafe,
+    or None. The client gate asks the same of the server's setup request."""
+    if isinstance(num_shares, int) and isinstance(threshold, int) and 2 * threshold <= num_shares:
+        return (f"Run config 'secagg-reconstruction-threshold' = {threshold} must exceed half "
+                f"of 'secagg-num-shares' = {num_shares} (at least {num_shares // 2 + 1}): with "
+                f"half the shares or fewer, a server that tells some neighbours a node "
+                f"dropped and others that it did not can collect both its mask-seed shares "
+                f"and its pairwise-key shares, i.e. its individual update")
+    return None
+
+
 def settings_problems(s: SecAggSettings) -> list[str]:
     """What is wrong with ``s``, as messages naming the run-config key (empty if fine)."""
     out = []
@@ -171,6 +223,8 @@ def settings_problems(s: SecAggSettings) -> list[str]:
         out.append(f"Run config 'secagg-reconstruction-threshold' = {s.threshold} must be "
                    f"below 'secagg-num-shares' = {s.num_shares} (up to num-shares - "
                    f"threshold clients of a neighbourhood may drop)")
+    elif problem := threshold_problem(s.num_shares, s.threshold):
+        out.append(problem)
     if not isinstance(s.clipping_range, (int, float)) or not 0 < s.clipping_range < float("inf"):
         out.append(f"Run config 'secagg-clipping-range' must be a number > 0; got "
                    f"{s.clipping_range!r}")
@@ -216,20 +270,42 @@ def unmask(masked_sum: NDArrays, *, graph: dict[int, set[int]], in_sum: set[int]
     shared keys, so their neighbours in ``in_sum`` masked with them, but their own
     vectors are not in the sum). Node a adds the mask it shares with b if a > b, else
     subtracts it (``secaggplus_mod``): for a dropped d, each neighbour j in the sum added
-    +mask if j > d, so it is subtracted here, and added back if j < d.
+    +mask if j > d, so it is subtracted here, and added back if j < d. Masks are
+    expanded with ``secagg_prg.mask_arrays``, as the clients' (patched) mod does.
     """
     shapes = [a.shape for a in masked_sum]
     out = masked_sum
     for nid in sorted(in_sum):
-        out = parameters_subtraction(out, pseudo_rand_gen(seeds[nid], modulus, shapes))
+        out = parameters_subtraction(out, mask_arrays(seeds[nid], modulus, shapes))
     for dead in sorted(dropped):
         for nid in sorted((graph[dead] & in_sum) - {dead}):
             key = generate_shared_key(bytes_to_private_key(sk1[dead]),
                                       bytes_to_public_key(public_keys[nid][0]))
-            mask = pseudo_rand_gen(key, modulus, shapes)
+            mask = mask_arrays(key, modulus, shapes)
             out = (parameters_subtraction(out, mask) if nid > dead
                    else parameters_addition(out, mask))
     return parameters_mod(out, modulus)
+
+
+def out_of_range(unmasked: NDArrays, *, num_in_sum: int, quantization_range: int,
+                 names: list[str]) -> str | None:
+    """Why the unmasked sum cannot be the sum of ``num_in_sum`` honest uploads, or None.
+
+    Each honest client's quantized value lies in [0, T] (its weighted value clipped to
+    +-c), so every coordinate of the sum lies in [0, m T]; element 0 (the weight sum) is
+    checked against the plaintext weights elsewhere. A client that adds anything to its
+    masked upload (which is uniform mod 2^32, so nothing shows before unmasking) moves
+    the sum by that amount: outside this range the round is rejected.
+    """
+    top = num_in_sum * quantization_range
+    for name, values in zip(names, unmasked[1:]):
+        over = int(np.count_nonzero(values > top))
+        if over:
+            return (f"the unmasked sum is outside what {num_in_sum} clients clipped to the "
+                    f"clipping range can produce: {over} value(s) of '{name}' above "
+                    f"{num_in_sum} x {quantization_range} (largest {int(values.max())}); a "
+                    f"client uploaded values outside the protocol's range")
+    return None
 
 
 def weighted_mean(unmasked: NDArrays, *, num_in_sum: int, clipping_range: float,
@@ -253,6 +329,102 @@ def quantized_weight(num_examples: float, max_weight: float, quantization_range:
     return round(num_examples / max_weight * quantization_range)
 
 
+# ------------------------------------------------------------------ metrics inside the sum
+def summed_metrics(metrics: Mapping[str, object], *, clipped: bool, num_examples: float,
+                   max_weight: float, clipping_range: float, quantization_range: int
+                   ) -> np.ndarray:
+    """The array a client appends to its upload (``SUMMED_SIZE`` values, float64).
+
+    The mod multiplies every uploaded value by r_i / T before quantizing, so the
+    protocol computes sum_i (r_i/T) u_i. Entry 0 is the clipped flag divided by r_i / T
+    (its sum is then the number of clients that clipped, times ``_FLAG`` c); then, per
+    ``SUMMED_MEANS`` name, a present flag and the value (their sums give the
+    num-examples-weighted share of clients that reported it and its weighted mean).
+    """
+    c = float(clipping_range)
+    r = quantized_weight(num_examples, max_weight, quantization_range)
+    out = [_FLAG * c * quantization_range / r if clipped and r > 0 else 0.0]
+    for name, scale in SUMMED_MEANS.items():
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out += [_FLAG * c, float(value) * scale * c]
+        else:
+            out += [0.0, 0.0]
+    return np.asarray(out, dtype=np.float64)
+
+
+def read_summed_metrics(mean: np.ndarray, *, total_ratio: int, num_in_sum: int,
+                        clipping_range: float, quantization_range: int) -> dict[str, float]:
+    """The round's metrics from the weighted mean of the ``summed_metrics`` arrays.
+
+    Each weighted mean is off by at most 2 c m / sum_i r_i (the quantization bound) in
+    the array's units, i.e. that divided by scale x c in the metric's: it is reported
+    rounded to the decimals this error leaves exact (so that a mean of flags that are
+    all 1 reads 1.0, as in a plain round)."""
+    c = float(clipping_range)
+    out: dict[str, float] = {
+        CLIPPED: int(round(float(mean[0]) * total_ratio / quantization_range / (_FLAG * c)))}
+    error = 2 * c * num_in_sum / total_ratio
+    for i, (name, scale) in enumerate(SUMMED_MEANS.items()):
+        share = float(mean[1 + 2 * i]) / (_FLAG * c)  # weighted share that reported it
+        if share > 1e-3:
+            value = float(mean[2 + 2 * i]) / (scale * c) / share
+            bound = error / (scale * c) / share * (1 + abs(value))
+            digits = max(0, int(math.floor(-math.log10(bound))) - 1) if bound > 0 else 12
+            out[name] = round(value, min(digits, 12))
+    return out
+
+
+# ------------------------------------------------------------------ Shamir, defensively
+def reconstruct(shares: list[tuple[int, bytes]], threshold: int, *,
+                check: Callable[[bytes], bool] | None = None, verified: bool = False
+                ) -> tuple[bytes, set[int]]:
+    """(secret, senders of shares inconsistent with it) from (sender, share) pairs.
+
+    Shares are combined with Flower's ``combine_shares`` only. Consistency test: for a
+    base B of ``threshold`` shares and another share e, e lies on B's polynomial iff the
+    secret of B minus its first share plus e equals B's secret (two polynomials of
+    degree t - 1 that agree on t - 1 points and at 0 are equal). A base is accepted when
+    its secret passes ``check`` and, unless ``verified`` (``check`` proves the secret,
+    e.g. a private key against its public key), at least (k + t) / 2 of the k shares
+    agree with it: then no other polynomial can have as many (unique decoding: up to
+    (k - t) / 2 wrong shares are corrected). Raises ``SecAggFailed`` otherwise.
+    """
+    shares = sorted(shares)
+    k = len(shares)
+    if k < threshold:
+        raise SecAggFailed(f"{k} share(s), fewer than the threshold {threshold}")
+
+    def combine(subset: tuple[int, ...]) -> bytes | None:
+        try:
+            return combine_shares([shares[i][1] for i in subset])
+        except Exception:  # noqa: BLE001  (a wrong share: "Duplicate share", unpadding, ...)
+            return None
+
+    need = (k + threshold + 1) // 2
+    for base in itertools.islice(itertools.combinations(range(k), threshold), MAX_DECODING_BASES):
+        secret = combine(base)
+        if secret is None or (check is not None and not check(secret)):
+            continue
+        agree = set(base)
+        for i in range(k):
+            if i not in agree and combine(base[1:] + (i,)) == secret:
+                agree.add(i)
+        if verified or len(agree) >= need:
+            return secret, {shares[i][0] for i in range(k) if i not in agree}
+    raise SecAggFailed(f"the {k} shares do not determine a secret (more than "
+                       f"{(k - threshold) // 2} of them wrong?)")
+
+
+def _key_matches(public_key: bytes) -> Callable[[bytes], bool]:
+    def check(secret: bytes) -> bool:
+        try:
+            return public_key_to_bytes(bytes_to_private_key(secret).public_key()) == public_key
+        except Exception:  # noqa: BLE001  (not a key)
+            return False
+    return check
+
+
 # ------------------------------------------------------------------ reply helpers
 def is_secure_aggregate(message: Message) -> bool:
     return (not message.has_error()) and SECAGG_RECORD in message.content.config_records
@@ -266,11 +438,126 @@ def contributors(message: Message) -> list[int]:
     return [int(message.metadata.src_node_id)]
 
 
-# ------------------------------------------------------------------ the grid wrapper
+# ------------------------------------------------------------------ parsing the replies
 class SecAggFailed(RuntimeError):
     """The protocol could not finish this round (too many dropouts, a bad upload)."""
 
 
+class Malformed(ValueError):
+    """One node's reply cannot be used: that node is a dropout for the round."""
+
+
+def _configs(reply: Message) -> ConfigRecord:
+    record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if not isinstance(record, ConfigRecord):
+        raise Malformed(f"no '{RECORD_KEY_CONFIGS}' record")
+    return record
+
+
+def _list_of(record: ConfigRecord, key: str, kind: type) -> list:
+    value = record.get(key)
+    if not isinstance(value, list) or any(type(v) is not kind for v in value):
+        raise Malformed(f"'{key}' is not a list of {kind.__name__}")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Malformed(f"{what} = {value!r} is not a number")
+    if not math.isfinite(value):
+        raise Malformed(f"{what} = {value!r} is not finite")
+    return float(value)
+
+
+def read_setup(reply: Message) -> list[bytes]:
+    """[pk1, pk2]: two distinct public keys on the mod's curve."""
+    record = _configs(reply)
+    keys = []
+    for name in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2):
+        value = record.get(name)
+        if not isinstance(value, bytes) or not 0 < len(value) <= MAX_KEY_BYTES:
+            raise Malformed(f"'{name}' is missing or not a public key's bytes")
+        try:
+            key = bytes_to_public_key(value)
+        except Exception as err:  # noqa: BLE001
+            raise Malformed(f"'{name}' does not parse as a public key ({err})") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != KEY_CURVE:
+            raise Malformed(f"'{name}' is not a {KEY_CURVE} key")
+        keys.append(value)
+    if keys[0] == keys[1]:
+        raise Malformed("pk1 = pk2")
+    return keys
+
+
+def read_share_keys(reply: Message, expected: set[int]) -> dict[int, bytes]:
+    """destination -> ciphertext, exactly one for each neighbour it was sent keys of."""
+    record = _configs(reply)
+    dsts = _list_of(record, Key.DESTINATION_LIST, int)
+    ctxts = _list_of(record, Key.CIPHERTEXT_LIST, bytes)
+    if len(dsts) != len(ctxts):
+        raise Malformed(f"{len(dsts)} destinations but {len(ctxts)} ciphertexts")
+    if len(set(dsts)) != len(dsts) or set(dsts) != expected:
+        raise Malformed(f"destinations {sorted(dsts)} are not its neighbours {sorted(expected)}")
+    if any(not 0 < len(c) <= MAX_SHARE_BYTES * 4 for c in ctxts):
+        raise Malformed("a ciphertext is empty or too long")
+    return dict(zip(dsts, ctxts))
+
+
+def read_upload(reply: Message, shapes: list[tuple[int, ...]], s: SecAggSettings
+                ) -> tuple[NDArrays, dict]:
+    """(masked vector as int64, plaintext info) of one collect-stage reply."""
+    record = _configs(reply)
+    blobs = _list_of(record, Key.MASKED_PARAMETERS, bytes)
+    if len(blobs) != len(shapes):
+        raise Malformed(f"{len(blobs)} masked arrays, expected {len(shapes)}")
+    vector = []
+    for i, (blob, shape) in enumerate(zip(blobs, shapes)):
+        try:
+            a = bytes_to_ndarray(blob)
+        except Exception as err:  # noqa: BLE001
+            raise Malformed(f"masked array {i} does not parse ({err})") from None
+        if a.shape != shape:
+            raise Malformed(f"masked array {i} has shape {a.shape}, expected {shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise Malformed(f"masked array {i} has dtype {a.dtype}, not an integer type")
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= s.modulus_range):
+            raise Malformed(f"masked array {i} has values outside [0, {s.modulus_range})")
+        vector.append(a.astype(np.int64))
+    examples = reply.content.metric_records.get("fitres.num_examples")
+    if examples is None or "num_examples" not in examples:
+        raise Malformed("no num-examples")
+    n = _number(examples["num_examples"], "num-examples")
+    if not 0 < n <= s.max_weight:
+        raise Malformed(f"num-examples {n:g} is not in (0, secagg-max-weight = {s.max_weight:g}]")
+    metrics = reply.content.config_records.get("fitres.metrics") or {}
+    plain = {}
+    for name, value in metrics.items():  # only PLAINTEXT_METRICS are used; none may be bad
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+            raise Malformed(f"plaintext metric '{name}' = {value!r} is not finite")
+        if name in PLAINTEXT_METRICS:
+            plain[name] = _number(value, f"'{name}'")
+            if plain[name] < 0:
+                raise Malformed(f"'{name}' = {value!r} is negative")
+    return vector, {"num-examples": n, "metrics": plain, "bytes": sum(len(b) for b in blobs)}
+
+
+def read_unmask(reply: Message, expected: set[int]) -> dict[int, bytes]:
+    """owner -> share, exactly one for each node it was asked about."""
+    record = _configs(reply)
+    nids = _list_of(record, Key.NODE_ID_LIST, int)
+    shares = _list_of(record, Key.SHARE_LIST, bytes)
+    if len(nids) != len(shares):
+        raise Malformed(f"{len(nids)} node ids but {len(shares)} shares")
+    if len(set(nids)) != len(nids) or set(nids) != expected:
+        raise Malformed(f"shares for {sorted(nids)}, asked for {sorted(expected)}")
+    if any(len(b) < 20 or (len(b) - 4) % 16 or len(b) > MAX_SHARE_BYTES for b in shares):
+        raise Malformed("a share is not <4-byte index><16-byte chunks>")
+    if len(set(shares)) != len(shares):
+        raise Malformed("the same share for different nodes")
+    return dict(zip(nids, shares))
+
+
+# ------------------------------------------------------------------ the grid wrapper
 class SecureAggregationGrid(Grid):
     """A ``Grid`` that runs every train ``send_and_receive`` as a SecAgg+ round.
 
@@ -332,25 +619,50 @@ class SecureAggregationGrid(Grid):
         replies = self.grid.send_and_receive(out, timeout=self.settings.timeout)
         ok = {}
         for reply in replies:
-            nid = int(reply.metadata.src_node_id)
+            try:
+                nid = int(reply.metadata.src_node_id)
+            except Exception:  # noqa: BLE001
+                continue
+            if nid not in requests or nid in ok:
+                continue  # not asked, or a second reply: only the first one counts
             if reply.has_error():
                 log(WARNING, "SecAgg+ %s: node %s dropped (%s)", stage, nid, reply.error.reason)
-            elif nid in requests:
+            else:
                 ok[nid] = reply
         return ok
+
+    def _parse(self, stage: str, replies: dict[int, Message],
+               read: Callable[[int, Message], object], refused: dict[int, str]) -> dict:
+        """``read`` every reply; a reply it cannot read makes its node a dropout."""
+        out = {}
+        for nid, reply in replies.items():
+            try:
+                out[nid] = read(nid, reply)
+            except Exception as err:  # noqa: BLE001  (malformed in any way: never a crash)
+                reason = str(err) if isinstance(err, Malformed) else f"{type(err).__name__}: {err}"
+                self._refuse(stage, nid, reason, refused)
+        return out
+
+    @staticmethod
+    def _refuse(stage: str, nid: int, reason: str, refused: dict[int, str]) -> None:
+        log(WARNING, "SecAgg+ %s: node %s's reply refused (%s); it counts as a dropout",
+            stage, nid, reason)
+        refused.setdefault(nid, f"{stage}: {reason}")
 
     def _secure_round(self, messages: list[Message]) -> Message:
         s = self.settings
         train = {int(m.metadata.dst_node_id): m for m in messages}
         sampled = set(train)
         group = messages[0].metadata.group_id
+        refused: dict[int, str] = {}  # node -> why its reply was refused (stage: reason)
         if len(sampled) < s.num_shares:
             raise SecAggFailed(f"{len(sampled)} nodes sampled, fewer than secagg-num-shares "
                                f"= {s.num_shares}")
         graph = neighbourhoods(sampled, s.num_shares, self.rng)
 
         def need(alive: set[int], stage: str, nodes: Iterable[int]) -> None:
-            if not enough_neighbours(graph, alive, s.threshold, nodes):
+            if len(alive) < s.threshold or not enough_neighbours(graph, alive, s.threshold,
+                                                                   nodes):
                 raise SecAggFailed(f"after {stage}, a node has fewer than the threshold "
                                    f"{s.threshold} live neighbours ({len(alive)} of "
                                    f"{len(sampled)} nodes left)")
@@ -360,9 +672,17 @@ class SecureAggregationGrid(Grid):
         replies = self._exchange(Stage.SETUP, {
             nid: RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(dict(setup))}) for nid in sampled
         }, group)
-        public_keys = {nid: [r.content.config_records[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_1],
-                             r.content.config_records[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_2]]
-                       for nid, r in replies.items()}
+        public_keys = self._parse(Stage.SETUP, replies, lambda _, r: read_setup(r), refused)
+        holders: dict[bytes, list[int]] = {}
+        for nid, keys in public_keys.items():
+            for key in keys:
+                holders.setdefault(key, []).append(nid)
+        for key, nids in holders.items():  # a replayed key would crash the neighbours' mods
+            if len(nids) > 1:
+                for nid in nids:
+                    self._refuse(Stage.SETUP, nid, f"its public key is also node(s) "
+                                 f"{sorted(set(nids) - {nid})}'s", refused)
+        public_keys = {n: k for n, k in public_keys.items() if n not in refused}
         alive = set(public_keys)
         need(alive, "setup", alive)
 
@@ -375,16 +695,17 @@ class SecureAggregationGrid(Grid):
 
         replies = self._exchange(Stage.SHARE_KEYS, {nid: share_request(nid) for nid in alive},
                                  group)
-        shared = set(replies)  # these nodes' shares exist: their masks can be removed
+        sent = self._parse(Stage.SHARE_KEYS, replies,
+                           lambda nid, r: read_share_keys(r, (graph[nid] & alive) - {nid}),
+                           refused)
+        shared = set(sent)  # these nodes' shares exist: their masks can be removed
         need(shared, "share-keys", shared)
         forward: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in shared}
-        for src, reply in replies.items():
-            record = reply.content.config_records[RECORD_KEY_CONFIGS]
-            for dst, ctxt in zip(record[Key.DESTINATION_LIST], record[Key.CIPHERTEXT_LIST],
-                                 strict=True):
-                if int(dst) in forward:
-                    forward[int(dst)][0].append(src)
-                    forward[int(dst)][1].append(ctxt)
+        for src in sorted(shared):
+            for dst, ctxt in sent[src].items():
+                if dst in forward:
+                    forward[dst][0].append(src)
+                    forward[dst][1].append(ctxt)
 
         # Stage 2, collect masked vectors: each node trains (the original train message)
         # and uploads its masked, weighted, quantized reply.
@@ -402,15 +723,11 @@ class SecureAggregationGrid(Grid):
         template = next(iter(train.values())).content[wire.ARRAYS]
         spec = self.reply_spec(template)
         keys = sorted(spec)
-        shapes = [(1,)] + [spec[k].shape for k in keys]
-        vectors: dict[int, NDArrays] = {}
-        plain: dict[int, dict] = {}
-        for nid, reply in replies.items():
-            problem, vector, info = _read_upload(reply, shapes, s)
-            if problem:  # left out: its masks are removed as for a dropped node
-                log(WARNING, "SecAgg+ collect: node %s's upload left out: %s", nid, problem)
-                continue
-            vectors[nid], plain[nid] = vector, info
+        shapes = [(1,)] + [spec[k].shape for k in keys] + [(SUMMED_SIZE,)]
+        uploads = self._parse(Stage.COLLECT_MASKED_VECTORS, replies,
+                              lambda _, r: read_upload(r, shapes, s), refused)
+        vectors = {nid: u[0] for nid, u in uploads.items()}
+        plain = {nid: u[1] for nid, u in uploads.items()}
         in_sum = set(vectors)
         dropped = shared - in_sum
         need(in_sum, "collect", in_sum)
@@ -426,18 +743,81 @@ class SecureAggregationGrid(Grid):
 
         replies = self._exchange(Stage.UNMASK, {nid: unmask_request(nid) for nid in in_sum},
                                  group)
-        shares: dict[int, list[bytes]] = {nid: [] for nid in in_sum | dropped}
-        for reply in replies.values():
-            record = reply.content.config_records[RECORD_KEY_CONFIGS]
-            for owner, share in zip(record[Key.NODE_ID_LIST], record[Key.SHARE_LIST],
-                                    strict=True):
-                if int(owner) in shares:
-                    shares[int(owner)].append(share)
-        short = sorted(nid for nid, got in shares.items() if len(got) < s.threshold)
-        if short:
-            raise SecAggFailed(f"unmask: fewer than {s.threshold} shares for node(s) {short} "
-                               f"({len(replies)} of {len(in_sum)} nodes answered)")
-        secrets = {nid: combine_shares(got) for nid, got in shares.items()}
+        answered = self._parse(Stage.UNMASK, replies,
+                               lambda nid, r: read_unmask(r, graph[nid] & (in_sum | dropped)),
+                               refused)
+        try:
+            unmasked, secret_problems = self._unmask(graph, in_sum, dropped, answered, vectors,
+                                                     public_keys, shapes)
+        except SecAggFailed:
+            raise
+        except Exception as err:  # noqa: BLE001  (anything in reconstruction: skip the round)
+            raise SecAggFailed(f"unmasking failed: {type(err).__name__}: {err}") from err
+        for nid, reason in sorted(secret_problems.items()):
+            self._refuse(Stage.UNMASK, nid, reason, refused)
+
+        try:
+            mean, summed = self._check_and_decode(unmasked, in_sum, plain, keys)
+        except SecAggFailed:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise SecAggFailed(f"decoding the unmasked sum failed: {type(err).__name__}: "
+                               f"{err}") from err
+        log(INFO, "SecAgg+: the sum of %d of %d sampled nodes unmasked (%d dropped, %d "
+            "refused as malformed%s)", len(in_sum), len(sampled), len(sampled - in_sum),
+            len(refused), f": {sorted(refused)}" if refused else "")
+        return _aggregate_reply(train[min(in_sum)], mean[:-1], keys, spec, template, plain,
+                                summed, in_sum, sampled - in_sum, refused)
+
+    def _check_and_decode(self, unmasked: NDArrays, in_sum: set[int], plain: dict[int, dict],
+                          keys: list[str]) -> tuple[NDArrays, dict[str, float]]:
+        """The weighted mean (with the summed metrics' array last) and those metrics, once
+        the unmasked sum passed the weight cross-check and the range check."""
+        s = self.settings
+        claimed = sum(quantized_weight(plain[n]["num-examples"], s.max_weight,
+                                       s.quantization_range) for n in in_sum)
+        if int(unmasked[0][0]) != claimed:  # someone's masked weight is not its claim
+            raise SecAggFailed(f"the unmasked weight sum {int(unmasked[0][0])} differs from "
+                               f"the {claimed} the clients' plaintext num-examples imply")
+        problem = out_of_range(unmasked, num_in_sum=len(in_sum),
+                               quantization_range=s.quantization_range,
+                               names=[*keys, "secagg-metrics"])
+        if problem:
+            raise SecAggFailed(problem)
+        mean, total_ratio = weighted_mean(unmasked, num_in_sum=len(in_sum),
+                                          clipping_range=s.clipping_range,
+                                          quantization_range=s.quantization_range)
+        summed = read_summed_metrics(mean[-1], total_ratio=total_ratio,
+                                     num_in_sum=len(in_sum), clipping_range=s.clipping_range,
+                                     quantization_range=s.quantization_range)
+        return mean, summed
+
+    def _unmask(self, graph: dict[int, set[int]], in_sum: set[int], dropped: set[int],
+                answered: dict[int, dict[int, bytes]], vectors: dict[int, NDArrays],
+                public_keys: dict[int, list[bytes]], shapes: list[tuple[int, ...]]
+                ) -> tuple[NDArrays, dict[int, str]]:
+        """The unmasked sum of ``in_sum``'s vectors, and the nodes whose shares were wrong."""
+        s = self.settings
+        shares: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in in_sum | dropped}
+        for sender, owned in answered.items():
+            for owner, share in owned.items():
+                shares[owner].append((sender, share))
+        wrong: dict[int, str] = {}
+        secrets = {}
+        for owner in sorted(shares):
+            dead = owner in dropped
+            try:
+                secret, bad = reconstruct(
+                    shares[owner], s.threshold,
+                    check=_key_matches(public_keys[owner][0]) if dead else (lambda b: len(b) == 32),
+                    verified=dead)
+            except SecAggFailed as err:
+                raise SecAggFailed(f"unmask: node {owner}'s {'pairwise-mask key' if dead else 'mask seed'}"
+                                   f" cannot be rebuilt: {err} ({len(answered)} of "
+                                   f"{len(in_sum)} nodes answered)") from None
+            secrets[owner] = secret
+            for sender in bad:
+                wrong.setdefault(sender, f"its share of node {owner}'s secret is wrong")
         masked = [np.zeros(shape, dtype=np.int64) for shape in shapes]
         for nid in sorted(in_sum):
             masked = parameters_addition(masked, vectors[nid])
@@ -446,44 +826,15 @@ class SecureAggregationGrid(Grid):
                           seeds={n: secrets[n] for n in in_sum},
                           sk1={n: secrets[n] for n in dropped},
                           public_keys=public_keys, modulus=s.modulus_range)
-        mean, total_ratio = weighted_mean(unmasked, num_in_sum=len(in_sum),
-                                          clipping_range=s.clipping_range,
-                                          quantization_range=s.quantization_range)
-        claimed = sum(quantized_weight(plain[n]["num-examples"], s.max_weight,
-                                       s.quantization_range) for n in in_sum)
-        if claimed != total_ratio:  # someone's masked weight is not its plaintext claim
-            raise SecAggFailed(f"the unmasked weight sum {total_ratio} differs from the "
-                               f"{claimed} the clients' plaintext num-examples imply")
-        log(INFO, "SecAgg+: the sum of %d of %d sampled nodes unmasked (%d dropped)",
-            len(in_sum), len(sampled), len(sampled - in_sum))
-        return _aggregate_reply(train[min(in_sum)], mean, keys, spec, template, plain,
-                                in_sum, sampled - in_sum)
-
-
-def _read_upload(reply: Message, shapes: list[tuple[int, ...]], s: SecAggSettings
-                 ) -> tuple[str | None, NDArrays, dict]:
-    """(problem, masked vector, plaintext info) of one collect-stage reply."""
-    try:
-        record = reply.content.config_records[RECORD_KEY_CONFIGS]
-        vector = [bytes_to_ndarray(b).astype(np.int64) for b in record[Key.MASKED_PARAMETERS]]
-        n = float(reply.content.metric_records["fitres.num_examples"]["num_examples"])
-        metrics = dict(reply.content.config_records["fitres.metrics"])
-    except (KeyError, ValueError, TypeError) as err:
-        return f"malformed upload ({err!r})", [], {}
-    if [a.shape for a in vector] != shapes:
-        return (f"vector layout {[a.shape for a in vector][:3]}... differs from the "
-                f"expected {shapes[:3]}..."), [], {}
-    if not 0 < n <= s.max_weight:
-        return f"num-examples {n:g} is not in (0, secagg-max-weight = {s.max_weight:g}]", [], {}
-    nbytes = sum(len(b) for b in record[Key.MASKED_PARAMETERS])
-    return None, vector, {"num-examples": n, "metrics": metrics, "bytes": nbytes}
+        return unmasked, wrong
 
 
 def _aggregate_reply(origin: Message, mean: NDArrays, keys: list[str],
                      spec: dict[str, ArraySpec], template: ArrayRecord, plain: dict[int, dict],
-                     in_sum: set[int], dropped: set[int]) -> Message:
+                     summed: dict[str, float], in_sum: set[int], dropped: set[int],
+                     refused: dict[int, str]) -> Message:
     """The one reply the strategy sees: the weighted mean (model keys: x + mean update),
-    num-examples = sum n_i, plaintext metrics averaged as FedAvg would."""
+    num-examples = sum n_i, the metrics summed inside the protocol."""
     by_key = dict(zip(keys, mean))
     arrays = ArrayRecord()
     for key, want in spec.items():  # the strategy's own key order
@@ -493,20 +844,15 @@ def _aggregate_reply(origin: Message, mean: NDArrays, keys: list[str],
         arrays[key] = Array(np.ascontiguousarray(value.astype(want.dtype).reshape(want.shape)))
     total = sum(plain[n]["num-examples"] for n in in_sum)
     metrics = MetricRecord({wire.NUM_EXAMPLES: total})
-    names = set.intersection(*(set(plain[n]["metrics"]) for n in in_sum))
-    for name in sorted(names):
-        values = [plain[n]["metrics"][name] for n in sorted(in_sum)]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            if name == CLIPPED:
-                metrics[name] = int(sum(values))
-            else:
-                metrics[name] = sum(plain[n]["num-examples"] * float(v)
-                                    for n, v in zip(sorted(in_sum), values)) / total
+    for name, value in summed.items():
+        metrics[name] = value
     metrics[wire.UPLOAD_BYTES] = int(sum(plain[n]["bytes"] for n in in_sum) / len(in_sum))
     metrics[SURVIVORS] = len(in_sum)
     metrics[DROPOUTS] = len(dropped)
-    info = ConfigRecord({NODES: sorted(in_sum), DROPPED: sorted(dropped)})
-    spends = [float(plain[n]["metrics"][wire.DP_EPSILON]) for n in sorted(in_sum)
+    metrics[MALFORMED] = len(refused)
+    info = ConfigRecord({NODES: sorted(in_sum), DROPPED: sorted(dropped),
+                         MALFORMED_NODES: sorted(refused)})
+    spends = [plain[n]["metrics"][wire.DP_EPSILON] for n in sorted(in_sum)
               if wire.DP_EPSILON in plain[n]["metrics"]]
     if spends:
         info[DP_EPSILONS] = spends
