@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 import strategies
 from partitions import DatasetInfo, dataset_info, load_client_data
@@ -22,6 +24,8 @@ from partitions.device import cached_client_data, load_device_data, read_device_
 
 from . import wire
 from .attacks import client_attack
+from . import privacy_policy
+from .privacy_policy import NodePolicy
 from .user_dp_client import central_dp_gate
 from .faults import HUGE_NUM_EXAMPLES, InjectedFault, corrupt_arrays, is_faulty
 from .config import RunConfig
@@ -88,33 +92,71 @@ def _setup(msg: Message, context: Context):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (for reproducible sampling) and,
-    for a node with its own data, how much it holds of each label."""
+    """Tell the server which partition this node holds (for reproducible sampling),
+    whether it keeps state across restarts, and, for a node with its own data, what the
+    server asks for of its statistics (``wire.DATA_STATS``: under DP no label counts, in
+    user mode no size either; a node with a privacy policy sends neither)."""
     pid, num = node_partition(context)
-    metrics = MetricRecord({wire.PARTITION_ID: pid, wire.NUM_PARTITIONS: num})
+    metrics = MetricRecord({wire.PARTITION_ID: pid, wire.NUM_PARTITIONS: num,
+                            wire.KEEPS_STATE: int(wire.NODE_STATE_DIR in context.node_config)})
+    config = msg.content.get(wire.CONFIG)
+    level = str(config.get(wire.DATA_STATS, "all")) if config is not None else "all"
+    if NodePolicy.from_node_config(context.node_config) is not None:
+        level = "none"
     if wire.DATA_PATH in context.node_config:
+        metrics[wire.OWN_DATA] = 1
+    if wire.DATA_PATH in context.node_config and level != "none":
         data = read_device_data(Path(str(context.node_config[wire.DATA_PATH])).expanduser())
         metrics[wire.DATA_SIZE] = len(data)
-        metrics[wire.LABEL_COUNTS] = [int(c) for c in np.bincount(data.y)]
+        if level == "all":
+            metrics[wire.LABEL_COUNTS] = [int(c) for c in np.bincount(data.y)]
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
-def state_dir(msg: Message, context: Context) -> str | None:
+def state_dir(msg: Message, context: Context) -> tuple[str | None, bool]:
     """Where this client keeps state that must survive a restart (SCAFFOLD's c_i, the DP
-    accountant): node config ``state-dir`` (deployment), else the run's client-state
-    folder the server sends in simulation (where server and clients share one machine),
-    else nowhere (Context.state only)."""
+    accountant), and whether that folder is the node's own (deployment: its accountant
+    then spans every run on its data).
+
+    Node config ``state-dir`` first; else, only inside Flower's simulation engine, the
+    run's client-state folder the server sends (server and clients share one machine
+    there); a deployed node ignores a server-sent folder (a server must not choose where
+    a device writes); else nowhere (Context.state only)."""
     if wire.NODE_STATE_DIR in context.node_config:
-        return str(context.node_config[wire.NODE_STATE_DIR])
+        return str(context.node_config[wire.NODE_STATE_DIR]), not privacy_policy.in_simulation()
     folder = msg.content[wire.CONFIG].get(wire.CLIENT_STATE_DIR)
-    return str(folder) if folder else None
+    if folder and privacy_policy.in_simulation():
+        return str(folder), False
+    if folder:
+        log(WARNING, "Ignoring the server's '%s' outside simulation: set node config '%s'",
+            wire.CLIENT_STATE_DIR, wire.NODE_STATE_DIR)
+    return None, False
+
+
+def _refused(msg: Message, code: int, reason: str) -> Message:
+    log(WARNING, "Refusing the train message: %s", reason)
+    return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
 @app.train(mods=[secagg_gate, central_dp_gate])
 def train(msg: Message, context: Context) -> Message:
+    cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
+    # The node's own rules first, before its data is touched (fl_app/privacy_policy.py).
+    try:
+        policy = NodePolicy.from_node_config(context.node_config)
+    except ValueError as err:
+        return _refused(msg, wire.DP_POLICY_ERROR_CODE, f"{wire.DP_POLICY_REFUSED}: {err}")
+    if policy is not None and (reason := policy.refuse_run(cfg)):
+        return _refused(msg, wire.DP_POLICY_ERROR_CODE, reason)
+    folder, node_scope = state_dir(msg, context)
+    sample_dp = cfg.dp and cfg.dp_mode == "sample"
+    if sample_dp and folder is None and not privacy_policy.in_simulation():
+        return _refused(msg, wire.DP_POLICY_ERROR_CODE, (
+            f"{wire.DP_POLICY_REFUSED}: sample-level DP on a deployed node needs node config "
+            f"'{wire.NODE_STATE_DIR}', so that its spend survives a restart and composes "
+            "across runs"))
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
-    folder = state_dir(msg, context)
     # Simulated faulty client (test facility, off by default): see fl_app/faults.py.
     fault = cfg.fault_kind if is_faulty(cfg.seed, server_round, pid, float(cfg.fault_rate)) else None
     if fault == "exception":
@@ -127,13 +169,15 @@ def train(msg: Message, context: Context) -> Message:
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
     user_dp = cfg.dp and cfg.dp_mode == "user"  # the update is clipped by central_dp_gate
     private = None
-    if cfg.dp and not user_dp:  # sample-level DP-SGD; the spend composes over every round
+    if sample_dp:  # DP-SGD; the spend composes over every round (and run, on a deployed node)
         from .privacy import ClientRound  # imports Opacus: only when DP is on
 
         private = ClientRound(cfg, context.state, folder,
                               run_tag=str(msg.content[wire.CONFIG][wire.RUN_TAG]),
                               partition_id=pid, num_examples=len(train_data),
-                              server_round=server_round)
+                              server_round=server_round, node_scope=node_scope, policy=policy)
+        if reason := private.policy_refusal():
+            return _refused(msg, wire.DP_POLICY_ERROR_CODE, reason)
         if reason := private.over_budget():
             return Message(error=Error(code=wire.DP_BUDGET_ERROR_CODE, reason=reason), reply_to=msg)
     started = time.perf_counter()
@@ -165,13 +209,14 @@ def train(msg: Message, context: Context) -> Message:
     # Under DP (either mode) the training loss and accuracy stay on the client: they are
     # computed on the private data without noise, so they would leak around the guarantee.
     plain = {} if cfg.dp else {wire.TRAIN_LOSS: result.loss, wire.TRAIN_ACCURACY: result.accuracy}
+    # User-level DP: equal weights (the mean the server's noise is calibrated for), and
+    # nothing that reveals a client's data size, which is its private data too (the
+    # steps and the seconds of an epoch grow with it).
+    sizes = {} if user_dp else {wire.LOCAL_STEPS: result.steps, wire.LOCAL_SECONDS: seconds}
     metrics = MetricRecord({
-        # user-level DP: equal weights (the mean the server's noise is calibrated for), and
-        # a client's data size is its private data too
         wire.NUM_EXAMPLES: 1 if user_dp else result.num_examples,
         **plain,
-        wire.LOCAL_STEPS: result.steps,
-        wire.LOCAL_SECONDS: seconds,
+        **sizes,
         **half.metrics(),
         **dp_metrics,
     })
@@ -185,6 +230,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
+    """Loss and accuracy on this node's validation data. Under DP (either mode) refused:
+    those metrics are computed on private data without noise, outside the guarantee
+    (the server turns federated evaluation off under DP; this is the node's own check)."""
+    cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
+    if cfg.dp:
+        return _refused(msg, wire.DP_POLICY_ERROR_CODE, (
+            f"{wire.DP_POLICY_REFUSED}: federated evaluation under DP would send un-noised "
+            "metrics of private validation data; it is off with dp = true"))
     _, _, data, model = _setup(msg, context)
     loss, accuracy = evaluate(model, data.val)
     metrics = MetricRecord({
@@ -193,4 +246,3 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
         wire.VAL_ACCURACY: accuracy,
     })
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
-

@@ -146,7 +146,10 @@ class RunConfig:
         _choice("strategy", self.strategy, strategies.NAMES)
         _int("num-server-rounds", self.num_server_rounds, minimum=1)
         _unit_interval("fraction-train", self.fraction_train)
-        _unit_interval("fraction-evaluate", self.fraction_evaluate)
+        _number("fraction-evaluate", self.fraction_evaluate)
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError("Run config 'fraction-evaluate' must be a number in [0, 1] (0: no "
+                             f"federated evaluation); got {self.fraction_evaluate!r}")
         _int("min-train-nodes", self.min_train_nodes, minimum=1)
         _int("local-epochs", self.local_epochs, minimum=1)
         _int("batch-size", self.batch_size, minimum=1)

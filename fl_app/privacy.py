@@ -133,67 +133,95 @@ def check_model(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ accountant state
-def accountant_file(state_dir: str, run_tag: str, partition_id: int) -> Path:
-    """Where a node keeps its accountant history on disk: keyed by run and partition,
-    since node ids change when a SuperNode restarts."""
-    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", run_tag)
+NODE_SCOPE = "node"  # the accountant of a deployed node: every run on its data, composed
+Entry = tuple  # (sigma, q, steps, run tag): one round's DP-SGD steps in one run
+
+
+def accountant_file(state_dir: str, scope: str, partition_id: int) -> Path:
+    """Where a node keeps its accountant history on disk: keyed by scope (the run tag in
+    simulation, ``NODE_SCOPE`` on a deployed node) and partition, since node ids change
+    when a SuperNode restarts."""
+    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", scope)
     return Path(state_dir).expanduser() / f"dp-accountant-{safe}-p{int(partition_id)}.json"
 
 
-def _history_total(history: list) -> int:
-    return sum(int(h[2]) for h in history)
+def _total(entries: list) -> int:
+    return sum(int(e[2]) for e in entries)
 
 
-def _read_file(path: Path, run_tag: str) -> list:
+def _entries(history: list, runs: list | None, scope: str) -> list[Entry]:
+    runs = list(runs) if runs is not None else [scope] * len(history)
+    if len(runs) != len(history):
+        raise ValueError("the history and its run tags differ in length")
+    return [(float(s), float(q), int(k), str(r)) for (s, q, k), r in zip(history, runs)]
+
+
+def _read_file(path: Path, scope: str) -> list[Entry]:
     if not path.exists():
         return []
     try:
         payload = json.loads(path.read_text())
-        if payload.get("run-tag") != run_tag:
+        if payload.get("run-tag") != scope:
             return []
-        return [(float(s), float(q), int(k)) for s, q, k in payload["history"]]
+        return _entries(payload["history"], payload.get("runs"), scope)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"Cannot read the privacy accountant state {path} ({err}); refusing "
                          "to train without it, since the spend would be under-counted. "
                          "Restore the file or start a new run") from None
 
 
-def load_accountant(state: RecordDict, run_tag: str, *, path: Path | None = None) -> RDPAccountant:
-    """The accountant with this node's history in this run (empty for a new run).
+def load_ledger(state: RecordDict, scope: str, *, path: Path | None = None) -> list[Entry]:
+    """Every round's DP-SGD steps this node has taken in ``scope`` (empty at first).
 
-    From the node's ``Context.state`` and, with ``path`` (the node config's
-    ``state-dir``), from disk: a SuperNode that restarted has lost its Context.state but
-    not the file. If both exist the longer history wins, so the spend is never
-    under-counted.
+    From the node's ``Context.state`` and, with ``path`` (the node's state folder), from
+    disk: a SuperNode that restarted has lost its Context.state but not the file. If
+    both exist the longer history wins, so the spend is never under-counted.
     """
-    accountant = RDPAccountant()
-    history = []
+    entries: list[Entry] = []
     record = state.get(STATE_HISTORY)
-    if record is not None and record.get("run-tag") == run_tag:
-        history = [(float(s), float(q), int(k)) for s, q, k in
-                   zip(record["sigma"], record["q"], record["steps"])]
+    if record is not None and record.get("run-tag") == scope:
+        entries = _entries(list(zip(record["sigma"], record["q"], record["steps"])),
+                           record.get("runs"), scope)
     if path is not None:
-        on_disk = _read_file(path, run_tag)
-        if _history_total(on_disk) > _history_total(history):
-            history = on_disk
-    accountant.history = history
+        on_disk = _read_file(path, scope)
+        if _total(on_disk) > _total(entries):
+            entries = on_disk
+    return entries
+
+
+def save_ledger(state: RecordDict, entries: list[Entry], scope: str, *,
+                path: Path | None = None) -> None:
+    """Keep the ledger in Context.state and, with ``path``, on disk (written to a
+    temporary file, flushed, then renamed: a crash leaves the old file or the new one)."""
+    state[STATE_HISTORY] = ConfigRecord({
+        "run-tag": scope,
+        "sigma": [float(e[0]) for e in entries],
+        "q": [float(e[1]) for e in entries],
+        "steps": [int(e[2]) for e in entries],
+        "runs": [str(e[3]) for e in entries],
+    })
+    if path is not None:
+        payload = {"run-tag": scope, "history": [[float(s), float(q), int(k)] for s, q, k, _ in entries],
+                   "runs": [str(e[3]) for e in entries]}
+        write_atomic(path, lambda handle: handle.write(json.dumps(payload).encode()))
+
+
+def accountant_of(entries: list[Entry]) -> RDPAccountant:
+    """Opacus's RDP accountant holding ``entries``' (sigma, q, steps)."""
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(k)) for s, q, k, _ in entries]
     return accountant
+
+
+def load_accountant(state: RecordDict, run_tag: str, *, path: Path | None = None) -> RDPAccountant:
+    """The accountant with this node's history in run ``run_tag`` (empty for a new run)."""
+    return accountant_of(load_ledger(state, run_tag, path=path))
 
 
 def save_accountant(state: RecordDict, accountant: RDPAccountant, run_tag: str, *,
                     path: Path | None = None) -> None:
-    """Keep the history in Context.state and, with ``path``, on disk (written to a
-    temporary file, flushed, then renamed: a crash leaves the old file or the new one)."""
-    history = accountant.history
-    state[STATE_HISTORY] = ConfigRecord({
-        "run-tag": run_tag,
-        "sigma": [float(h[0]) for h in history],
-        "q": [float(h[1]) for h in history],
-        "steps": [int(h[2]) for h in history],
-    })
-    if path is not None:
-        payload = {"run-tag": run_tag, "history": [[float(s), float(q), int(k)] for s, q, k in history]}
-        write_atomic(path, lambda handle: handle.write(json.dumps(payload).encode()))
+    """``save_ledger`` of an accountant whose whole history belongs to ``run_tag``."""
+    save_ledger(state, [(s, q, k, run_tag) for s, q, k in accountant.history], run_tag, path=path)
 
 
 def epsilon_after(accountant: RDPAccountant, delta: float, *, noise_multiplier: float = 0.0,
@@ -298,15 +326,28 @@ def check_run(cfg: "RunConfig", train_sizes: list[int], model: nn.Module) -> Non
 
 # ------------------------------------------------------------------ one client round
 class ClientRound:
-    """Sample-level DP for one client round: its accountant (from Context.state and the
-    node's ``state-dir``), its sigma, the budget check, and the reply's DP metrics."""
+    """Sample-level DP for one client round: its ledger (from Context.state and the
+    node's state folder), its sigma, the run's budget and the node's policy, and the
+    reply's DP metrics.
+
+    ``node_scope``: the ledger covers every run on this node's data (a deployed node's
+    own ``state-dir``), else only this run (simulation). The run's own spend is capped
+    at ``dp-max-epsilon``, or else at ``dp-target-epsilon`` (the spend it was planned
+    for: a resumed or lengthened run cannot overshoot it); ``policy`` (the node's
+    ``NodePolicy``) adds the node's own floor on sigma and cap on its total spend.
+    """
 
     def __init__(self, cfg: "RunConfig", state: RecordDict, state_dir: str | None, *, run_tag: str,
-                 partition_id: int, num_examples: int, server_round: int) -> None:
-        self.state, self.run_tag = state, run_tag
-        self.path = accountant_file(state_dir, run_tag, partition_id) if state_dir else None
-        self.accountant = load_accountant(state, run_tag, path=self.path)
-        self.delta, self.max_epsilon = float(cfg.dp_delta), float(cfg.dp_max_epsilon)
+                 partition_id: int, num_examples: int, server_round: int,
+                 node_scope: bool = False, policy=None) -> None:
+        self.state, self.run_tag, self.policy = state, run_tag, policy
+        self.scope = NODE_SCOPE if node_scope else run_tag
+        self.path = accountant_file(state_dir, self.scope, partition_id) if state_dir else None
+        self.entries = load_ledger(state, self.scope, path=self.path)
+        self.accountant = accountant_of(self.entries)  # Opacus's step hook counts into it
+        self._steps_before = _total(self.entries)
+        self.delta = float(cfg.dp_delta)
+        self.max_epsilon = float(cfg.dp_max_epsilon or cfg.dp_target_epsilon)
         sigma = round_noise(cfg, num_examples)
         self.rate = sample_rate(num_examples, cfg.batch_size)
         self.steps = cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)
@@ -317,22 +358,45 @@ class ClientRound:
             # the seed plain SGD's shuffling uses (train_local): the batches of the old code
             sampler_seed=derive_seed(cfg.seed, server_round, partition_id) if seeded else None)
 
+    def _run_entries(self) -> list[Entry]:
+        return [e for e in self.entries if e[3] == self.run_tag]
+
+    def _epsilons(self, entries: list[Entry], delta: float) -> tuple[float, float]:
+        """(epsilon of ``entries``, epsilon after this round's steps too) at ``delta``."""
+        accountant = accountant_of(entries)
+        return (epsilon_after(accountant, delta),
+                epsilon_after(accountant, delta, noise_multiplier=self.settings.noise_multiplier,
+                              rate=self.rate, steps=self.steps))
+
     def over_budget(self) -> str | None:
-        """Why this round must not run (``dp-max-epsilon`` would be exceeded), or None."""
+        """Why this round must not run (the run's cap would be exceeded), or None."""
         if self.max_epsilon <= 0:
             return None
-        after = epsilon_after(self.accountant, self.delta,
-                              noise_multiplier=self.settings.noise_multiplier,
-                              rate=self.rate, steps=self.steps)
-        if after <= self.max_epsilon:
+        spent, after = self._epsilons(self._run_entries(), self.delta)
+        if after <= self.max_epsilon * (1 + 1e-9):
             return None
-        spent = epsilon_after(self.accountant, self.delta)
         return (f"{wire.DP_OUT_OF_BUDGET}: epsilon {spent:.3f} spent; this round would "
-                f"reach {after:.3f} > dp-max-epsilon {self.max_epsilon:g}")
+                f"reach {after:.3f} > {self.max_epsilon:g} (dp-max-epsilon, else "
+                "dp-target-epsilon)")
+
+    def policy_refusal(self) -> str | None:
+        """Why the node's own policy refuses this round (too little noise, or its total
+        spend over every run would pass its cap), or None."""
+        if self.policy is None:
+            return None
+        if reason := self.policy.refuse_noise(self.settings.noise_multiplier):
+            return reason
+        spent, after = self._epsilons(self.entries, self.policy.delta)
+        return self.policy.refuse_spend(spent, after)
 
     def finish(self) -> dict[str, float]:
-        """Save the history (the round's steps are in it) and return the reply's metrics."""
-        save_accountant(self.state, self.accountant, self.run_tag, path=self.path)
-        return {wire.DP_EPSILON: float(self.accountant.get_epsilon(self.delta)),
-                wire.DP_DELTA: self.delta, wire.DP_NOISE: self.settings.noise_multiplier,
+        """Record this round's steps in the ledger, save it, return the reply's metrics
+        (the run's epsilon at the run's delta)."""
+        taken = _total([(s, q, k, "") for s, q, k in self.accountant.history]) - self._steps_before
+        if taken > 0:
+            self.entries.append((self.settings.noise_multiplier, self.rate, taken, self.run_tag))
+        save_ledger(self.state, self.entries, self.scope, path=self.path)
+        spent = epsilon_after(accountant_of(self._run_entries()), self.delta)
+        return {wire.DP_EPSILON: spent, wire.DP_DELTA: self.delta,
+                wire.DP_NOISE: self.settings.noise_multiplier,
                 wire.DP_CLIP: self.settings.max_grad_norm}

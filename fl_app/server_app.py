@@ -43,6 +43,7 @@ from . import wire
 from .attacks import attacker_partitions
 from .config import RunConfig, load_sweep
 from .model import build_model, num_parameters
+from .nodes import NodeDirectory
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
 from fl_common.randomness import derive_seed
 
@@ -56,8 +57,6 @@ LABEL_PLOT = "label_distribution.png"
 LABEL_PLOT_MAX_PARTITIONS = 100
 CLIENT_STATE = "client-state"  # in simulation: the clients' state folder, in the run folder
 INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
-QUERY_TIMEOUT = 120.0
-QUERY_BATCH = 1000  # query messages in flight at once (see NodeDirectory.discover)
 NODE_WAIT_TIMEOUT = 600.0
 ALL_NODES_GRACE = 60.0  # seconds a deployment waits for every partition's node
 SIMULATION_NODE_GRACE = 10.0  # seconds for the simulation engine to register its nodes
@@ -129,6 +128,21 @@ SEEDED_WARNING = ("dp-randomness = \"seeded\": the DP noise and Poisson batches 
                   "knows it (the server, every client). For experiments only")
 
 
+def check_dp_deployment(cfg: RunConfig, grid: Grid, nodes: NodeDirectory,
+                        node_ids: list[int]) -> None:
+    """Deployment: sample-level DP needs every node to keep its accountant across restarts
+    (node config ``state-dir``; the nodes say so in the query reply), or a restart would
+    forget its spend; refused before training, naming the partitions."""
+    if not (cfg.dp and cfg.dp_mode == "sample") or is_simulation(grid):
+        return
+    if missing := nodes.without_state(node_ids):
+        raise ValueError(
+            f"Run config 'dp' = true (dp-mode \"sample\") in deployment needs every SuperNode "
+            f"to keep its privacy accountant across restarts; the node(s) of partition(s) "
+            f"{missing} have no node config '{wire.NODE_STATE_DIR}'. Start each with "
+            f"--node-config '... {wire.NODE_STATE_DIR}=\"/path/on/the/node\"'")
+
+
 def check_dp_randomness(cfg: RunConfig, grid: Grid) -> None:
     """Seeded DP randomness only in simulation, and said loudly there."""
     if not (cfg.dp and cfg.dp_randomness == "seeded"):
@@ -138,82 +152,6 @@ def check_dp_randomness(cfg: RunConfig, grid: Grid) -> None:
                          "simulation: it lets the server regenerate and remove every client's "
                          "DP noise. Use \"secure\" (the default) in deployment")
     log(WARNING, SEEDED_WARNING)
-
-
-class NodeDirectory:
-    """Which partition each node holds, learned once per node with a query message."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.partition: dict[int, tuple[int, int]] = {}
-        self.own_data_of: dict[int, tuple[int, list[int]]] = {}  # node -> (size, label counts)
-
-    def discover(self, node_ids: list[int]) -> dict[int, int]:
-        """Ask the nodes not known yet which partition they hold, QUERY_BATCH at a time:
-        Flower's in-memory simulation scans every stored message for every node each
-        delivery cycle (flwr/server/superlink/linkstate/in_memory_linkstate.py,
-        get_message_ins), so 10,000 queries at once are slow enough to time out, and a
-        query whose reply is never pulled stays stored, slowing every later round."""
-        unknown = [n for n in node_ids if n not in self.partition]
-        started = time.perf_counter()
-        for start in range(0, len(unknown), QUERY_BATCH):
-            self._query(unknown[start:start + QUERY_BATCH])
-            if len(unknown) > QUERY_BATCH:  # minutes at 10,000 nodes: say how far it got
-                log(INFO, "Asked %d of %d nodes which partition they hold (%.0f s)",
-                    min(start + QUERY_BATCH, len(unknown)), len(unknown),
-                    time.perf_counter() - started)
-        wanted = set(node_ids)  # in the order the nodes answered: the first claim wins
-        return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
-
-    def _query(self, unknown: list[int]) -> None:
-        if unknown:
-            messages = [
-                Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                for n in unknown
-            ]
-            for reply in self.grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
-                node = reply.metadata.src_node_id
-                if reply.has_error():
-                    log(WARNING, "Node %s did not say which partition it holds: %s",
-                        node, reply.error.reason)
-                    continue
-                metrics = reply.content[wire.METRICS]
-                self.partition[node] = (int(metrics[wire.PARTITION_ID]),
-                                        int(metrics[wire.NUM_PARTITIONS]))
-                if wire.DATA_SIZE in metrics:
-                    self.own_data_of[node] = (int(metrics[wire.DATA_SIZE]),
-                                           [int(c) for c in metrics[wire.LABEL_COUNTS]])
-
-    def own_data(self, node_ids: list[int], num_partitions: int,
-                 num_classes: int) -> dict[int, tuple[int, list[int]]]:
-        """partition id -> (size, label counts) for the nodes that hold their own data
-        (node config ``data-path``), as they reported it; empty when none does."""
-        out: dict[int, tuple[int, list[int]]] = {}
-        held: set[int] = set()
-        for node, pid in self.discover(node_ids).items():  # as PartitionSampler: first claim wins
-            if pid in held:
-                log(WARNING, "Node %s claims partition-id %d, already held by another node: "
-                             "left out (give each SuperNode its own partition-id in [0, %d))",
-                    node, pid, num_partitions)
-                continue
-            held.add(pid)
-            if node not in self.own_data_of:
-                continue
-            size, counts = self.own_data_of[node]
-            if size < 2:
-                raise ValueError(f"The node with partition-id {pid} holds {size} sample(s) in "
-                                 "its data-path; each needs one training and one validation sample")
-            out[pid] = (size, (counts + [0] * num_classes)[:num_classes])
-        return out
-
-    def num_partitions(self, node_ids: list[int]) -> int:
-        self.discover(node_ids)
-        counts = {self.partition[n][1] for n in node_ids if n in self.partition}
-        if not counts:
-            raise RuntimeError("No node reported its partition; check the ClientApp logs")
-        if len(counts) > 1:
-            raise ValueError(f"Nodes disagree on num-partitions: {sorted(counts)}")
-        return counts.pop()
 
 
 def _history_record(metrics: MetricRecord | None) -> dict:
@@ -277,25 +215,40 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     model.to(resolve_device(cfg.device))  # the server's evaluation runs there
 
     train_n = train_sizes(sizes, float(cfg.validation_fraction))
-    secagg = secagg_settings(cfg, train_n, len(node_ids)) if cfg.secagg else None
+    known_n = [n for n in train_n if n is not None]  # a node may keep its size private
+    private_sizes = [pid for pid, n in enumerate(train_n) if n is None]
+    if private_sizes:
+        log(INFO, "Partition(s) %s keep their data size private (DP or the node's own policy)",
+            private_sizes)
+        if cfg.strategy == "scaffold" and cfg.scaffold_weighting == "num-examples":
+            raise ValueError(
+                f"SCAFFOLD's 'scaffold-weighting' = \"num-examples\" needs every node's data "
+                f"size, and partition(s) {private_sizes} keep theirs private; use "
+                "\"uniform\", or another strategy")
+    check_dp_deployment(cfg, grid, nodes, node_ids)
+    secagg = secagg_settings(cfg, known_n, len(node_ids)) if cfg.secagg else None
     if cfg.dp and cfg.dp_mode == "sample":
         from . import privacy  # imports Opacus: only when DP is on
 
-        privacy.check_run(cfg, train_n, model)
+        privacy.check_run(cfg, known_n or [cfg.max_num_examples], model)
     elif cfg.dp:
         from strategies.user_dp import check_user_run
 
         check_user_run(cfg, num_partitions)
+    if cfg.dp and cfg.fraction_evaluate > 0:
+        log(INFO, "Federated evaluation is off under DP: its metrics would leave the clients "
+                  "un-noised ('fraction-evaluate' = %s not used; the server's central test "
+                  "runs as usual)", cfg.fraction_evaluate)
     # In simulation the server computed the split, so it knows what each client holds: a
     # reply claiming more examples than its partition's share is rejected.
     limits = ExampleLimits(
         default=cfg.max_num_examples,
-        train={pid: min(n, cfg.max_num_examples) for pid, n in enumerate(train_n)},
+        train={pid: min(n, cfg.max_num_examples) for pid, n in enumerate(train_n) if n is not None},
         evaluate={pid: min(size - n, cfg.max_num_examples)
-                  for pid, (size, n) in enumerate(zip(sizes, train_n))},
+                  for pid, (size, n) in enumerate(zip(sizes, train_n)) if n is not None},
     )
     sampler = PartitionSampler(cfg.seed, nodes.discover)
-    inner = strategies.build(cfg, num_partitions, total_examples=sum(train_n))
+    inner = strategies.build(cfg, num_partitions, total_examples=sum(known_n))
     if hasattr(inner, "member_of"):  # SCAFFOLD: the accepted map keyed by partition id
         inner.member_of = sampler.partition_of.get
     if cfg.attack != "none":  # simulated Byzantine clients: a test facility
@@ -311,7 +264,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
         inner = UserLevelDP(inner, noise_multiplier=user_noise(cfg),
                             clipping_norm=float(cfg.dp_max_grad_norm), num_sampled_clients=m,
                             delta=float(cfg.dp_delta), randomness=cfg.dp_randomness,
-                            seed=cfg.seed)
+                            seed=cfg.seed, max_epsilon=float(cfg.dp_target_epsilon))
         min_valid = m
     strategy = Guarded(inner, sampler=sampler, min_valid_replies=min_valid,
                        example_limits=limits)
@@ -421,8 +374,12 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
 
 def secagg_settings(cfg: RunConfig, train_n: list[int], num_nodes: int) -> SecAggSettings:
     """The run's SecAgg+ settings, checked against the split and the sampled count."""
-    largest = max(train_n)
-    settings = cfg.secagg_settings(max_weight=float(largest)).check()
+    if not train_n and cfg.secagg_max_weight == "auto":
+        raise ValueError("Run config 'secagg-max-weight' = \"auto\" needs the nodes' data "
+                         "sizes, which they keep private here; set it to a number >= the "
+                         "largest client's training examples")
+    largest = max(train_n, default=0)
+    settings = cfg.secagg_settings(max_weight=float(largest or 1)).check()
     if largest > settings.max_weight:
         raise ValueError(
             f"Run config 'secagg-max-weight' = {settings.max_weight:g} is below the largest "
@@ -445,7 +402,10 @@ def main(grid: Grid, context: Context) -> None:
         resolve_device(cfg.device)  # 'cuda' on a server without a GPU fails here
         resumes.append(resume_point(cfg))  # a missing or bad checkpoint, or another config
         preflight(cfg.data)
-    nodes = NodeDirectory(grid)
+    # What own-data nodes report of their data: nothing private under DP.
+    stats = ("none" if any(c.dp and c.dp_mode == "user" for c in runs) else
+             "size" if any(c.dp for c in runs) else "all")
+    nodes = NodeDirectory(grid, data_stats=stats)
     node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))
     num_partitions = nodes.num_partitions(node_ids)
     # Impossible splits, for every entry before the first run; the benchmark split is

@@ -29,6 +29,8 @@ DP_NOISE = "dp-noise-multiplier"
 DP_CLIP = "dp-max-grad-norm"
 DP_OUT_OF_BUDGET = "dp-out-of-budget"  # error reason prefix of a client that did not train
 DP_BUDGET_ERROR_CODE = 4271
+DP_POLICY_REFUSED = "dp-policy-refused"  # error reason prefix: the node's own policy said no
+DP_POLICY_ERROR_CODE = 4272
 # ... and the server's per-round view of them
 DP_EPSILON_MAX = "dp-epsilon-max"
 DP_EPSILON_MEAN = "dp-epsilon-mean"
@@ -43,8 +45,16 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 # ... and, for a node with its own data (node config DATA_PATH), what it holds
 DATA_PATH = "data-path"  # node config: this device's parquet file or IDX folder
+OWN_DATA = "own-data"  # 1 if the node trains on its own data (node config DATA_PATH)
 DATA_SIZE = "data-size"  # its number of samples (training + validation)
 LABEL_COUNTS = "label-counts"  # samples of each label
+KEEPS_STATE = "keeps-state"  # 1 if the node keeps state across restarts (node config state-dir)
+# Query message config: which of its own data's statistics the server asks a node for:
+# "all" (size and label counts, runs without DP), "size" (sample-level DP, where the size
+# of a client's data is public as the sample rate and weights reveal it), "none" (dp-mode
+# user, where a client's size is private too). A node with a privacy policy sends none.
+DATA_STATS = "data-stats"
+DATA_STATS_LEVELS = ("all", "size", "none")
 
 # ConfigRecord entries the server adds so that a client needs no copy of the dataset
 IMAGE_SHAPE = "image-shape"  # (C, H, W) of the model's input

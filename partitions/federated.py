@@ -346,10 +346,10 @@ def validation_size(n: int, fraction: float) -> int:
     return min(max(1, int(round(fraction * n))), n - 1)
 
 
-def train_sizes(sizes: list[int], fraction: float) -> list[int]:
+def train_sizes(sizes: list[int | None], fraction: float) -> list[int | None]:
     """The training-set size of each partition (what an honest client reports as
-    ``num-examples``), from the partition sizes."""
-    return [n - validation_size(n, fraction) for n in sizes]
+    ``num-examples``), from the partition sizes (None where a node kept its size private)."""
+    return [None if n is None else n - validation_size(n, fraction) for n in sizes]
 
 
 def train_val_split(data: ImageArrays, fraction: float, seed: int) -> ClientData:

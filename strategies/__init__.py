@@ -66,7 +66,8 @@ ROBUST_MIN_REPLIES: dict[str, Callable[[int], int]] = {
 def _common(cfg: "RunConfig") -> dict[str, Any]:
     return {
         "fraction_train": float(cfg.fraction_train),
-        "fraction_evaluate": float(cfg.fraction_evaluate),
+        # no federated evaluation under DP: its metrics would leave the clients un-noised
+        "fraction_evaluate": 0.0 if cfg.dp else float(cfg.fraction_evaluate),
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": 1,
         "min_available_nodes": cfg.min_train_nodes,

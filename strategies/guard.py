@@ -96,8 +96,9 @@ DEFAULT_MAX_NUM_EXAMPLES = 1_000_000  # run-config 'max-num-examples' default
 
 
 def _dp_stats(valid: list[Message], rejected: list[tuple[Message, str]]) -> dict[str, float]:
-    """Max and mean epsilon over the valid DP replies, and how many clients were out of
-    budget (their error reason starts with ``wire.DP_OUT_OF_BUDGET``). Empty without DP."""
+    """Max and mean epsilon over the valid DP replies, how many clients were out of the
+    run's budget (error reason ``wire.DP_OUT_OF_BUDGET``) and how many refused by their
+    own privacy policy (``wire.DP_POLICY_REFUSED``). Empty without DP."""
     spends = []
     for message in valid:
         if is_secure_aggregate(message):  # the contributors' spends, sent in plaintext
@@ -107,11 +108,14 @@ def _dp_stats(valid: list[Message], rejected: list[tuple[Message, str]]) -> dict
         metrics = next(iter(message.content.metric_records.values()))
         if wire.DP_EPSILON in metrics:
             spends.append(float(metrics[wire.DP_EPSILON]))
-    out_of_budget = sum(1 for m, _ in rejected
-                        if m.has_error() and str(m.error.reason).startswith(wire.DP_OUT_OF_BUDGET))
-    if not spends and not out_of_budget:
+    def refused(prefix: str) -> int:
+        return sum(1 for m, _ in rejected
+                   if m.has_error() and str(m.error.reason).startswith(prefix))
+
+    out_of_budget, policy = refused(wire.DP_OUT_OF_BUDGET), refused(wire.DP_POLICY_REFUSED)
+    if not spends and not out_of_budget and not policy:
         return {}
-    stats = {wire.DP_OUT_OF_BUDGET: out_of_budget}
+    stats = {wire.DP_OUT_OF_BUDGET: out_of_budget, wire.DP_POLICY_REFUSED: policy}
     if spends:
         stats[wire.DP_EPSILON_MAX] = max(spends)
         stats[wire.DP_EPSILON_MEAN] = sum(spends) / len(spends)

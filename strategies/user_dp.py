@@ -133,7 +133,7 @@ class UserLevelDP(Strategy):
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float,
                  num_sampled_clients: int, delta: float, randomness: str = "secure",
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_epsilon: float = 0.0) -> None:
         super().__init__()
         if noise_multiplier < 0 or clipping_norm <= 0 or num_sampled_clients < 1:
             raise ValueError("User-level DP needs sigma >= 0, C > 0 and m >= 1; got "
@@ -147,6 +147,7 @@ class UserLevelDP(Strategy):
         self.delta = float(delta)
         self.randomness = randomness
         self.seed = int(seed)
+        self.max_epsilon = float(max_epsilon)  # > 0: no release past it (dp-target-epsilon)
         self.releases = 0
         self._sent = _Sent({})
 
@@ -198,9 +199,14 @@ class UserLevelDP(Strategy):
         replies = [r for r in replies if not r.has_error()]
         metrics = MetricRecord({})
         arrays = None
+        after = user_level_epsilon(self.noise_multiplier, self.releases + 1, self.delta)
         if len(replies) != self.num_sampled_clients:
             log(WARNING, "User-level DP: %d valid replies, the noise is calibrated for %d; "
                          "the round is skipped", len(replies), self.num_sampled_clients)
+        elif self.max_epsilon > 0 and after > self.max_epsilon * (1 + 1e-9):
+            log(WARNING, "User-level DP: release %d would spend epsilon %.3f > the run's cap "
+                         "%g (dp-target-epsilon); the round is skipped", self.releases + 1,
+                after, self.max_epsilon)
         else:
             x = self._sent.arrays
             updates = []

@@ -33,3 +33,15 @@ def _serverapp_identity():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
+
+
+@pytest.fixture(autouse=True)
+def _in_process_clients_pose_as_simulated(request, monkeypatch):
+    """A ClientApp handler called in this process runs as the simulation engine runs it
+    (it honours the server's client-state folder, keeps one accountant per run), unless
+    the test is marked ``deployed_node``: then it behaves as on a deployed SuperNode.
+    Real SuperNode processes (tests/test_deployment.py) are not affected."""
+    from fl_app import privacy_policy
+
+    simulated = request.node.get_closest_marker("deployed_node") is None
+    monkeypatch.setattr(privacy_policy, "in_simulation", lambda: simulated)

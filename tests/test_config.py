@@ -33,7 +33,7 @@ def test_round_trip_through_json(make_config):
     ("lr", -1e-3, r"'lr' must be a number > 0"),
     ("fraction-train", 0.0, r"'fraction-train' must be a number in \(0, 1\]"),
     ("fraction-train", 1.5, r"'fraction-train' must be a number in \(0, 1\]"),
-    ("fraction-evaluate", -0.1, r"'fraction-evaluate' must be a number in \(0, 1\]"),
+    ("fraction-evaluate", -0.1, r"'fraction-evaluate' must be a number in \[0, 1\]"),
     ("num-server-rounds", 0, r"'num-server-rounds' must be an integer >= 1"),
     ("num-server-rounds", 2.5, r"'num-server-rounds' must be an integer >= 1"),
     ("local-epochs", True, r"'local-epochs' must be an integer >= 1"),

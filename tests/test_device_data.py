@@ -93,7 +93,7 @@ def test_a_changed_file_is_read_again(tmp_path):
 
 
 def test_the_server_takes_sizes_and_label_counts_from_the_nodes():
-    from fl_app.server_app import NodeDirectory
+    from fl_app.nodes import NodeDirectory
 
     nodes = NodeDirectory(grid=None)
     nodes.partition = {11: (0, 3), 12: (1, 3), 13: (2, 3)}

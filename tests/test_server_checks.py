@@ -114,7 +114,9 @@ def test_nodes_are_asked_for_their_partition_in_bounded_batches():
             return replies
 
     grid = AnsweringGrid(range(1, 2501))
-    nodes = server_app.NodeDirectory(grid)
+    from fl_app.nodes import NodeDirectory
+
+    nodes = NodeDirectory(grid)
     mapping = nodes.discover(list(range(1, 2501)))
     assert grid.batches == [1000, 1000, 500]
     assert mapping == {n: n - 1 for n in range(1, 2501)}
@@ -129,3 +131,65 @@ def test_seeded_dp_randomness_is_refused_outside_simulation(make_config, caplog)
     with caplog.at_level("WARNING"):
         server_app.check_dp_randomness(seeded, InMemoryGrid([1]))
     assert "NO guarantee against anyone who knows it" in caplog.text
+
+
+class _ScriptedGrid(InMemoryGrid):
+    """Answers each query with the content a node's script gives (a malicious node's)."""
+
+    def __init__(self, scripts):
+        super().__init__(list(scripts))
+        self.scripts = scripts
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Message
+
+        return [Message(self.scripts[m.metadata.dst_node_id](), reply_to=m) for m in messages]
+
+
+def _metrics(**entries):
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    def content():
+        record = RecordDict({"metrics": MetricRecord(entries)}) if entries else RecordDict(
+            {"config": ConfigRecord({"x": 1})})
+        return record
+    return content
+
+
+def test_a_malformed_query_reply_leaves_that_node_out_instead_of_crashing_the_run():
+    """The review's tampered query replies (issue 20): no metrics record, a list-valued
+    partition-id, partition 99 of 3, a float partition id, a size that disagrees with its
+    label counts. Each such node is left out with its reason; the honest ones stay."""
+    from fl_app.nodes import NodeDirectory
+
+    grid = _ScriptedGrid({
+        1: _metrics(**{"partition-id": 0, "num-partitions": 3}),
+        2: _metrics(),  # no metrics record
+        3: _metrics(**{"partition-id": [1, 2], "num-partitions": 3}),
+        4: _metrics(**{"partition-id": 99, "num-partitions": 3}),
+        5: _metrics(**{"partition-id": 1.5, "num-partitions": 3}),
+        6: _metrics(**{"partition-id": 2, "num-partitions": 3, "own-data": 1, "data-size": 10,
+                       "label-counts": [1, 2]}),
+        7: _metrics(**{"partition-id": 1, "num-partitions": 3, "keeps-state": 1}),
+    })
+    nodes = NodeDirectory(grid)
+    assert nodes.discover(list(range(1, 8))) == {1: 0, 7: 1}
+    assert nodes.num_partitions(list(range(1, 8))) == 3
+    assert sorted(nodes.malformed) == [2, 3, 4, 5, 6]
+    assert "no 'metrics' record" in nodes.malformed[2] and "[0, num-partitions = 3)" in nodes.malformed[4]
+    assert "disagrees with its label counts" in nodes.malformed[6]
+    assert nodes.without_state(list(range(1, 8))) == [0]
+
+
+def test_dp_in_deployment_needs_every_node_to_keep_state(make_config):
+    from fl_app.nodes import NodeDirectory
+
+    grid = type("GrpcGrid", (_ScriptedGrid,), {})({
+        1: _metrics(**{"partition-id": 0, "num-partitions": 2, "keeps-state": 1}),
+        2: _metrics(**{"partition-id": 1, "num-partitions": 2, "keeps-state": 0}),
+    })
+    nodes = NodeDirectory(grid)
+    with pytest.raises(ValueError, match=r"partition\(s\) \[1\] have no node config 'state-dir'"):
+        server_app.check_dp_deployment(make_config(dp=True), grid, nodes, [1, 2])
+    server_app.check_dp_deployment(make_config(), grid, nodes, [1, 2])  # no DP: fine
+    server_app.check_dp_deployment(make_config(dp=True, **{"dp-mode": "user"}), grid, nodes, [1, 2])

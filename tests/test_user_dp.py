@@ -273,3 +273,19 @@ def test_user_mode_target_and_delta_checks(make_config):
     with pytest.raises(ValueError, match="must be below 1/N"):
         check_user_run(make_config(dp=True, **{"dp-mode": "user", "dp-delta": 0.2}), 10)
     check_user_run(cfg, 10)
+
+
+def test_the_target_epsilon_caps_the_releases(make_config):
+    """sigma for 2 releases at epsilon 3: a third round (a resumed run given more rounds)
+    releases nothing and leaves the model unchanged."""
+    cfg = make_config(dp=True, **{"dp-mode": "user", "dp-target-epsilon": 3.0, "num-server-rounds": 2})
+    sigma = user_noise(cfg)
+    wrapper = UserLevelDP(FedAvg(min_train_nodes=1, min_available_nodes=1), noise_multiplier=sigma,
+                          clipping_norm=1.0, num_sampled_clients=2, delta=1e-5, max_epsilon=3.0)
+    x = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    for rnd in (1, 2, 3):
+        list(wrapper.configure_train(rnd, x, ConfigRecord(), make_grid([1, 2])))
+        replies = [make_reply({"w": np.full(4, 0.1, np.float32)}, num_examples=1, node_id=i) for i in (1, 2)]
+        arrays, metrics = wrapper.aggregate_train(rnd, replies)
+        assert (arrays is None) == (rnd == 3)
+    assert wrapper.releases == 2 and metrics[EPSILON_METRIC] <= 3.0

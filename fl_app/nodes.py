@@ -1,0 +1,163 @@
+"""Which partition each node holds, and what it says of its own data: one query per node.
+
+Every reply is parsed defensively: a node whose reply lacks a field, has one of the
+wrong type, or names a partition outside [0, num-partitions) is left out of the run with
+a warning naming it and the problem (never an exception in the ServerApp: one malformed
+or malicious SuperNode must not end everyone's run).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fl_common import wire
+
+QUERY_TIMEOUT = 120.0
+QUERY_BATCH = 1000  # query messages in flight at once (see NodeDirectory.discover)
+
+
+def _integer(metrics, key: str) -> int:
+    value = metrics[key]  # KeyError: missing
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value:
+        raise ValueError(f"'{key}' = {value!r} is not an integer")
+    return int(value)
+
+
+def parse_query_reply(reply: Message) -> tuple[tuple[int, int], bool, tuple[int | None, list[int] | None] | None]:
+    """((partition id, num partitions), keeps state, own data (size, label counts) or
+    None) from a query reply; ValueError naming the problem for a malformed one."""
+    try:
+        metrics = reply.content[wire.METRICS]
+    except KeyError:
+        raise ValueError(f"the reply has no '{wire.METRICS}' record") from None
+    try:
+        pid, num = _integer(metrics, wire.PARTITION_ID), _integer(metrics, wire.NUM_PARTITIONS)
+        keeps = bool(_integer(metrics, wire.KEEPS_STATE)) if wire.KEEPS_STATE in metrics else False
+    except KeyError as err:
+        raise ValueError(f"the reply lacks {err}") from None
+    if num < 1 or not 0 <= pid < num:
+        raise ValueError(f"partition-id {pid} is not in [0, num-partitions = {num})")
+    own = None
+    if wire.OWN_DATA in metrics and _integer(metrics, wire.OWN_DATA):
+        size = _integer(metrics, wire.DATA_SIZE) if wire.DATA_SIZE in metrics else None
+        counts = None
+        if wire.LABEL_COUNTS in metrics:
+            counts = list(metrics[wire.LABEL_COUNTS])
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise ValueError(f"'{wire.LABEL_COUNTS}' must be non-negative integers")
+        if size is not None and (size < 0 or (counts is not None and sum(counts) != size)):
+            raise ValueError(f"'{wire.DATA_SIZE}' = {size} disagrees with its label counts")
+        own = (size, counts)
+    return (pid, num), keeps, own
+
+
+class NodeDirectory:
+    """Which partition each node holds, learned once per node with a query message.
+
+    ``data_stats``: what the query asks own-data nodes to report (``wire.DATA_STATS``):
+    "all" (size and label counts), "size" (under sample-level DP) or "none" (dp-mode
+    user, where a client's size is private).
+    """
+
+    def __init__(self, grid: Grid, data_stats: str = "all") -> None:
+        if data_stats not in wire.DATA_STATS_LEVELS:
+            raise ValueError(f"data_stats must be one of {list(wire.DATA_STATS_LEVELS)}")
+        self.grid = grid
+        self.data_stats = data_stats
+        self.partition: dict[int, tuple[int, int]] = {}
+        self.keeps_state: dict[int, bool] = {}
+        # node -> (size, label counts); either None where the node did not report it
+        self.own_data_of: dict[int, tuple[int | None, list[int] | None]] = {}
+        self.malformed: dict[int, str] = {}  # node -> why its reply was left out
+
+    def discover(self, node_ids: list[int]) -> dict[int, int]:
+        """Ask the nodes not known yet which partition they hold, QUERY_BATCH at a time:
+        Flower's in-memory simulation scans every stored message for every node each
+        delivery cycle (flwr/server/superlink/linkstate/in_memory_linkstate.py,
+        get_message_ins), so 10,000 queries at once are slow enough to time out, and a
+        query whose reply is never pulled stays stored, slowing every later round."""
+        unknown = [n for n in node_ids if n not in self.partition and n not in self.malformed]
+        started = time.perf_counter()
+        for start in range(0, len(unknown), QUERY_BATCH):
+            self._query(unknown[start:start + QUERY_BATCH])
+            if len(unknown) > QUERY_BATCH:  # minutes at 10,000 nodes: say how far it got
+                log(INFO, "Asked %d of %d nodes which partition they hold (%.0f s)",
+                    min(start + QUERY_BATCH, len(unknown)), len(unknown),
+                    time.perf_counter() - started)
+        wanted = set(node_ids)  # in the order the nodes answered: the first claim wins
+        return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
+
+    def _query(self, unknown: list[int]) -> None:
+        if not unknown:
+            return
+        messages = [
+            Message(RecordDict({wire.CONFIG: ConfigRecord({wire.DATA_STATS: self.data_stats})}),
+                    dst_node_id=n, message_type=MessageType.QUERY)
+            for n in unknown
+        ]
+        asked = set(unknown)
+        for reply in self.grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
+            node = reply.metadata.src_node_id
+            if node not in asked or node in self.partition:
+                continue
+            if reply.has_error():
+                log(WARNING, "Node %s did not say which partition it holds: %s",
+                    node, reply.error.reason)
+                continue
+            try:
+                partition, keeps, own = parse_query_reply(reply)
+            except (ValueError, TypeError) as err:
+                self.malformed[node] = str(err)
+                log(WARNING, "Node %s is left out of the run: malformed query reply (%s)",
+                    node, err)
+                continue
+            self.partition[node] = partition
+            self.keeps_state[node] = keeps
+            if own is not None:
+                self.own_data_of[node] = own
+
+    def own_data(self, node_ids: list[int], num_partitions: int,
+                 num_classes: int) -> dict[int, tuple[int | None, list[int] | None]]:
+        """partition id -> (size, label counts) for the nodes that hold their own data
+        (node config ``data-path``), as far as they reported them (None where they did
+        not: under DP, or by their own policy); empty when none does."""
+        out: dict[int, tuple[int | None, list[int] | None]] = {}
+        held: set[int] = set()
+        for node, pid in self.discover(node_ids).items():  # as PartitionSampler: first claim wins
+            if pid in held:
+                log(WARNING, "Node %s claims partition-id %d, already held by another node: "
+                             "left out (give each SuperNode its own partition-id in [0, %d))",
+                    node, pid, num_partitions)
+                continue
+            held.add(pid)
+            if node not in self.own_data_of:
+                continue
+            size, counts = self.own_data_of[node]
+            if size is not None and size < 2:
+                raise ValueError(f"The node with partition-id {pid} holds {size} sample(s) in "
+                                 "its data-path; each needs one training and one validation sample")
+            if counts is not None:
+                counts = (counts + [0] * num_classes)[:num_classes]
+            out[pid] = (size, counts)
+        return out
+
+    def num_partitions(self, node_ids: list[int]) -> int:
+        self.discover(node_ids)
+        counts = {self.partition[n][1] for n in node_ids if n in self.partition}
+        if not counts:
+            raise RuntimeError("No node reported its partition; check the ClientApp logs")
+        if len(counts) > 1:
+            raise ValueError(f"Nodes disagree on num-partitions: {sorted(counts)}")
+        return counts.pop()
+
+    def without_state(self, node_ids: list[int]) -> list[int]:
+        """The partitions of ``node_ids`` whose node keeps no state across restarts."""
+        known = self.discover(node_ids)
+        return sorted(pid for node, pid in known.items() if not self.keeps_state.get(node, False))
