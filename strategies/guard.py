@@ -122,6 +122,38 @@ def _dp_stats(valid: list[Message], rejected: list[tuple[Message, str]]) -> dict
     return stats
 
 
+def _chain(strategy: Strategy) -> list[Strategy]:
+    """``strategy`` and every strategy it wraps (attributes that are strategies), once."""
+    out, todo = [], [strategy]
+    while todo:
+        layer = todo.pop()
+        if any(layer is seen for seen in out):
+            continue
+        out.append(layer)
+        todo.extend(v for v in vars(layer).values() if isinstance(v, Strategy))
+    return out
+
+
+def _snapshot(strategy: Strategy) -> list[tuple[Strategy, dict]]:
+    """Each layer of the chain with a deep copy of its own attributes (the strategies it
+    wraps excluded: they are layers of their own, restored in place)."""
+    return [(layer, copy.deepcopy({k: v for k, v in vars(layer).items()
+                                   if not isinstance(v, Strategy)}))
+            for layer in _chain(strategy)]
+
+
+def _restore(snapshot: list[tuple[Strategy, dict]]) -> None:
+    """Put every layer's attributes back into the same objects: a wrapper keeps wrapping
+    the very strategy the rest of the app holds (the guard's attach hook, the sampler's
+    lookups), so a rollback under a wrapper cannot swap in a stale copy."""
+    for layer, saved in snapshot:
+        for name in [k for k, v in vars(layer).items() if not isinstance(v, Strategy)]:
+            if name not in saved:
+                delattr(layer, name)
+        for name, value in saved.items():
+            setattr(layer, name, value)
+
+
 class Guarded(Strategy):
     """Validate replies, sample reproducibly and report round statistics for ``inner``."""
 
@@ -311,7 +343,7 @@ class Guarded(Strategy):
             log(WARNING, "aggregate_train: %d valid replies, fewer than the minimum %d; "
                          "the global model is left unchanged", num_valid, self.min_valid_replies)
         else:
-            snapshot = copy.deepcopy(self.inner.__dict__)
+            snapshot = _snapshot(self.inner)
             arrays, metrics = self.inner.aggregate_train(server_round, valid)
             if arrays is not None:
                 arrays = cast_like(arrays, self._global_spec)
@@ -319,8 +351,7 @@ class Guarded(Strategy):
             if problem:
                 log(WARNING, "aggregate_train: the aggregate was discarded (%s); the global "
                              "model and the strategy state are left unchanged", problem)
-                self.inner.__dict__.clear()
-                self.inner.__dict__.update(snapshot)
+                _restore(snapshot)
                 arrays = None
         stats[wire.ROUND_AGGREGATED] = int(arrays is not None)
         stats[wire.TRAIN_SECONDS] = time.perf_counter() - self._round_started

@@ -116,7 +116,7 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     import time
 
     from experiments.launch import _terminate_group
-    from fl_app.privacy import accountant_file, steps_per_epoch
+    from fl_app.privacy import NODE_SCOPE, accountant_file, steps_per_epoch
 
     rounds, run_name = 4, "stopped-node"
     link = LocalSuperLink(tmp_path, simulation=False).start()
@@ -160,10 +160,13 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     assert all(v >= 2 for v in valid) and all(r["round_aggregated"] == 1 for r in history)
     # Each node's accountant on disk ((sigma, q, steps) entries; Opacus merges equal
     # ones): the DP-SGD steps of every round the node trained, none missing.
+    # A deployed node's accountant spans every run on its data (NODE_SCOPE); each entry
+    # names the run it was spent in.
     run_tag = summary["run_name"]
-    steps = {pid: sum(k for _, _, k in json.loads(
-        accountant_file(str(tmp_path / f"state-{pid}"), run_tag, pid).read_text())["history"])
-        for pid in range(3)}
+    ledgers = {pid: json.loads(accountant_file(str(tmp_path / f"state-{pid}"), NODE_SCOPE, pid)
+                               .read_text()) for pid in range(3)}
+    assert all(set(ledger["runs"]) == {run_tag} for ledger in ledgers.values())
+    steps = {pid: sum(k for _, _, k in ledger["history"]) for pid, ledger in ledgers.items()}
     per_round = [steps_per_epoch(n, 64) for n in summary["partition_train_sizes"]]
     assert steps[0] == rounds * per_round[0] and steps[1] == rounds * per_round[1], steps
     trained_by_2 = sum(v == 3 for v in valid)

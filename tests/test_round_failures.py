@@ -238,3 +238,31 @@ def test_each_train_message_carries_its_own_clients_accepted_entry_only():
         expected = {} if node == fed.nodes[2] else {str(node): 1}
         assert dict(message.content[ACCEPTED_RECORD]) == expected
         assert C_RECORD in message.content
+
+
+def test_a_rollback_under_the_attack_simulation_restores_the_scaffold_in_place():
+    """AttackSimulation(Scaffold) (attack with scaffold is allowed): a rolled-back round
+    must restore the Scaffold the guard attaches accepted entries from, not swap in a
+    copy of it. Before the fix the guard's rollback replaced the wrapper's attributes by
+    a deep copy, so the next round's messages came from the original Scaffold, whose
+    accepted map already held the rolled-back round, and aggregation ran on the copy."""
+    from strategies.attack_sim import AttackSimulation
+
+    x0 = np.zeros(2, np.float32)
+    scaffold = Scaffold(num_clients=2, weighting="uniform", min_train_nodes=1, min_available_nodes=1)
+    wrapper = AttackSimulation(scaffold, attack="sign-flip", attackers=frozenset({1}),
+                               partition_of=lambda node: node - 1)
+    guard = Guarded(wrapper)
+    guard.configure_train(1, ArrayRecord({"w": Array(x0)}), ConfigRecord(), make_grid([1, 2]))
+    scaffold.c = {"w": np.full(2, 2e38, np.float32)}
+    scaffold.accepted = {1: 0}
+    replies = [make_reply({"w": np.ones(2, np.float32), DC_PREFIX + "w": np.full(2, 3e38, np.float32)},
+                          node_id=node) for node in (1, 2)]
+    new, metrics = guard.aggregate_train(1, replies)
+    assert new is None and metrics["round-aggregated"] == 0
+    assert wrapper.inner is scaffold  # the same object, restored in place
+    assert scaffold.accepted == {1: 0}
+    np.testing.assert_array_equal(scaffold.c["w"], np.full(2, 2e38, np.float32))
+    messages = guard.configure_train(2, ArrayRecord({"w": Array(x0)}), ConfigRecord(), make_grid([1, 2]))
+    entries = {m.metadata.dst_node_id: dict(m.content[ACCEPTED_RECORD]) for m in messages}
+    assert entries == {1: {"1": 0}, 2: {}}
