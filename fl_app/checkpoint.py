@@ -333,25 +333,39 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
     npz files it replaced. Returns the manifest's path. TypeError (and the previous
     checkpoint kept) for a value the format cannot hold."""
     run_dir = Path(run_dir)
+    values = {name: getattr(checkpoint, name) for name in _FIELDS}
+    problem = _field_problem(values)  # what load refuses: every save must load
+    if problem:
+        raise TypeError(f"Checkpoint.{problem}")
     arrays: dict[str, np.ndarray] = {}
-    encoded = {name: encode(getattr(checkpoint, name), arrays, name) for name in _FIELDS}
-    name = f"checkpoint-{int(checkpoint.round):06d}-{secrets.token_hex(8)}.npz"
+    encoded = {name: encode(value, arrays, name) for name, value in values.items()}
+    npz_name = f"checkpoint-{checkpoint.round:06d}-{secrets.token_hex(8)}.npz"
     digest: dict[str, str] = {}
-    write_atomic(run_dir / name,
+    write_atomic(run_dir / npz_name,
                  lambda handle: digest.__setitem__("sha256", _write_arrays(handle, arrays)))
-    manifest = {"format": FORMAT, "arrays_file": name, "arrays_sha256": digest["sha256"],
+    manifest = {"format": FORMAT, "arrays_file": npz_name, "arrays_sha256": digest["sha256"],
                 "checkpoint": encoded}
     text = json.dumps(manifest, allow_nan=False, separators=(",", ":")).encode()
     path = run_dir / CHECKPOINT
     try:
         write_atomic(path, lambda handle: handle.write(text))
     except BaseException:
-        (run_dir / name).unlink(missing_ok=True)  # no manifest names it
+        (run_dir / npz_name).unlink(missing_ok=True)  # no manifest names it
         raise
     for stale in run_dir.glob("checkpoint-*.npz"):
-        if stale.name != name and _ARRAYS_FILE.fullmatch(stale.name):
+        if stale.name != npz_name and _ARRAYS_FILE.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
     return path
+
+
+def _field_problem(values: dict[str, Any]) -> str | None:
+    """What is wrong with these Checkpoint field values, or None."""
+    for name, kind in _FIELDS.items():
+        if type(values[name]) is not kind:
+            return f"{name} is a {type(values[name]).__name__}, not a {kind.__name__}"
+    if not all(type(k) is str and type(v) is np.ndarray for k, v in values["arrays"].items()):
+        return "arrays must map names (str) to NumPy arrays"
+    return None
 
 
 def load(run_dir: Path) -> Checkpoint:
@@ -419,11 +433,9 @@ def _read(manifest: dict, handle: BinaryIO) -> dict[str, Any]:
     if type(encoded) is not dict or set(encoded) != set(_FIELDS):
         raise _Bad(f"its 'checkpoint' must hold exactly {sorted(_FIELDS)}")
     values = {name: decode(encoded[name], arrays, name) for name in _FIELDS}
-    for name, kind in _FIELDS.items():
-        if type(values[name]) is not kind:
-            raise _Bad(f"{name} is a {type(values[name]).__name__}, not a {kind.__name__}")
-    if not all(type(k) is str and type(v) is np.ndarray for k, v in values["arrays"].items()):
-        raise _Bad("arrays must map names to NumPy arrays")
+    problem = _field_problem(values)
+    if problem:
+        raise _Bad(problem)
     return values
 
 

@@ -136,6 +136,11 @@ def test_values_the_format_cannot_hold_are_refused_when_saving_and_the_old_check
         with pytest.raises(TypeError, match=what) as err:
             ckpt.save(tmp_path, _checkpoint(2, strategy={"inner": ("strategy", {"x": ("value", [bad])})}))
         assert "strategy" in str(err.value) and "['x']" in str(err.value)  # where it sits
+    with pytest.raises(TypeError, match="Checkpoint.round is a int64, not a int"):
+        ckpt.save(tmp_path, _checkpoint(np.int64(2)))  # it would not load as a round
+    with pytest.raises(TypeError, match="Checkpoint.arrays must map names"):
+        ckpt.save(tmp_path, ckpt.Checkpoint(round=2, arrays={"w": torch.zeros(2)}, strategy={},
+                                            history=[], rng={}, config={}))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert ckpt.load(tmp_path).round == 1
 
