@@ -17,7 +17,11 @@ local epoch (batch 32, lr 0.05, one thread) of the app's CNN (46,826 parameters)
 Ratio = (train + secagg) / (train + plain): the compute a round costs. Not included: the
 three extra message round trips per round, whose latency depends on the transport
 (measured separately in flwr run, docs/secure-aggregation.md). Results are appended to
-docs/benchmarks/secagg_overhead.jsonl.
+docs/benchmarks/secagg_overhead.jsonl (``--no-record``: printed only, e.g. under a
+profiler); each record names the mask expansion the clients and the server used
+(``mask_prg``: since issue 20, AES-256-CTR keyed by HKDF-SHA256 of the seed,
+strategies/secagg_prg.py; records without the field used Flower's MT19937
+``pseudo_rand_gen``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fl_app import wire
+from fl_common import wire
 from fl_app.config import default_run_config
 from fl_app.model import build_model, num_parameters
 from fl_app.training import train_local
@@ -47,6 +51,7 @@ from strategies.validation import array_spec
 from tests.helpers import LoopbackGrid, Node, wire_roundtrip
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "secagg_overhead.jsonl"
+MASK_PRG = "aes-256-ctr/hkdf-sha256"  # strategies/secagg_prg.py, on clients and server
 
 
 def mlp_1m(num_classes: int = 10) -> nn.Module:
@@ -104,8 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--models", nargs="+", default=["cnn", "mlp-1m"])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--flower-prg", action="store_true",
+                        help="expand masks with Flower's 32-bit pseudo_rand_gen on clients and "
+                             "server (the code before issue 20), for a before/after comparison")
+    parser.add_argument("--no-record", action="store_true",
+                        help="print the figures without appending them to " + str(OUT.name))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    prg = MASK_PRG
+    if args.flower_prg:  # measurement only: the insecure expansion, on both sides
+        import fl_app.secagg_client
+        import strategies.secagg
+        from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+        fl_app.secagg_client._GATE_PRG = pseudo_rand_gen
+        strategies.secagg.mask_arrays = pseudo_rand_gen
+        prg = "flower-mt19937 (measurement only)"
     from flwr.supercore.task_identity import TaskIdentity  # messages outside a Flower process
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
@@ -124,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": platform.node(), "model": kind, "parameters": params, "clients": n,
                    "epoch_s": best["epoch"], "train_s": train, "plain_s": best["plain"],
                    "secagg_s": best["secagg"], "protocol_over_plain_s": best["secagg"] - best["plain"],
-                   "round_ratio": ratio}
+                   "round_ratio": ratio, "mask_prg": prg}
             print(f"{kind:7s} ({params:,} params) n={n:3d}: train {train:6.1f} s, plain messaging+"
                   f"aggregation {best['plain']:.2f} s, secagg {best['secagg']:.2f} s -> round "
                   f"{ratio:.3f}x", flush=True)
-            with OUT.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            if not args.no_record:
+                with OUT.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -24,7 +24,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app import wire
+from fl_common import wire
 from fl_app.secagg_client import clipped_count, secagg_gate, upload_arrays
 from strategies.fedadam import FedAdam
 from strategies.guard import ExampleLimits, Guarded
@@ -80,16 +80,29 @@ def client_models(x: dict[str, np.ndarray], seed: int, scale: float = 0.1,
 COUNTS = {101: 10, 102: 40, 103: 25, 104: 100, 105: 7, 106: 60, 107: 33}
 
 
+def guarded(strategy, **kwargs) -> Guarded:
+    """``Guarded(strategy)`` with the strategy's reply layout and per-client records,
+    for a Guarded that takes them as arguments (it found them on the strategy before)."""
+    import inspect
+
+    params = inspect.signature(Guarded).parameters
+    if "reply_layout" in params:
+        kwargs.setdefault("reply_layout", getattr(strategy, "reply_array_spec", None))
+    if "per_client" in params and hasattr(strategy, "attach_accepted"):
+        kwargs.setdefault("per_client", strategy)
+    return Guarded(strategy, **kwargs)
+
+
 def secure_round(strategy, x, nodes, config, s=None, drop=None, spec_fn=None):
     """configure -> SecAgg+ over the loopback grid -> aggregate, as Strategy.start does."""
     loop = LoopbackGrid(nodes, drop)
-    guarded = Guarded(strategy, example_limits=ExampleLimits(default=1000))
+    guarded_strategy = guarded(strategy, example_limits=ExampleLimits(default=1000))
     grid = SecureAggregationGrid(loop, s or settings(),
                                  reply_spec=spec_fn or array_spec, rng=random.Random(0))
-    messages = guarded.configure_train(1, ArrayRecord({k: Array(v) for k, v in x.items()}),
-                                       config, loop)
+    messages = guarded_strategy.configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in x.items()}), config, loop)
     replies = grid.send_and_receive(messages)
-    arrays, metrics = guarded.aggregate_train(1, replies)
+    arrays, metrics = guarded_strategy.aggregate_train(1, replies)
     return arrays, metrics, loop, replies
 
 
@@ -152,12 +165,12 @@ def test_fedadam_secure_aggregate_equals_plain(defaults):
                                    x, make_nodes(models, COUNTS), strategy_config(defaults))
     # The same Adam step from the exact mean
     plain = FedAdam(eta=0.05, min_train_nodes=2, min_available_nodes=2)
-    guarded = Guarded(plain)
+    plain_guarded = guarded(plain)
     loop = LoopbackGrid(make_nodes(models, COUNTS))
-    guarded.configure_train(1, ArrayRecord({k: Array(v) for k, v in x.items()}),
-                            strategy_config(defaults), loop)
+    plain_guarded.configure_train(1, ArrayRecord({k: Array(v) for k, v in x.items()}),
+                                  strategy_config(defaults), loop)
     from tests.helpers import make_reply
-    want, _ = guarded.aggregate_train(1, [make_reply(models[n], COUNTS[n], node_id=n)
+    want, _ = plain_guarded.aggregate_train(1, [make_reply(models[n], COUNTS[n], node_id=n)
                                           for n in NODES])
     for k in x:
         # Adam's step is eta * m / (sqrt(v) + tau): a ~1e-6 change of the mean moves it

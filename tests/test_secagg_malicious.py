@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from fl_app import wire
+from fl_common import wire
 from strategies.guard import ExampleLimits, Guarded
 from strategies.secagg import (
     DROPOUTS,
@@ -183,7 +183,7 @@ def float_vector(reply):
 def out_of_range_vector(reply):
     record = configs(reply)
     vectors = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
-    vectors[1] = vectors[1] + 2**40
+    vectors[1] = vectors[1].astype(np.int64) + 2**40
     record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in vectors]
 
 
@@ -487,3 +487,36 @@ def test_a_flag_every_client_raises_reads_exactly_one(defaults):
         _, metrics, _, _ = run_round(x, node_metrics={n: {"scaffold-committed": flag}
                                                       for n in NODES}, defaults=defaults)
         assert metrics["scaffold-committed"] == float(flag)
+
+
+def test_sequential_combine_equals_flowers_combine_shares():
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    from strategies.secagg import combine_shares_sequential
+
+    rng = random.Random(3)
+    for length, (t, n) in [(32, (3, 5)), (185, (4, 7)), (16, (2, 3))]:
+        secret = bytes(rng.randrange(256) for _ in range(length))
+        shares = create_shares(secret, t, n)
+        for subset in (shares[:t], shares[-t:], shares):
+            assert combine_shares_sequential(subset) == combine_shares(subset) == secret
+        bad = [shares[0][:4] + os.urandom(len(shares[0]) - 4)] + shares[1:t]
+        try:
+            want = combine_shares(bad)
+        except ValueError:
+            with pytest.raises(ValueError):
+                combine_shares_sequential(bad)
+        else:
+            assert combine_shares_sequential(bad) == want
+
+
+def test_the_masked_upload_travels_as_uint32(defaults):
+    """Values below the modulus 2^32 fit 4 bytes: the upload is the size of a float32
+    reply, not the mod's int64 (twice that)."""
+    x = model(0)
+    _, metrics, loop, _ = run_round(x, defaults=defaults)
+    reply = loop.delivered[(Stage.COLLECT_MASKED_VECTORS, 101)]
+    arrays = [bytes_to_ndarray(b) for b in configs(reply)[Key.MASKED_PARAMETERS]]
+    assert all(a.dtype == np.uint32 for a in arrays)
+    values = sum(a.size for a in arrays)
+    assert metrics[wire.UPLOAD_BYTES] < 4 * values + 200 * len(arrays)  # + .npy headers
