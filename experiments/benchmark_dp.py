@@ -55,8 +55,8 @@ def epoch_seconds(data, info, mode: str | None) -> float:
     dp = None if mode is None else privacy.DPSettings(1.0, 1.0, 1e-5, randomness="seeded", noise_seed=0,
                                                             sampler_seed=0, grad_sample_mode=mode)
     started = time.perf_counter()
-    train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1, dp=dp,
-                accountant=RDPAccountant() if dp else None)
+    train_local(model, data, epochs=1, batch_size=32, lr=0.05, seed=1,
+                dp=privacy.DPSGD(dp, RDPAccountant()) if dp else None)
     return time.perf_counter() - started
 
 

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-from .atomic import write_atomic
+from fl_common.atomic import write_atomic
 
 CHECKPOINT = "checkpoint.json"  # the manifest; it names the npz that holds the arrays
 LEGACY_CHECKPOINT = "checkpoint.pkl"  # the old pickle format: refused, never loaded

@@ -22,7 +22,7 @@ import strategies
 from partitions import DatasetInfo, dataset_info, load_client_data
 from partitions.device import cached_client_data, load_device_data, read_device_data
 
-from . import wire
+from fl_common import wire
 from .attacks import client_attack
 from . import privacy_policy
 from .privacy_policy import NodePolicy
@@ -86,7 +86,7 @@ def _setup(msg: Message, context: Context):
     info = _info(msg, cfg)
     data = node_data(cfg, info, context, pid, num)
     model = build_model(info, kind=cfg.model)
-    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict(), strict=True)
+    strategies.spec(cfg.strategy).payload.load(model, msg.content[wire.ARRAYS])
     return cfg, pid, data, model.to(resolve_device(cfg.device))
 
 
@@ -162,8 +162,9 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "exception":
         raise InjectedFault(f"fault-kind = exception (test facility): partition {pid} fails "
                             f"in round {server_round}")
-    half = strategies.client_half(cfg.strategy, model, msg.content, context.state,
-                                  lr=float(cfg.lr), member_id=pid, state_dir=folder)
+    spec = strategies.spec(cfg.strategy)
+    half = spec.client_half(strategies.ClientInputs(model, msg.content, context.state,
+                                                    float(cfg.lr), pid, folder))
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
@@ -190,12 +191,11 @@ def train(msg: Message, context: Context) -> Message:
         momentum=float(cfg.momentum),
         seed=derive_seed(cfg.seed, server_round, pid),
         hooks=half.hooks,
-        dp=private.settings if private else None,
-        accountant=private.accountant if private else None,
+        dp=private.dpsgd if private else None,
     )
     seconds = time.perf_counter() - started
     model.to("cpu")  # the reply (and the client half's arrays) in host memory
-    arrays = ArrayRecord(model.state_dict())
+    arrays = spec.payload.reply(model)
     if attack is not None:
         x = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
         y = attack.update(x, {k: a.numpy() for k, a in arrays.items()})

@@ -30,7 +30,6 @@ AUTO = "auto"
 # DP keys and their defaults (pyproject.toml; a test keeps the two equal): with dp = false
 # any other value is a mistake the user should hear about.
 DP_MODES = ("sample", "user")
-USER_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
 DP_DEFAULTS = {"dp_mode": "sample", "dp_randomness": "secure", "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
                "dp_target_epsilon": 0.0, "dp_max_epsilon": 0.0}
 SECAGG_DEFAULTS = {"secagg_num_shares": 5, "secagg_reconstruction_threshold": 3,
@@ -143,7 +142,8 @@ class RunConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        _choice("strategy", self.strategy, strategies.NAMES)
+        _choice("strategy", self.strategy, strategies.names())
+        traits = strategies.spec(self.strategy).traits
         _int("num-server-rounds", self.num_server_rounds, minimum=1)
         _unit_interval("fraction-train", self.fraction_train)
         _number("fraction-evaluate", self.fraction_evaluate)
@@ -181,8 +181,8 @@ class RunConfig:
         _int("num-malicious", self.num_malicious, minimum=0)
         if self.num_selected != AUTO:
             _int("num-selected", self.num_selected, minimum=1, also=f'or the string "{AUTO}" (n - f)')
-        if self.strategy in strategies.ROBUST_MIN_REPLIES:
-            need = strategies.ROBUST_MIN_REPLIES[self.strategy](self.num_malicious)
+        if traits.min_replies is not None:
+            need = traits.min_replies(self.num_malicious)
             if self.min_train_nodes < need:
                 raise ValueError(
                     f"Strategy {self.strategy!r} with 'num-malicious' = {self.num_malicious} "
@@ -236,6 +236,8 @@ class RunConfig:
             raise ValueError(f"Run config 'fault-rate' = {self.fault_rate!r} and 'fault-kind' = "
                              f"{self.fault_kind!r}: set both (a rate > 0 and a kind in "
                              f"{list(FAULT_KINDS[1:])}) or neither")
+        if (check := strategies.spec(self.strategy).check) is not None:
+            check(self)  # the algorithm's own cross-key rules
         resolve_source(self.dataset)  # unknown name or missing file
 
     def _check_dp(self) -> None:
@@ -251,16 +253,14 @@ class RunConfig:
         _choice("dp-mode", self.dp_mode, DP_MODES)
         _choice("dp-randomness", self.dp_randomness, RANDOMNESS_MODES)
         if self.dp_mode == "user":
-            if self.strategy not in USER_DP_STRATEGIES:
+            traits = strategies.spec(self.strategy).traits
+            if not traits.user_dp:
                 raise ValueError(
                     f"Run config 'dp-mode' = \"user\" does not hold its guarantee with strategy "
                     f"{self.strategy!r}: the server's noise is calibrated for the mean of the "
-                    "clipped updates, which " + (
-                        "SCAFFOLD extends with a second, unclipped statistic (Delta c_i)"
-                        if self.strategy == "scaffold" else
-                        "a robust rule (median, trimmed mean, Krum, Bulyan) does not compute")
-                    + f". Accepted with dp-mode \"user\": {list(USER_DP_STRATEGIES)}; or use "
-                    "dp-mode \"sample\", which works with every strategy")
+                    f"clipped updates, which {traits.refusals.get('user_dp', 'it does not compute')}"
+                    f". Accepted with dp-mode \"user\": {strategies.with_trait('user_dp')}; or "
+                    "use dp-mode \"sample\", which works with every strategy")
             if self.dp_max_epsilon != 0:
                 raise ValueError("Run config 'dp-max-epsilon' is a per-client budget of dp-mode "
                                  "\"sample\"; with dp-mode \"user\" bound the run's spend with "
@@ -296,20 +296,14 @@ class RunConfig:
                 raise ValueError(f"Run config key(s) {changed} only take effect with secagg = "
                                  "true; set secagg = true, or leave them at their defaults")
             return
-        from strategies.secagg import SECAGG_STRATEGIES, settings_problems
+        from strategies.secagg import settings_problems
 
-        if self.strategy not in SECAGG_STRATEGIES:
+        traits = strategies.spec(self.strategy).traits
+        if not traits.secagg:
             raise ValueError(
-                f"Run config 'secagg' = true cannot serve strategy {self.strategy!r}: it needs "
-                "each client's individual update, which secure aggregation exists to hide from "
-                "the server (robust rules compare, sort or select individual replies). "
-                f"Accepted with secagg: {list(SECAGG_STRATEGIES)}")
-        if self.strategy == "scaffold" and self.scaffold_weighting != "num-examples":
-            raise ValueError(
-                "Run config 'secagg' = true needs 'scaffold-weighting' = \"num-examples\": the "
-                "protocol reveals the num-examples-weighted sums, from which SCAFFOLD's default "
-                "weighting follows exactly; the uniform weighting would need each client's "
-                "weight to be 1 in the model average too")
+                f"Run config 'secagg' = true cannot serve strategy {self.strategy!r}: "
+                f"{traits.refusals.get('secagg', 'it is not a sum of the replies')}. "
+                f"Accepted with secagg: {strategies.with_trait('secagg')}")
         if self.dp and self.dp_mode == "user":
             raise ValueError(
                 "Run config 'secagg' = true with dp-mode \"user\" is not supported: the server's "
@@ -360,7 +354,7 @@ class RunConfig:
     def effective_server_lr(self) -> float:
         """``server-lr``, with ``"auto"`` replaced by the strategy's default."""
         if self.server_lr == AUTO:
-            return strategies.default_server_lr(self.strategy)
+            return strategies.spec(self.strategy).traits.default_server_lr
         return float(self.server_lr)
 
     def resolved(self) -> dict[str, Any]:

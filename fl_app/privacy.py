@@ -55,10 +55,10 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from . import wire
+from fl_common import wire
 from fl_common.randomness import RANDOMNESS_MODES, derive_seed, secret_torch_generator
 
-from .atomic import write_atomic
+from fl_common.atomic import write_atomic
 from .training import model_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -257,6 +257,7 @@ class PrivateTraining:
                  *, num_examples: int, batch_size: int, accountant: RDPAccountant) -> None:
         check_model(model)
         self.model = model
+        self.num_examples = num_examples
         self.rate = sample_rate(num_examples, batch_size)
         self.steps_per_epoch = steps_per_epoch(num_examples, batch_size)
         self.settings = settings
@@ -283,10 +284,10 @@ class PrivateTraining:
         self.optimizer.attach_step_hook(
             accountant.get_optimizer_hook_fn(sample_rate=self.rate))
 
-    def batches(self, num_examples: int):
+    def batches(self):
         """One epoch of Poisson-sampled index batches (Opacus's sampler), drawn with this
         round's sampling generator (secret with ``randomness = "secure"``)."""
-        return iter(UniformWithReplacementSampler(num_samples=num_examples,
+        return iter(UniformWithReplacementSampler(num_samples=self.num_examples,
                                                   sample_rate=self.rate, generator=self.sampling))
 
     def zero_grad(self) -> None:
@@ -301,6 +302,20 @@ class PrivateTraining:
     def close(self) -> None:
         """Remove Opacus's hooks and per-parameter attributes from ``model``."""
         self.module._close()
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD as ``train_local`` takes it: the settings and the accountant that counts
+    the steps (the node's, with its history)."""
+
+    settings: DPSettings
+    accountant: RDPAccountant
+
+    def start(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, num_examples: int,
+              batch_size: int) -> PrivateTraining:
+        return PrivateTraining(model, optimizer, self.settings, num_examples=num_examples,
+                               batch_size=batch_size, accountant=self.accountant)
 
 
 def check_run(cfg: "RunConfig", train_sizes: list[int], model: nn.Module) -> None:
@@ -357,6 +372,11 @@ class ClientRound:
             noise_seed=derive_seed(cfg.seed, server_round, partition_id, NOISE_TAG) if seeded else None,
             # the seed plain SGD's shuffling uses (train_local): the batches of the old code
             sampler_seed=derive_seed(cfg.seed, server_round, partition_id) if seeded else None)
+
+    @property
+    def dpsgd(self) -> DPSGD:
+        """What ``train_local`` takes: this round's settings and the node's accountant."""
+        return DPSGD(self.settings, self.accountant)
 
     def _run_entries(self) -> list[Entry]:
         return [e for e in self.entries if e[3] == self.run_tag]

@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
+from fl_common.atomic import write_atomic
 
 SUMMARY = "summary.json"
 RUNNING, COMPLETED, NO_PROGRESS, FAILED = "running", "completed", "no-progress", "failed"

@@ -16,37 +16,23 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 import strategies
-from partitions import (
-    check_partitions,
-    preflight,
-    dataset_info,
-    label_counts,
-    load_test_data,
-    plot_label_distribution,
-    train_sizes,
-)
-from strategies.attack_sim import AttackSimulation
-from strategies.guard import ExampleLimits, Guarded
-from strategies.sampling import PartitionSampler
-from strategies.secagg import SecAggSettings, SecureAggregationGrid
-from strategies.validation import array_spec
-
+from fl_common import wire
+from fl_common.randomness import derive_seed
+from partitions import dataset_info, load_test_data, plot_label_distribution, preflight
+from strategies.secagg import SecAggSettings
 from strategies.state import capture, restore
 
 from . import checkpoint as ckpt
-from . import wire
-from .attacks import attacker_partitions
+from .assembly import Split, assemble, the_split
 from .config import RunConfig, load_sweep
 from .model import build_model, num_parameters
 from .nodes import NodeDirectory
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
-from fl_common.randomness import derive_seed
-
 from .training import evaluate, resolve_device
 
 app = ServerApp()
@@ -178,10 +164,8 @@ class SimulatedFailure(RuntimeError):
     """Raised by run-config ``fail-after-round`` (a test facility)."""
 
 
-def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
-            resume: tuple[ckpt.Checkpoint, Path] | None = None) -> dict:
-    """Train one run config to the end and record it; returns its summary. ``resume``:
-    the checkpoint to continue from and its run folder (``resume_point(cfg)``)."""
+def connect(grid: Grid, cfg: RunConfig, nodes: NodeDirectory) -> tuple[list[int], int]:
+    """The nodes of the run and the number of partitions they say the federation has."""
     node_ids = wait_for_nodes(grid, cfg.min_train_nodes)
     num_partitions = nodes.num_partitions(node_ids)
     if len(node_ids) < num_partitions and not is_simulation(grid):
@@ -193,85 +177,49 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
             node_ids = list(grid.get_node_ids())
             log(WARNING, "%d of %d partitions' nodes connected; the run starts with them",
                 len(node_ids), num_partitions)
-    strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
-    check_test_facilities(cfg, grid, num_partitions)
-    check_dp_randomness(cfg, grid)
-    info = dataset_info(cfg.dataset)
-    # Nodes with their own data say what they hold; otherwise the server computes the
-    # benchmark split it shares with the nodes (and checks it) before any training.
-    reported = nodes.own_data(node_ids, num_partitions, info.num_classes)
-    everyone_own = len(reported) == num_partitions
-    if everyone_own:  # no benchmark split at all
-        sizes = [reported[p][0] for p in range(num_partitions)]
-        counts = {str(p): reported[p][1] for p in range(num_partitions)}
-    else:  # benchmark partitions, where nodes with their own data replace theirs
-        sizes = check_partitions(cfg.data, num_partitions)
-        counts = label_counts(cfg.data, num_partitions)
-        for pid, (size, own) in reported.items():
-            sizes[pid], counts[str(pid)] = size, own
-    test = load_test_data(cfg.dataset)
-    model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
-    initial = ArrayRecord(model.state_dict())
-    model.to(resolve_device(cfg.device))  # the server's evaluation runs there
+    return node_ids, num_partitions
 
-    train_n = train_sizes(sizes, float(cfg.validation_fraction))
-    known_n = [n for n in train_n if n is not None]  # a node may keep its size private
-    private_sizes = [pid for pid, n in enumerate(train_n) if n is None]
-    if private_sizes:
-        log(INFO, "Partition(s) %s keep their data size private (DP or the node's own policy)",
-            private_sizes)
-        if cfg.strategy == "scaffold" and cfg.scaffold_weighting == "num-examples":
-            raise ValueError(
-                f"SCAFFOLD's 'scaffold-weighting' = \"num-examples\" needs every node's data "
-                f"size, and partition(s) {private_sizes} keep theirs private; use "
-                "\"uniform\", or another strategy")
-    check_dp_deployment(cfg, grid, nodes, node_ids)
-    secagg = secagg_settings(cfg, known_n, len(node_ids)) if cfg.secagg else None
-    if cfg.dp and cfg.dp_mode == "sample":
+
+def check_privacy(cfg: RunConfig, split: Split, model, num_partitions: int) -> None:
+    """DP's own checks before training: delta, a reachable target, a model Opacus can
+    privatize (sample level) or enough clients (user level)."""
+    if not cfg.dp:
+        return
+    if cfg.dp_mode == "sample":
         from . import privacy  # imports Opacus: only when DP is on
 
-        privacy.check_run(cfg, known_n or [cfg.max_num_examples], model)
-    elif cfg.dp:
+        privacy.check_run(cfg, split.known_train or [cfg.max_num_examples], model)
+    else:
         from strategies.user_dp import check_user_run
 
         check_user_run(cfg, num_partitions)
-    if cfg.dp and cfg.fraction_evaluate > 0:
+    if cfg.fraction_evaluate > 0:
         log(INFO, "Federated evaluation is off under DP: its metrics would leave the clients "
                   "un-noised ('fraction-evaluate' = %s not used; the server's central test "
                   "runs as usual)", cfg.fraction_evaluate)
-    # In simulation the server computed the split, so it knows what each client holds: a
-    # reply claiming more examples than its partition's share is rejected.
-    limits = ExampleLimits(
-        default=cfg.max_num_examples,
-        train={pid: min(n, cfg.max_num_examples) for pid, n in enumerate(train_n) if n is not None},
-        evaluate={pid: min(size - n, cfg.max_num_examples)
-                  for pid, (size, n) in enumerate(zip(sizes, train_n)) if n is not None},
-    )
-    sampler = PartitionSampler(cfg.seed, nodes.discover)
-    inner = strategies.build(cfg, num_partitions, total_examples=sum(known_n))
-    if hasattr(inner, "member_of"):  # SCAFFOLD: the accepted map keyed by partition id
-        inner.member_of = sampler.partition_of.get
-    if cfg.attack != "none":  # simulated Byzantine clients: a test facility
-        inner = AttackSimulation(
-            inner, attack=cfg.attack,
-            attackers=attacker_partitions(cfg.seed, num_partitions, cfg.num_attackers),
-            partition_of=sampler.partition_of.get, epsilon=float(cfg.attack_epsilon))
-    min_valid = cfg.min_train_nodes
-    if cfg.dp and cfg.dp_mode == "user":  # DP-FedAvg: exactly m clipped updates per aggregate
-        from strategies.user_dp import UserLevelDP, user_noise
 
-        m = min(strategies.sampled_per_round(cfg, len(node_ids)), len(node_ids))
-        inner = UserLevelDP(inner, noise_multiplier=user_noise(cfg),
-                            clipping_norm=float(cfg.dp_max_grad_norm), num_sampled_clients=m,
-                            delta=float(cfg.dp_delta), randomness=cfg.dp_randomness,
-                            seed=cfg.seed, max_epsilon=float(cfg.dp_target_epsilon))
-        min_valid = m
-    strategy = Guarded(inner, sampler=sampler, min_valid_replies=min_valid,
-                       example_limits=limits)
-    run_grid = grid
-    if secagg is not None:  # the strategy sees one reply: the unmasked weighted mean
-        run_grid = SecureAggregationGrid(
-            grid, secagg, reply_spec=getattr(inner, "reply_array_spec", None) or array_spec)
+
+def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
+            resume: tuple[ckpt.Checkpoint, Path] | None = None) -> dict:
+    """Train one run config to the end and record it; returns its summary. ``resume``:
+    the checkpoint to continue from and its run folder (``resume_point(cfg)``)."""
+    node_ids, num_partitions = connect(grid, cfg, nodes)
+    strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
+    check_test_facilities(cfg, grid, num_partitions)
+    check_dp_randomness(cfg, grid)
+    check_dp_deployment(cfg, grid, nodes, node_ids)
+    info = dataset_info(cfg.dataset)
+    split = the_split(cfg, nodes, node_ids, num_partitions, info.num_classes)
+    spec = strategies.spec(cfg.strategy)
+    test = load_test_data(cfg.dataset)
+    model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
+    initial = spec.payload.initial(model)
+    model.to(resolve_device(cfg.device))  # the server's evaluation runs there
+    secagg = secagg_settings(cfg, split.known_train, len(node_ids)) if cfg.secagg else None
+    check_privacy(cfg, split, model, num_partitions)
+    assembly = assemble(cfg, grid, nodes, split, num_partitions=num_partitions,
+                        num_nodes=len(node_ids), secagg=secagg)
+    strategy, run_grid = assembly.strategy, assembly.grid
     first_round = 1
     if resume is not None:  # the same folder and run name: clients find their state by it
         checkpoint, run_dir = resume
@@ -293,10 +241,10 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
             **({"resumed_after_rounds": resumed_at} if resumed_at else {}),
             "num_partitions": num_partitions,
             "num_nodes": len(node_ids),
-            "partition_sizes": sizes,
-            "partition_train_sizes": train_n,
-            "label_counts": counts,
-            "data_source": {str(p): ("node data-path" if p in reported else "benchmark partition")
+            "partition_sizes": split.sizes,
+            "partition_train_sizes": split.train,
+            "label_counts": split.counts,
+            "data_source": {str(p): ("node data-path" if p in split.own else "benchmark partition")
                             for p in range(num_partitions)},
             **({"dp_randomness": {"mode": cfg.dp_randomness,
                                   "guarantee": "none against whoever knows the seed"
@@ -309,7 +257,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
         },
     )
     try:  # a picture of the split; a failure here must not cost the run
-        if not reported and num_partitions <= LABEL_PLOT_MAX_PARTITIONS:  # of the benchmark split
+        if not split.own and num_partitions <= LABEL_PLOT_MAX_PARTITIONS:  # of the benchmark split
             plot_label_distribution(cfg.data, num_partitions, run_dir / LABEL_PLOT)
     except Exception as err:  # noqa: BLE001
         log(WARNING, "Could not draw the label distribution: %s", err)
@@ -318,7 +266,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     clock = {"last": time.perf_counter()}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        spec.payload.load(model, arrays)
         loss, accuracy = evaluate(model, test)
         now = time.perf_counter()
         record = {"round": server_round, "test_accuracy": accuracy, "test_loss": loss,

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fl_common.hooks import LocalHooks
 from fl_common.randomness import derive_seed  # noqa: F401  (fl_app/secagg_client.py)
 from partitions import ImageArrays
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .privacy import DPSettings
+    from .privacy import DPSGD
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,15 +69,35 @@ class TrainResult:
     steps: int  # optimizer steps taken (K in SCAFFOLD)
 
 
-@dataclass(frozen=True)
-class LocalHooks:
-    penalty: Callable[[nn.Module], torch.Tensor] | None = None
-    after_backward: Callable[[nn.Module], None] | None = None
-
-
 def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
     order = torch.randperm(n, generator=generator)
     return (order[start:start + batch_size] for start in range(0, n, batch_size))
+
+
+class PlainSGD:
+    """The plain update: mini-batch SGD over a shuffled partition of the data. Has the
+    interface of ``privacy.PrivateTraining`` (DP-SGD), so the loop is the same for both:
+    ``module`` (what the forward pass runs), ``batches()`` (one epoch of index batches),
+    ``zero_grad()``, ``step(after_backward)`` and ``close()``."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_examples: int,
+                 batch_size: int, generator: torch.Generator) -> None:
+        self.module, self.optimizer = model, optimizer
+        self.num_examples, self.batch_size, self.generator = num_examples, batch_size, generator
+
+    def batches(self):
+        return _shuffled_batches(self.num_examples, self.batch_size, self.generator)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, after_backward=None) -> None:
+        if after_backward is not None:
+            after_backward(self.module)
+        self.optimizer.step()
+
+    def close(self) -> None:
+        pass
 
 
 def train_local(
@@ -89,64 +110,46 @@ def train_local(
     momentum: float = 0.0,
     seed: int = 0,
     hooks: LocalHooks = LocalHooks(),
-    dp: "DPSettings | None" = None,
-    accountant=None,
+    dp: "DPSGD | None" = None,
 ) -> TrainResult:
     """``epochs`` passes of mini-batch SGD over ``data``, shuffled by ``seed``; with ``dp``
-    (and the node's ``accountant``), DP-SGD with Poisson-sampled batches. Runs on the
-    model's device."""
+    (``privacy.DPSGD``: the settings and the node's accountant), Opacus's DP-SGD with
+    Poisson-sampled batches instead. Runs on the model's device."""
     device = model_device(model)
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y)
     n = len(y)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     criterion = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(int(seed))
-    private = None
     if dp is not None:
-        from .privacy import PrivateTraining
-
         if hooks.penalty is not None:
             raise ValueError("A loss penalty would be clipped and noised with the data under "
                              "DP; apply it as an after_backward gradient term instead")
-        if accountant is None:
-            raise ValueError("DP training needs the node's accountant")
-        private = PrivateTraining(model, optimizer, dp, num_examples=n, batch_size=batch_size,
-                                  accountant=accountant)
-    forward = private.module if private is not None else model
+        update = dp.start(model, optimizer, num_examples=n, batch_size=batch_size)
+    else:
+        update = PlainSGD(model, optimizer, n, batch_size, torch.Generator().manual_seed(int(seed)))
     model.train()
     steps = 0
     loss_sum, correct, seen = 0.0, 0, 0
     try:
         for _ in range(epochs):
             loss_sum, correct, seen = 0.0, 0, 0
-            batches = (private.batches(n) if private is not None
-                       else _shuffled_batches(n, batch_size, generator))
-            for idx in batches:
+            for idx in update.batches():
                 idx = torch.as_tensor(idx, dtype=torch.long)
                 inputs, targets = x[idx].to(device), y[idx].to(device)
-                if private is not None:
-                    private.zero_grad()
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                logits = forward(inputs)
+                update.zero_grad()
+                logits = update.module(inputs)
                 loss = criterion(logits, targets)
                 total = loss + hooks.penalty(model) if hooks.penalty is not None else loss
                 total.backward()
-                if private is not None:
-                    private.step(hooks.after_backward)
-                else:
-                    if hooks.after_backward is not None:
-                        hooks.after_backward(model)
-                    optimizer.step()
+                update.step(hooks.after_backward)
                 steps += 1
                 if len(idx):  # a Poisson batch can be empty (its step is pure noise)
                     loss_sum += float(loss.detach()) * len(idx)
                     correct += int((logits.detach().argmax(1) == targets).sum())
                     seen += len(idx)
     finally:
-        if private is not None:
-            private.close()
+        update.close()
     seen = max(seen, 1)
     return TrainResult(n, loss_sum / seen, correct / seen, steps)
 

@@ -15,7 +15,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from . import wire
+from fl_common import wire
 
 
 def central_dp_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

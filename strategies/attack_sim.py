@@ -3,7 +3,7 @@
 ``AttackSimulation`` wraps the strategy under test (inside ``Guarded``, so it sees only
 well-formed replies). Every round it counts how many of the valid replies came from the
 attacking partitions (``attackers-sampled``) and, for a selecting rule (Krum,
-Multi-Krum, Bulyan: an inner strategy with ``last_selected``), how many of the replies
+Multi-Krum, Bulyan: given ``selected``, their ``last_selected``), how many of the replies
 it aggregated did (``attackers-selected``). The server learns who attacked only through
 this channel, which exists because the simulation knows the attacker draw
 (``fl_app.attacks.attacker_partitions``); a real server has no such knowledge.
@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .validation import ArraySpec, array_spec, strategy_state
+from .validation import strategy_state
 
 NDArrays = dict[str, np.ndarray]
 SAMPLED_METRIC = "attackers-sampled"
@@ -76,8 +76,10 @@ class AttackSimulation(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, attack: str, attackers: frozenset[int],
-                 partition_of: Callable[[int], int | None], epsilon: float = 0.1) -> None:
+                 partition_of: Callable[[int], int | None], epsilon: float = 0.1,
+                 selected: Callable[[], list[int]] | None = None) -> None:
         self.inner = inner
+        self.selected = selected  # the node ids a selecting rule kept (spec trait "selects")
         self.attack = attack
         self.attackers = frozenset(attackers)
         self.partition_of = partition_of
@@ -88,10 +90,6 @@ class AttackSimulation(Strategy):
         log(INFO, "\t├──> SIMULATED ATTACK (test facility): %s by partitions %s",
             self.attack, sorted(self.attackers))
         self.inner.summary()
-
-    def reply_array_spec(self, arrays: ArrayRecord) -> dict[str, ArraySpec]:
-        spec_fn = getattr(self.inner, "reply_array_spec", None)
-        return spec_fn(arrays) if spec_fn else array_spec(arrays)
 
     def state_dict(self) -> dict:
         return strategy_state(self.inner)
@@ -132,7 +130,7 @@ class AttackSimulation(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         merged = MetricRecord(dict(metrics) if metrics is not None else {})
         merged[SAMPLED_METRIC] = sum(self.is_attacker(m) for m in replies)
-        selected = getattr(self.inner, "last_selected", None)
+        selected = self.selected() if self.selected is not None else None
         if selected is not None:
             merged[SELECTED_METRIC] = sum(self.partition_of(n) in self.attackers for n in selected)
         return arrays, merged

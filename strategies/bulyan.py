@@ -16,6 +16,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
+from .krum import ROBUST_REFUSALS
+from .spec import StrategySpec, Traits, fedavg_kwargs
+
 
 class _RecordingRule:
     """Flower's ``select_multikrum``, remembering what it selected."""
@@ -48,3 +51,12 @@ class RecordingBulyan(Bulyan):
         node_of = {id(m.content): int(m.metadata.src_node_id) for m in replies}
         self.last_selected = [node_of[id(c)] for c in self.rule.chosen if id(c) in node_of]
         return result
+
+
+SPEC = StrategySpec(
+    name="bulyan",
+    reference="El Mhamdi et al., The Hidden Vulnerability of Distributed Learning in "
+              "Byzantium, ICML 2018 (Flower's flwr/serverapp/strategy/bulyan.py)",
+    build=lambda b: RecordingBulyan(**fedavg_kwargs(b.cfg), num_malicious_nodes=b.cfg.num_malicious),
+    traits=Traits(min_replies=lambda f: 4 * f + 3, selects=True, refusals=ROBUST_REFUSALS),
+)

@@ -31,6 +31,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from .spec import StrategySpec, Traits, effective_server_lr, fedavg_kwargs
+
 NDArrays = dict[str, np.ndarray]
 
 
@@ -117,3 +119,14 @@ class FedAdam(FedAvg):
     def load_state_dict(self, state: dict[str, NDArrays | None]) -> None:
         self.m = None if state["m"] is None else {k: np.array(v) for k, v in state["m"].items()}
         self.v = None if state["v"] is None else {k: np.array(v) for k, v in state["v"].items()}
+
+
+TRAITS = Traits(linear=True, secagg=True, user_dp=True, default_server_lr=0.01)
+SPEC = StrategySpec(
+    name="fedadam",
+    reference="Reddi et al., Adaptive Federated Optimization, ICLR 2021 (Algorithm 2)",
+    build=lambda b: FedAdam(**fedavg_kwargs(b.cfg), eta=effective_server_lr(b.cfg, TRAITS),
+                            beta_1=float(b.cfg.beta_1), beta_2=float(b.cfg.beta_2),
+                            tau=float(b.cfg.tau)),
+    traits=TRAITS,
+)

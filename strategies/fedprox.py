@@ -31,7 +31,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fl_app.training import LocalHooks
+from fl_common import wire
+from fl_common.hooks import LocalHooks
+
+from .spec import ClientHalf, ClientInputs, StrategySpec, Traits, fedavg_kwargs
 
 PROXIMAL_MU = "proximal-mu"
 
@@ -83,3 +86,19 @@ class FedProx(FedAvg):
 
         log(INFO, "\t├──> FedProx: proximal-mu (mu) = %g", self.proximal_mu)
         super().summary()
+
+
+def _client_half(inputs: ClientInputs) -> ClientHalf:
+    config = inputs.content[wire.CONFIG]
+    if PROXIMAL_MU not in config:
+        raise ValueError(f"FedProx client: the train config carries no '{PROXIMAL_MU}'")
+    return ClientHalf(hooks=client_hooks(inputs.model, float(config[PROXIMAL_MU])))
+
+
+SPEC = StrategySpec(
+    name="fedprox",
+    reference="Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020",
+    build=lambda b: FedProx(**fedavg_kwargs(b.cfg), proximal_mu=float(b.cfg.proximal_mu)),
+    traits=Traits(linear=True, secagg=True, user_dp=True),
+    client_half=_client_half,
+)

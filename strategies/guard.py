@@ -8,7 +8,7 @@ Per training round it
    (same seed, same partitions; the inner strategy still decides how many; a node that
    has not said which partition it holds is not sampled);
 2. validates every reply (``validation.split_replies``) against the layout the inner
-   strategy expects back (``inner.reply_array_spec(arrays)`` if it defines one, else the
+   strategy expects back (``reply_layout(arrays)``, from the strategy's spec, else the
    layout of the arrays sent) and against the client's bound on ``num-examples``
    (``ExampleLimits``), logs each rejection with its reason and leaves it out;
 3. skips aggregation, leaving the global model unchanged, when fewer than
@@ -47,9 +47,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from fl_app import wire
+from fl_common import wire
 
 from .sampling import PartitionSampler
+from .spec import PerClientRecords
 from .secagg import (
     DP_EPSILONS,
     SECAGG_ERROR_CODE,
@@ -165,6 +166,8 @@ class Guarded(Strategy):
         min_valid_replies: int = 1,
         weighted_by_key: str = wire.NUM_EXAMPLES,
         example_limits: ExampleLimits | None = None,
+        reply_layout: Callable[[ArrayRecord], dict[str, ArraySpec]] | None = None,
+        per_client: PerClientRecords | None = None,
     ) -> None:
         if min_valid_replies < 1:
             raise ValueError(f"min_valid_replies must be >= 1, got {min_valid_replies}")
@@ -180,16 +183,15 @@ class Guarded(Strategy):
         self._round_started = 0.0
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate_metrics: MetricRecord | None = None
+        # The layout a valid reply has, given the arrays sent (the spec's reply layout:
+        # SCAFFOLD adds Delta c_i); None: the layout of the arrays sent.
+        self.reply_layout = reply_layout
         # A strategy in the chain with per-client records (SCAFFOLD's accepted entry)
         # attaches them after the sampler has chosen the nodes, not before.
         self._attach = None
-        layer = inner
-        while isinstance(layer, Strategy):
-            if hasattr(layer, "attach_accepted"):
-                layer.attach_later = True
-                self._attach = layer.attach_accepted
-                break
-            layer = getattr(layer, "inner", None)
+        if per_client is not None:
+            per_client.attach_later = True
+            self._attach = per_client.attach_accepted
 
     # ------------------------------------------------------------------ helpers
     def _readdress(self, messages: list[Message], grid: Grid, server_round: int, stage: str) -> list[Message]:
@@ -300,8 +302,8 @@ class Guarded(Strategy):
     ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         self._global_spec = array_spec(arrays)
-        spec_fn = getattr(self.inner, "reply_array_spec", None)
-        self._expected_spec = spec_fn(arrays) if spec_fn else self._global_spec
+        self._expected_spec = (self.reply_layout(arrays) if self.reply_layout is not None
+                               else self._global_spec)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         messages = self._readdress(messages, grid, server_round, "train")
         if self._attach is not None:  # per-client records, once the nodes are final

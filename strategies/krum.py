@@ -37,6 +37,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
+from .spec import StrategySpec, Traits, fedavg_kwargs
+
 SKIPPED_METRIC = "krum-skipped"  # 1 when a round had fewer than 2f + 3 valid replies
 SELECTED_METRIC = "krum-selected"  # how many replies went into the aggregate
 
@@ -173,3 +175,43 @@ class Krum(MultiKrum):
 
     def __init__(self, *, num_malicious: int = 0, **fedavg_kwargs) -> None:
         super().__init__(num_malicious=num_malicious, num_selected=1, **fedavg_kwargs)
+
+
+# Byzantine-robust rules need each client's update: refused under SecAgg+ and user-level DP.
+ROBUST_REFUSALS = {
+    "user_dp": "a robust rule (median, trimmed mean, Krum, Bulyan) does not compute",
+    "secagg": "it needs each client's individual update, which secure aggregation exists to "
+              "hide from the server (robust rules compare, sort or select individual replies)",
+}
+KRUM_TRAITS = Traits(min_replies=lambda f: 2 * f + 3, selects=True, refusals=ROBUST_REFUSALS)
+
+
+def _num_selected(cfg) -> int | None:
+    return None if cfg.num_selected == "auto" else int(cfg.num_selected)
+
+
+def _check_num_selected(cfg, sampled: int) -> None:
+    f = cfg.num_malicious
+    if cfg.num_selected != "auto" and cfg.num_selected > sampled - f:
+        raise ValueError(
+            f"Run config 'num-selected' = {cfg.num_selected} exceeds n - f = {sampled} - {f} = "
+            f"{sampled - f} (n: the {sampled} nodes sampled per round); accepted: 1 to "
+            f"{sampled - f}, or \"auto\""
+        )
+
+
+KRUM_SPEC = StrategySpec(
+    name="krum",
+    reference="Blanchard et al., Machine Learning with Adversaries: Byzantine Tolerant "
+              "Gradient Descent, NeurIPS 2017",
+    build=lambda b: Krum(**fedavg_kwargs(b.cfg), num_malicious=b.cfg.num_malicious),
+    traits=KRUM_TRAITS,
+)
+MULTIKRUM_SPEC = StrategySpec(
+    name="multikrum",
+    reference="Blanchard et al., NeurIPS 2017 (Multi-Krum, section 5)",
+    build=lambda b: MultiKrum(**fedavg_kwargs(b.cfg), num_malicious=b.cfg.num_malicious,
+                              num_selected=_num_selected(b.cfg)),
+    traits=KRUM_TRAITS,
+    check_sampled=_check_num_selected,
+)

@@ -93,11 +93,13 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from torch import nn
 
-from fl_app.training import LocalHooks
-from fl_app.atomic import write_atomic
-from fl_app.wire import RUN_TAG
+from fl_common.hooks import LocalHooks
+from fl_common.atomic import write_atomic
+from fl_common.wire import CONFIG, RUN_TAG, SERVER_ROUND
+
 
 from .secagg import contributors
+from .spec import BuildInputs, ClientHalf, ClientInputs, StrategySpec, Traits, effective_server_lr, fedavg_kwargs
 from .validation import ArraySpec, array_spec, array_values
 
 C_RECORD = "scaffold-c"  # server -> client: the server control variate c
@@ -466,3 +468,50 @@ class ScaffoldClient:
                 if key in self.state:
                     del self.state[key]
         return {DC_PREFIX + k: v for k, v in delta_c.items()}
+
+
+# ---------------------------------------------------------------------- the spec
+def _build(b: BuildInputs) -> Scaffold:
+    cfg = b.cfg
+    return Scaffold(**fedavg_kwargs(cfg), num_clients=b.num_clients,
+                    server_lr=effective_server_lr(cfg, TRAITS), control_variate=cfg.scaffold_control_variate,
+                    weighting=cfg.scaffold_weighting, total_examples=b.total_examples,
+                    member_of=b.partition_of)
+
+
+def _client_half(inputs: ClientInputs) -> ClientHalf:
+    config = inputs.content[CONFIG]
+    client = ScaffoldClient(inputs.model, inputs.content, inputs.state, str(config[RUN_TAG]),
+                            inputs.lr, member_id=inputs.member_id,
+                            server_round=int(config[SERVER_ROUND]), state_dir=inputs.state_dir)
+    return ClientHalf(hooks=client.hooks, finish=client.finish, metrics=client.metrics)
+
+
+def _check(cfg) -> None:
+    if cfg.secagg and cfg.scaffold_weighting != "num-examples":
+        raise ValueError(
+            "Run config 'secagg' = true needs 'scaffold-weighting' = \"num-examples\": the "
+            "protocol reveals the num-examples-weighted sums, from which SCAFFOLD's default "
+            "weighting follows exactly; the uniform weighting would need each client's "
+            "weight to be 1 in the model average too")
+
+
+TRAITS = Traits(
+    linear=False,  # two statistics: Delta y and Delta c_i, the second unclipped
+    secagg=True,  # both are num-examples-weighted sums (see strategies/secagg.py)
+    user_dp=False,
+    default_server_lr=1.0,
+    per_client_records=True,
+    refusals={"user_dp": "SCAFFOLD extends with a second, unclipped statistic (Delta c_i)"},
+)
+SPEC = StrategySpec(
+    name="scaffold",
+    reference="Karimireddy et al., SCAFFOLD: Stochastic Controlled Averaging for Federated "
+              "Learning, ICML 2020 (Option II)",
+    build=_build,
+    traits=TRAITS,
+    client_half=_client_half,
+    reply_layout=lambda strategy: strategy.reply_array_spec,
+    check=_check,
+    needs_sizes=lambda cfg: cfg.scaffold_weighting == "num-examples",
+)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fl_app.wire import NUM_EXAMPLES
+from fl_common.wire import NUM_EXAMPLES
 
 
 @dataclass(frozen=True)

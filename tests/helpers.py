@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import message_from_proto, message_to_proto
 
-from fl_app import wire
+from fl_common import wire
 from fl_app.secagg_client import secagg_gate
 
 

@@ -85,7 +85,9 @@ def test_alie_and_ipm_updates_by_hand():
 def run_round(inner, attack, replies_w, attackers, x, epsilon=0.1):
     partition = {node: node - 1 for node in range(1, len(replies_w) + 1)}
     sim = AttackSimulation(inner, attack=attack, attackers=frozenset(attackers),
-                           partition_of=partition.get, epsilon=epsilon)
+                           partition_of=partition.get, epsilon=epsilon,
+                           selected=(lambda: inner.last_selected)
+                           if hasattr(inner, "last_selected") else None)
     guard = Guarded(sim)
     guard.configure_train(1, ArrayRecord({"w": Array(x)}), ConfigRecord(),
                           make_grid(list(partition)))

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 
 from fl_app import checkpoint as ckpt
+import strategies
 from strategies.fedadam import FedAdam
 from strategies.guard import Guarded
 from strategies.scaffold import (
@@ -36,8 +37,9 @@ from tests.test_scaffold import Point
 def _strategies():
     return {
         "fedadam": Guarded(FedAdam(eta=0.1, min_train_nodes=1, min_available_nodes=1)),
-        "scaffold": Guarded(Scaffold(num_clients=3, total_examples=30, min_train_nodes=1,
-                                     min_available_nodes=1, member_of={7: 0}.get)),
+        "scaffold": strategies.guarded("scaffold", Scaffold(
+            num_clients=3, total_examples=30, min_train_nodes=1, min_available_nodes=1,
+            member_of={7: 0}.get)),
         "fedavgm": Guarded(FedAvgM(server_momentum=0.9, min_train_nodes=1, min_available_nodes=1)),
     }
 

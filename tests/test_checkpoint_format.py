@@ -163,7 +163,7 @@ NODES = [11, 12, 13, 14, 15]
 
 def _built(make_config, name):
     cfg = make_config(strategy=name, **{"min-train-nodes": 3, "fraction-train": 1.0})
-    return Guarded(strategies.build(cfg, len(NODES), 100))
+    return strategies.guarded(name, strategies.build(cfg, len(NODES), 100))
 
 
 def _round(strategy, name, server_round, x, seed):

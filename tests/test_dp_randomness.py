@@ -15,7 +15,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fl_app import client_app, privacy, wire
+from fl_app import client_app, privacy
+from fl_common import wire
 from fl_app.model import build_model
 from fl_app.training import train_local
 from fl_common.randomness import derive_seed, mt_state_words, secret_torch_generator
@@ -40,8 +41,8 @@ def _reply(make_config, data, randomness, sigma):
                                        num_examples=len(data), server_round=ROUND)
     settings = dataclasses.replace(client_round.settings, noise_multiplier=sigma)
     train_local(model, data, epochs=1, batch_size=32, lr=LR, momentum=0.0,
-                seed=derive_seed(cfg.seed, ROUND, PID), dp=settings,
-                accountant=client_round.accountant)
+                seed=derive_seed(cfg.seed, ROUND, PID),
+                dp=privacy.DPSGD(settings, client_round.accountant))
     return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -15,7 +15,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 import strategies
-from fl_app import client_app, wire
+from fl_app import client_app
+from fl_common import wire
 from fl_app.faults import FAULT_KINDS, corrupt_arrays, is_faulty
 from fl_app.model import build_model
 from partitions import dataset_info
@@ -59,8 +60,8 @@ def run(cfg, rounds=2):
     info = dataset_info(cfg.dataset)
     initial = ArrayRecord(build_model(info, seed=0).state_dict())
     sampler = PartitionSampler(cfg.seed, lambda ids: {n: n - 100 for n in ids})
-    strategy = Guarded(strategies.build(cfg, N, total_examples=1000), sampler=sampler,
-                       min_valid_replies=cfg.min_train_nodes)
+    strategy = strategies.guarded(cfg.strategy, strategies.build(cfg, N, total_examples=1000),
+                                  sampler=sampler, min_valid_replies=cfg.min_train_nodes)
     history = []
 
     def record(server_round, arrays):

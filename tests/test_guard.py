@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 
+import strategies
 from strategies.fedadam import FedAdam
 from strategies.guard import ExampleLimits, Guarded
 from strategies.sampling import PartitionSampler
@@ -364,7 +365,7 @@ def test_scaffold_under_the_seeded_sampler_gets_each_final_nodes_accepted_entry(
     inner = Scaffold(num_clients=4, weighting="uniform", fraction_train=0.5, min_train_nodes=1,
                      min_available_nodes=1, member_of=mapping.get)
     inner.accepted = {2: 1, 0: 1}  # partitions 2 and 0 counted in round 1
-    strategy = Guarded(inner, sampler=sampler_for(mapping, seed=0))
+    strategy = strategies.guarded("scaffold", inner, sampler=sampler_for(mapping, seed=0))
     messages = list(strategy.configure_train(2, global_arrays(), ConfigRecord(),
                                              make_grid(list(mapping))))
     expected = sampler_for(mapping, seed=0).choose(list(mapping), 2, 2, "train")

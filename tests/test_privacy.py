@@ -44,7 +44,7 @@ def test_spend_composes_over_rounds_through_the_node_state(digits):
     for rnd in (1, 2, 3):
         accountant = privacy.load_accountant(state, "run")
         train_local(model, digits, epochs=2, batch_size=batch, lr=0.05, seed=rnd,
-                    dp=settings(1.1, seed=rnd), accountant=accountant)
+                    dp=privacy.DPSGD(settings(1.1, seed=rnd), accountant))
         privacy.save_accountant(state, accountant, "run")
         spent.append(accountant.get_epsilon(1e-5))
         direct = RDPAccountant()
@@ -148,8 +148,8 @@ def test_the_plain_model_comes_back(digits):
     """After DP training the model has its own keys (no `_module.`) and no Opacus hooks."""
     model = build_model(dataset_info("digits"), seed=0)
     keys = list(model.state_dict())
-    train_local(model, digits, epochs=1, batch_size=32, lr=0.05, dp=settings(),
-                accountant=RDPAccountant())
+    train_local(model, digits, epochs=1, batch_size=32, lr=0.05,
+                dp=privacy.DPSGD(settings(), RDPAccountant()))
     assert list(model.state_dict()) == keys
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
@@ -164,8 +164,8 @@ def test_batchnorm_is_refused_with_opacus_reason():
 def test_a_loss_penalty_is_refused_under_dp(digits):
     model = build_model(dataset_info("digits"), seed=0)
     with pytest.raises(ValueError, match="clipped and noised"):
-        train_local(model, digits, epochs=1, batch_size=32, lr=0.05, dp=settings(),
-                    accountant=RDPAccountant(),
+        train_local(model, digits, epochs=1, batch_size=32, lr=0.05,
+                    dp=privacy.DPSGD(settings(), RDPAccountant()),
                     hooks=LocalHooks(penalty=lambda m: sum(p.sum() for p in m.parameters())))
 
 
@@ -182,7 +182,7 @@ def test_scaffold_control_variate_comes_from_the_privatized_gradients(digits):
     state = RecordDict()
     client = ScaffoldClient(model, content, state, "t", 0.05, member_id=1, server_round=1)
     result = train_local(model, digits, epochs=1, batch_size=32, lr=0.05, seed=3,
-                         dp=settings(sigma=1.0, clip=0.1, seed=9), accountant=RDPAccountant(),
+                         dp=privacy.DPSGD(settings(sigma=1.0, clip=0.1, seed=9), RDPAccountant()),
                          hooks=client.hooks)
     client.finish(model, result.steps)
     pending = {k: a.numpy() for k, a in state[STATE_PENDING].items()}
@@ -226,7 +226,7 @@ def test_dp_defaults_in_code_match_pyproject(defaults):
 def client_message(cfg, server_round):
     from flwr.app import Message
 
-    from fl_app import wire
+    from fl_common import wire
 
     model = build_model(dataset_info(cfg.dataset), seed=0)
     content = RecordDict({
@@ -242,7 +242,8 @@ def test_budget_stops_a_client_exactly_when_its_next_round_would_exceed_it(make_
     in round 1 (and reports e1), then refuses round 2 with a dp-out-of-budget error."""
     from flwr.app import Context
 
-    from fl_app import client_app, wire
+    from fl_app import client_app
+    from fl_common import wire
 
     cfg = make_config(dp=True, **{"num-server-rounds": 2})
     n = len(load_client_data(cfg.data, 0, 2).train)
@@ -282,7 +283,8 @@ def test_server_records_max_and_mean_epsilon_and_clients_out_of_budget():
 def test_a_dp_reply_carries_no_unprivatized_training_metrics(make_config):
     from flwr.app import Context
 
-    from fl_app import client_app, wire
+    from fl_app import client_app
+    from fl_common import wire
 
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config={})
@@ -299,7 +301,8 @@ def test_the_spend_survives_a_supernode_restart_with_a_state_dir(make_config, tm
     Context.state); round 2 starts from the saved history: two rounds' spend, not one."""
     from flwr.app import Context
 
-    from fl_app import client_app, wire
+    from fl_app import client_app
+    from fl_common import wire
 
     cfg = make_config(dp=True, **{"num-server-rounds": 2})
     node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path)}

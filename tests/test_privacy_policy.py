@@ -10,7 +10,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
-from fl_app import client_app, privacy, wire
+from fl_app import client_app, privacy
+from fl_common import wire
 from fl_app.model import build_model
 from fl_app.privacy_policy import NodePolicy
 from partitions import dataset_info, load_client_data

@@ -19,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
+import strategies
 from strategies.guard import ExampleLimits, Guarded
 from strategies.sampling import PartitionSampler
 from strategies.scaffold import (
@@ -53,7 +54,8 @@ class Federation:
                                  total_examples=sum(self.n), fraction_train=fraction,
                                  min_train_nodes=1, min_available_nodes=1)
         sampler = PartitionSampler(seed, lambda ids: {i: i - NODE0 for i in ids})
-        self.guard = Guarded(self.scaffold, sampler=sampler, min_valid_replies=min_valid,
+        self.guard = strategies.guarded("scaffold", self.scaffold, sampler=sampler,
+                                        min_valid_replies=min_valid,
                              example_limits=ExampleLimits(default=10**6))
         self.states = [RecordDict() for _ in range(self.N)]
         self.x = np.zeros_like(self.b[0])
@@ -191,7 +193,7 @@ def test_a_rolled_back_aggregate_commits_no_client_state():
     x, c and the accepted map are as before, and the clients drop their pending c_i+."""
     x0 = np.zeros(2, np.float32)
     scaffold = Scaffold(num_clients=2, weighting="uniform", min_train_nodes=1, min_available_nodes=1)
-    guard = Guarded(scaffold)
+    guard = strategies.guarded("scaffold", scaffold)
     guard.configure_train(1, ArrayRecord({"w": Array(x0)}), ConfigRecord(), make_grid([1, 2]))
     scaffold.c = {"w": np.full(2, 2e38, np.float32)}
     scaffold.accepted = {1: 0}
@@ -252,7 +254,7 @@ def test_a_rollback_under_the_attack_simulation_restores_the_scaffold_in_place()
     scaffold = Scaffold(num_clients=2, weighting="uniform", min_train_nodes=1, min_available_nodes=1)
     wrapper = AttackSimulation(scaffold, attack="sign-flip", attackers=frozenset({1}),
                                partition_of=lambda node: node - 1)
-    guard = Guarded(wrapper)
+    guard = strategies.guarded("scaffold", scaffold, inner=wrapper)
     guard.configure_train(1, ArrayRecord({"w": Array(x0)}), ConfigRecord(), make_grid([1, 2]))
     scaffold.c = {"w": np.full(2, 2e38, np.float32)}
     scaffold.accepted = {1: 0}

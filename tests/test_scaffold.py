@@ -13,6 +13,7 @@ from torch import nn
 from fl_app.model import build_model
 from fl_app.training import LocalHooks, train_local
 from partitions import DataConfig, dataset_info, load_client_data
+import strategies
 from strategies.guard import Guarded
 from strategies.scaffold import (
     ACCEPTED_RECORD,
@@ -278,8 +279,8 @@ def test_client_without_server_control_variate_fails_clearly():
 
 def test_reply_without_delta_c_is_rejected_and_upload_is_doubled():
     x = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32))})
-    strategy = Guarded(Scaffold(num_clients=2, total_examples=20, min_train_nodes=1,
-                                min_available_nodes=1))
+    strategy = strategies.guarded("scaffold", Scaffold(num_clients=2, total_examples=20,
+                                                       min_train_nodes=1, min_available_nodes=1))
     messages = list(strategy.configure_train(1, x, ConfigRecord(), make_grid([1, 2])))
     assert C_RECORD in messages[0].content
     good = make_reply({"w": np.ones(4, np.float32), DC_PREFIX + "w": np.ones(4, np.float32)}, node_id=1)

@@ -97,7 +97,7 @@ def test_nodes_are_asked_for_their_partition_in_bounded_batches():
     Flower's in-memory delivery loop; the directory asks QUERY_BATCH nodes at a time."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from fl_app import wire
+    from fl_common import wire
 
     class AnsweringGrid(InMemoryGrid):
         batches: list[int] = []

@@ -19,7 +19,8 @@ GLOBAL = {"conv.weight": np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 6),
 
 
 def good_count(name: str) -> int:
-    return strategies.ROBUST_MIN_REPLIES[name](0) if name in strategies.ROBUST_MIN_REPLIES else 1
+    min_replies = strategies.spec(name).traits.min_replies
+    return min_replies(0) if min_replies is not None else 1
 
 
 def good_replies(strategy: Guarded, name: str) -> list:
@@ -29,7 +30,8 @@ def good_replies(strategy: Guarded, name: str) -> list:
 
 def setup(name, make_config, min_valid=1) -> Guarded:
     cfg = make_config(strategy=name, **{"min-train-nodes": max(min_valid, good_count(name))})
-    strategy = Guarded(strategies.build(cfg, 3, total_examples=1000), min_valid_replies=min_valid)
+    strategy = strategies.guarded(name, strategies.build(cfg, 3, total_examples=1000),
+                                  min_valid_replies=min_valid)
     arrays = ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
     strategy.configure_train(1, arrays, ConfigRecord(), make_grid([1, 2, 3]))
     return strategy
@@ -68,7 +70,7 @@ def assert_finite_global_layout(result):
         assert np.all(np.isfinite(array.numpy())), key
 
 
-@pytest.mark.parametrize("name", [n for n in strategies.NAMES if n not in strategies.ROBUST_MIN_REPLIES])
+@pytest.mark.parametrize("name", [n for n in strategies.NAMES if strategies.spec(n).traits.min_replies is None])
 def test_one_client(name, make_config):
     strategy = setup(name, make_config)
     result, metrics = strategy.aggregate_train(1, [make_reply(valid_arrays(strategy, 0.05), node_id=1)])

@@ -147,7 +147,7 @@ def test_training_on_the_gpu_matches_the_cpu(name):
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     import strategies
-    from fl_app import wire
+    from fl_common import wire
     from strategies.scaffold import C_RECORD
 
     info = dataset_info("digits")

@@ -235,7 +235,8 @@ def test_client_gate_clips_the_update_only_when_asked():
 
 
 def test_user_mode_client_reports_equal_weights_and_no_training_metrics(make_config):
-    from fl_app import client_app, wire
+    from fl_app import client_app
+    from fl_common import wire
     from fl_app.model import build_model
     from partitions import dataset_info
 

@@ -156,7 +156,7 @@ class FlAppHarness(Harness):
         sys.path.insert(0, str(REPO))
         import strategies
         from flwr.app import ArrayRecord, ConfigRecord
-        from fl_app import wire
+        from fl_common import wire
         from fl_app.client_app import app
         from fl_app.config import RunConfig
         from fl_app.model import build_model
