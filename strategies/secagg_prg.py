@@ -37,6 +37,7 @@ This module imports nothing from ``fl_app`` (server and client both use it).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,21 +67,48 @@ def keystream(seed: bytes, num_bytes: int) -> bytes:
 def mask_arrays(seed: bytes, num_range: int,
                 dimensions_list: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
     """Masks uniform in [0, ``num_range``) for each shape: a drop-in for Flower's
-    ``pseudo_rand_gen(seed, num_range, dimensions_list)`` (module docstring)."""
+    ``pseudo_rand_gen(seed, num_range, dimensions_list)`` (module docstring).
+
+    The keystream is produced ``_CHUNK`` bytes at a time into a per-thread buffer and
+    widened into the one int64 output (the same stream as ``keystream``: CTR mode does
+    not depend on how it is cut); a fresh multi-megabyte buffer per call would cost more
+    in page faults than the cipher itself."""
     if not isinstance(num_range, int) or isinstance(num_range, bool) or not 2 <= num_range <= MAX_RANGE:
         raise ValueError(f"SecAgg+ mask range must be an integer in [2, 2^32]; got {num_range!r}")
     sizes = [math.prod(shape) for shape in dimensions_list]
     total = sum(sizes)
     power_of_two = num_range & (num_range - 1) == 0
-    if power_of_two:
-        values = np.frombuffer(keystream(seed, 4 * total), dtype="<u4").astype(np.int64)
-        if num_range != MAX_RANGE:
-            values &= num_range - 1
-    else:
-        values = (np.frombuffer(keystream(seed, 8 * total), dtype="<u8")
-                  % np.uint64(num_range)).astype(np.int64)
+    width, dtype = (4, "<u4") if power_of_two else (8, "<u8")
+    encryptor = Cipher(algorithms.AES(mask_key(seed)), modes.CTR(_NONCE)).encryptor()
+    buffer = _buffer()
+    values = np.empty(total, dtype=np.int64)
+    step = _CHUNK // width
+    for start in range(0, total, step):
+        count = min(step, total - start)
+        encryptor.update_into(_ZEROS[:count * width], buffer)
+        chunk = np.frombuffer(buffer, dtype=dtype, count=count)
+        if power_of_two:
+            values[start:start + count] = chunk
+        else:
+            values[start:start + count] = chunk % np.uint64(num_range)
+    encryptor.finalize()
+    if power_of_two and num_range != MAX_RANGE:
+        values &= num_range - 1
     out, start = [], 0
     for shape, size in zip(dimensions_list, sizes):
         out.append(values[start:start + size].reshape(shape))
         start += size
     return out
+
+
+_CHUNK = 1 << 18  # keystream bytes per call into the cipher
+_ZEROS = memoryview(bytes(_CHUNK))
+_LOCAL = threading.local()
+
+
+def _buffer() -> bytearray:
+    """This thread's output buffer for ``update_into`` (it needs 15 spare bytes)."""
+    buffer = getattr(_LOCAL, "buffer", None)
+    if buffer is None:
+        buffer = _LOCAL.buffer = bytearray(_CHUNK + 15)
+    return buffer

@@ -184,3 +184,16 @@ def test_a_client_with_flowers_expansion_cannot_pass(defaults, monkeypatch):
     arrays, _ = guarded.aggregate_train(1, replies)
     assert arrays is None and replies[0].has_error()
     assert len(NODES) == 7
+
+
+def test_the_chunked_expansion_is_the_plain_keystream():
+    """``mask_arrays`` writes the keystream in chunks; the values are the keystream read
+    as little-endian uint32 (uint64 mod the range for other ranges), however cut."""
+    from strategies.secagg_prg import _CHUNK, keystream, mask_arrays
+
+    n = _CHUNK  # four chunks of uint32, two of uint64, and a remainder
+    got = flat(mask_arrays(SEED, 2**32, [(3,), (n,)]))
+    assert np.array_equal(got, np.frombuffer(keystream(SEED, 4 * (n + 3)), "<u4").astype(np.int64))
+    got = flat(mask_arrays(SEED, 1000, [(n // 3,)]))
+    want = np.frombuffer(keystream(SEED, 8 * (n // 3)), "<u8") % np.uint64(1000)
+    assert np.array_equal(got, want.astype(np.int64))
