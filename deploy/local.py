@@ -33,7 +33,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from deploy.credentials import make_all
-from experiments.launch import REPO, LocalSuperLink, raise_keyboard_interrupt
+from .launch import REPO, LocalSuperLink, raise_keyboard_interrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .launch import LocalSuperLink
+from deploy.launch import LocalSuperLink
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "deployment.jsonl"
 

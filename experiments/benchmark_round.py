@@ -33,7 +33,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .launch import REPO, LocalSuperLink
+from deploy.launch import REPO, LocalSuperLink
 
 OUT = REPO / "docs" / "benchmarks" / "round_overhead.jsonl"
 

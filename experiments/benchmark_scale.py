@@ -8,7 +8,7 @@
 In ONE invocation, one after another (alternating when ``--passes 2``), it runs
 ``experiments/scale/minimal_app`` (Flower's built-in FedAvg with ``start()``, the same CNN
 shape, the same partitions, the same hyperparameters) and ``fl_app`` with each strategy
-of ``--strategies``, each on a fresh private SuperLink (``experiments.launch.LocalSuperLink``:
+of ``--strategies``, each on a fresh private SuperLink (``deploy.launch.LocalSuperLink``:
 ``flower-superlink --simulation`` on a free port, ``num-supernodes=N
 client-resources-num-cpus=1``), Fashion-MNIST IID, fraction-train = fraction-evaluate =
 0.1. A warm round is any round after the first; both apps' round seconds span the same
@@ -51,7 +51,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .launch import REPO, LocalSuperLink, executable
+from deploy.launch import REPO, LocalSuperLink, executable
 
 OUT = REPO / "docs" / "benchmarks" / "scale.jsonl"
 MINIMAL_APP = REPO / "experiments" / "scale" / "minimal_app"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fl_app.results import is_complete
 
-from .launch import REPO, LocalSuperLink
+from deploy.launch import REPO, LocalSuperLink
 
 STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedadam", "fedavgm", "fedyogi", "fedadagrad",
               "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")

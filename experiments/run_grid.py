@@ -25,7 +25,7 @@ from pathlib import Path
 from fl_app.results import COMPLETED, is_complete, run_status
 
 from .grids import GRIDS
-from .launch import REPO, LocalSuperLink
+from deploy.launch import REPO, LocalSuperLink
 from .report import write_report
 
 DEFAULT_OUT = REPO / "docs" / "results"

@@ -74,7 +74,7 @@ from strategies.secagg import (
 )
 from strategies.secagg_prg import MAX_RANGE, mask_arrays
 
-from . import wire
+from fl_common import wire
 
 SECAGG_REFUSED_CODE = 4273  # error code of a stage request this client refuses to answer
 
@@ -240,7 +240,7 @@ def _seed_quantization(request: Message, context: Context) -> None:
     run config was validated by the train handler that just ran; only its seed is read."""
     import json
 
-    from .training import derive_seed
+    from fl_common.randomness import derive_seed
 
     config = request.content[wire.CONFIG]
     seed = int(json.loads(str(config[wire.RUN_CONFIG]))["seed"])

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from fl_common.hooks import LocalHooks
-from fl_common.randomness import derive_seed  # noqa: F401  (fl_app/secagg_client.py)
 from partitions import ImageArrays
 
 if TYPE_CHECKING:  # pragma: no cover

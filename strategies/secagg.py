@@ -102,7 +102,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from fl_app import wire
+from fl_common import wire
 
 from .secagg_prg import mask_arrays
 from .validation import ArraySpec

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from deploy.credentials import make_all
-from experiments.launch import LocalSuperLink
+from deploy.launch import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 
@@ -115,7 +115,7 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     import threading
     import time
 
-    from experiments.launch import _terminate_group
+    from deploy.launch import _terminate_group
     from fl_app.privacy import NODE_SCOPE, accountant_file, steps_per_epoch
 
     rounds, run_name = 4, "stopped-node"

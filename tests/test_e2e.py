@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from experiments.launch import LocalSuperLink
+from deploy.launch import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""experiments/launch.py: a SIGTERMed script stops the SuperLink it started."""
+"""deploy/launch.py: a SIGTERMed script stops the SuperLink it started."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_sigterm_stops_the_superlink_a_script_started(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from experiments.launch import LocalSuperLink
+        from deploy.launch import LocalSuperLink
         with LocalSuperLink(Path({str(tmp_path)!r}) / "link", simulation=False) as link:
             print(link.process.pid, flush=True)
             time.sleep(120)

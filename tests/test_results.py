@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.grids import Grid
-from experiments.launch import run_config_arg, toml_value
+from deploy.launch import run_config_arg, toml_value
 from experiments.report import aggregate, markdown_table, rounds_to_target
 from fl_app.results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments.launch import LocalSuperLink
+from deploy.launch import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy.credentials import TLSFiles
+from .credentials import TLSFiles
 
 REPO = Path(__file__).resolve().parent.parent
 
