@@ -28,8 +28,9 @@ def good_replies(strategy: Guarded, name: str) -> list:
             for i in range(good_count(name))]
 
 
-def setup(name, make_config, min_valid=1) -> Guarded:
-    cfg = make_config(strategy=name, **{"min-train-nodes": max(min_valid, good_count(name))})
+def setup(name, make_config, min_valid=1, **overrides) -> Guarded:
+    cfg = make_config(strategy=name, **{"min-train-nodes": max(min_valid, good_count(name)),
+                                        **overrides})
     strategy = strategies.guarded(name, strategies.build(cfg, 3, total_examples=1000),
                                   min_valid_replies=min_valid)
     arrays = ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
@@ -70,14 +71,65 @@ def assert_finite_global_layout(result):
         assert np.all(np.isfinite(array.numpy())), key
 
 
+# Settings that tell the server step apart from "the client's model" (server-lr 1 would
+# make FedAvgM's and SCAFFOLD's first step exactly y).
+ONE_CLIENT_OVERRIDES = {"fedavgm": {"server-lr": 0.5}, "scaffold": {"server-lr": 0.5}}
+
+
+def one_client_expected(name: str, cfg, x: dict, y: dict) -> dict[str, np.ndarray]:
+    """The aggregate of round 1 with the single reply y from the global model x, by hand
+    from each algorithm's update rule (in float64), with delta = y - x:
+
+    - fedavg, fedprox, fedmedian, fedtrimmedavg: the weighted mean / median / trimmed mean
+      (int(0.2 * 1) = 0 cut) of one reply is the reply: y;
+    - fedavgm: the momentum buffer starts as the pseudo-gradient x - y (Flower's, as
+      torch.optim.SGD), so x - eta * (x - y) = x + eta * delta;
+    - scaffold: x + eta_g * p * delta with p = 1 for one reply;
+    - fedadam (ours, no bias correction) and fedyogi: m = (1 - b1) delta and
+      v = (1 - b2) delta^2 (Yogi: v0 - (1 - b2) delta^2 sign(v0 - delta^2) with v0 = 0),
+      x + eta * m / (sqrt(v) + tau);
+    - fedadagrad: b1 = 0 (Flower fixes it), m = delta, v = delta^2: x + eta * delta / (|delta| + tau).
+    """
+    lr = cfg.effective_server_lr
+    b1, b2, tau = float(cfg.beta_1), float(cfg.beta_2), float(cfg.tau)
+    out = {}
+    for k in x:
+        xk, yk = x[k].astype(np.float64), y[k].astype(np.float64)
+        d = yk - xk
+        if name in ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg"):
+            out[k] = yk
+        elif name in ("fedavgm", "scaffold"):
+            out[k] = xk + lr * d
+        elif name in ("fedadam", "fedyogi"):
+            out[k] = xk + lr * (1 - b1) * d / (np.sqrt((1 - b2) * d * d) + tau)
+        elif name == "fedadagrad":
+            out[k] = xk + lr * d / (np.abs(d) + tau)
+        else:
+            raise AssertionError(f"no hand-computed one-client step for {name!r}")
+    return out
+
+
 @pytest.mark.parametrize("name", [n for n in strategies.NAMES if strategies.spec(n).traits.min_replies is None])
 def test_one_client(name, make_config):
-    strategy = setup(name, make_config)
-    result, metrics = strategy.aggregate_train(1, [make_reply(valid_arrays(strategy, 0.05), node_id=1)])
+    overrides = ONE_CLIENT_OVERRIDES.get(name, {})
+    cfg = make_config(strategy=name, **{"min-train-nodes": 1, **overrides})
+    strategy = setup(name, make_config, **overrides)
+    reply = valid_arrays(strategy, 0.05)
+    result, metrics = strategy.aggregate_train(1, [make_reply(reply, node_id=1)])
     assert_finite_global_layout(result)
     assert metrics["replies-valid"] == 1
-    moved = sum(float(np.abs(result[k].numpy() - GLOBAL[k]).sum()) for k in GLOBAL)
-    assert moved > 0  # the single client's update was applied
+    expected = one_client_expected(name, cfg, GLOBAL, reply)
+    for key in GLOBAL:
+        got = result[key].numpy()
+        assert got.dtype == GLOBAL[key].dtype
+        np.testing.assert_allclose(got, expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        # and the step moved the model (delta = 0.05 per weight, so the check has teeth)
+        assert not np.allclose(got, GLOBAL[key], atol=1e-4), key
+    if name == "scaffold":  # c = 0 + q * Delta c, q = n_i / n = 10 / 1000
+        inner = strategy.inner
+        for key in GLOBAL:
+            np.testing.assert_allclose(inner.c[key], 10 / 1000 * reply["scaffold-dc/" + key],
+                                       rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", strategies.NAMES)
@@ -117,7 +169,50 @@ def test_fewer_valid_replies_than_minimum_leaves_model_unchanged(name, make_conf
     assert result is None and metrics["replies-valid"] == 1
 
 
+# Non-default settings, so that a summary that logs a default, or another key, fails.
+SUMMARY_SETTINGS = {
+    "proximal-mu": 0.037, "server-lr": 0.3, "server-momentum": 0.7, "beta-1": 0.8,
+    "beta-2": 0.95, "tau": 0.002, "trim-fraction": 0.15, "fraction-train": 0.5,
+}
+# What each strategy's summary must say (besides Guarded's line and FedAvg's sampling).
+SUMMARY_LINES = {
+    "fedavg": [],
+    "fedprox": ["FedProx: proximal-mu (mu) = 0.037"],
+    "scaffold": ["SCAFFOLD (Option II, gradient-mean, num-examples weighting): eta_g = 0.3, N = 3"],
+    "fedadam": ["FedAdam: eta 0.3, beta_1 0.8, beta_2 0.95, tau 0.002 (no bias correction)"],
+    "fedavgm": ["Server optimization: ON", "Server learning rate: 0.3", "Server Momentum: 0.7"],
+    "fedyogi": ["eta (0.3) | eta_l (0.05)", "beta_1 (0.8) | beta_2 (0.95)", "tau (0.002)"],
+    "fedadagrad": ["eta (0.3) | eta_l (0.05)", "beta_1 (0) | beta_2 (0)", "tau (0.002)"],
+    "fedmedian": [],
+    "fedtrimmedavg": ["beta: 0.15"],
+    "krum": ["Krum: f = 1, m = 1 (n >= 5 replies per round)"],
+    "multikrum": ["Multi-Krum: f = 1, m = 3 (n >= 5 replies per round)"],
+    "bulyan": ["Number of malicious nodes: 1", "Selection rule: select_multikrum"],
+}
+SUMMARY_ROBUST = {"krum": {"num-malicious": 1, "min-train-nodes": 5},
+                  "multikrum": {"num-malicious": 1, "min-train-nodes": 5, "num-selected": 3},
+                  "bulyan": {"num-malicious": 1, "min-train-nodes": 7}}
+
+
+def test_every_strategy_has_summary_lines():
+    assert set(SUMMARY_LINES) == set(strategies.NAMES)
+
+
 @pytest.mark.parametrize("name", strategies.NAMES)
-def test_summary_logs_without_error(name, make_config):
-    """Flower calls summary() when a run starts; a crash there ends the run."""
-    setup(name, make_config).summary()
+def test_summary_names_the_strategys_settings(name, make_config, caplog):
+    """Flower calls summary() when a run starts; it must log this run's settings: the
+    run config's values, not the defaults."""
+    overrides = {**SUMMARY_SETTINGS, **SUMMARY_ROBUST.get(name, {"min-train-nodes": 4})}
+    cfg = make_config(strategy=name, **overrides)
+    strategy = strategies.guarded(name, strategies.build(cfg, 3, total_examples=1000),
+                                  min_valid_replies=cfg.min_train_nodes)
+    with caplog.at_level("INFO", logger="flwr"):
+        strategy.summary()
+    text = caplog.text
+    lines = [f"Guarded: reply validation, seeded partition-space sampling, at least "
+             f"{cfg.min_train_nodes} valid replies per round",
+             "Fraction: train (0.50) | evaluate ( 1.00)",
+             f"Minimum nodes: train ({cfg.min_train_nodes}) | evaluate (1)",
+             *SUMMARY_LINES[name]]
+    for line in lines:
+        assert line in text, (line, text)
