@@ -152,7 +152,18 @@ def test_attacks_are_refused_outside_simulation_and_beyond_the_partitions(make_c
     check_test_facilities(make_config(), HttpGrid(), 10)  # no attack: fine anywhere
 
 
-def test_attack_wrapper_summary_logs_without_error():
-    from flwr.serverapp.strategy import FedAvg
-
-    AttackSimulation(FedAvg(), attack="alie", attackers=frozenset({1}), partition_of={}.get).summary()
+def test_attack_wrapper_summary_names_the_attack_its_partitions_and_the_defence(caplog):
+    """Flower calls summary() when a run starts: the log must say which attack runs, by
+    which partitions (the seed's draw, sorted), and then the wrapped defence's settings."""
+    attackers = attacker_partitions(3, 10, 2)
+    guard = Guarded(AttackSimulation(Krum(num_malicious=2), attack="ipm", attackers=attackers,
+                                     partition_of={}.get, epsilon=0.1), min_valid_replies=7)
+    with caplog.at_level("INFO", logger="flwr"):
+        guard.summary()
+    lines = [r.getMessage() for r in caplog.records if r.name == "flwr"]
+    attack = f"SIMULATED ATTACK (test facility): ipm by partitions {sorted(attackers)}"
+    assert len(attackers) == 2
+    order = [next(i for i, line in enumerate(lines) if text in line) for text in
+             ("Guarded:", attack, "Krum: f = 2, m = 1 (n >= 7 replies per round)")]
+    assert order == sorted(order), lines  # outermost first, as the layers wrap
+    assert "at least 7 valid replies per round" in lines[order[0]]

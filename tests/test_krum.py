@@ -174,3 +174,18 @@ def test_distances_leave_the_input_alone_unless_told():
     np.testing.assert_allclose(a[0], [0.0, 13.0, 5.0])  # (2^2 + 3^2), (1 + 4)
     np.testing.assert_allclose(pairwise_sq_distances(updates, overwrite=True), a)
     assert not np.array_equal(updates, before)  # centred in place
+
+
+@pytest.mark.parametrize("strategy, line", [
+    (Krum(num_malicious=2), "Krum: f = 2, m = 1 (n >= 7 replies per round)"),
+    (MultiKrum(num_malicious=3), "Multi-Krum: f = 3, m = n - f (n >= 9 replies per round)"),
+    (MultiKrum(num_malicious=1, num_selected=4), "Multi-Krum: f = 1, m = 4 (n >= 5 replies per round)"),
+])
+def test_summary_names_f_m_and_the_replies_needed(strategy, line, caplog):
+    """Flower logs summary() at the start of a run: it must say which rule, f, m and the
+    n >= 2f + 3 the rule needs, then FedAvg's sampling settings."""
+    with caplog.at_level("INFO", logger="flwr"):
+        strategy.summary()
+    lines = [r.getMessage() for r in caplog.records if r.name == "flwr"]
+    assert any(line in message for message in lines), lines
+    assert any("Minimum nodes: train (2)" in message for message in lines), lines
