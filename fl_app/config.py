@@ -45,11 +45,20 @@ def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Every run-config key of the app (kebab-case in TOML, snake_case here)."""
+# ---------------------------------------------------------------------- the sections
+class Section:
+    """A group of run-config keys that validates itself (``__post_init__``): types,
+    ranges and the rules among its own keys. Rules across sections are RunConfig's."""
 
-    strategy: str
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [_key(f.name) for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class TrainingSection(Section):
+    """The rounds and each client's local training."""
+
     num_server_rounds: int
     fraction_train: float
     fraction_evaluate: float
@@ -59,91 +68,9 @@ class RunConfig:
     lr: float
     momentum: float
     seed: int
-    dataset: str
-    model: str
-    device: str
-    partitioner: str
-    alpha: float
-    classes_per_partition: int
-    shards_per_partition: int
-    validation_fraction: float
-    proximal_mu: float
-    scaffold_control_variate: str
-    scaffold_weighting: str
-    server_lr: float | str
-    server_momentum: float
-    beta_1: float
-    beta_2: float
-    tau: float
-    trim_fraction: float
-    num_malicious: int
-    num_selected: int | str
-    attack: str
-    num_attackers: int
-    attack_scale: float
-    attack_std: float
-    attack_epsilon: float
     max_num_examples: int
-    dp: bool
-    dp_mode: str
-    dp_randomness: str
-    dp_noise_multiplier: float
-    dp_max_grad_norm: float
-    dp_delta: float
-    dp_target_epsilon: float
-    dp_max_epsilon: float
-    secagg: bool
-    secagg_num_shares: int
-    secagg_reconstruction_threshold: int
-    secagg_clipping_range: float
-    secagg_quantization_range: int
-    secagg_max_weight: float | str
-    secagg_timeout: float
-    results_dir: str
-    run_name: str
-    sweep_file: str
-    checkpoint: bool
-    resume_from: str
-    fail_after_round: int
-    round_timeout: float
-    fault_rate: float
-    fault_kind: str
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [_key(f.name) for f in fields(cls)]
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
-        """Validate a full run config (kebab-case keys) and build the dataclass."""
-        expected = cls.keys()
-        unknown = sorted(set(mapping) - set(expected))
-        if unknown:
-            raise ValueError(f"Unknown run-config key(s) {unknown}; accepted keys: {expected}")
-        missing = [k for k in expected if k not in mapping]
-        if missing:
-            raise ValueError(f"Missing run-config key(s) {missing}")
-        return cls(**{f.name: mapping[_key(f.name)] for f in fields(cls)})
-
-    @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
-        return cls.from_mapping(json.loads(text))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {_key(k): v for k, v in asdict(self).items()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def replace(self, **overrides: Any) -> "RunConfig":
-        """A new, re-validated config with kebab-case overrides."""
-        return RunConfig.from_mapping({**self.to_dict(), **overrides})
-
-    # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        _choice("strategy", self.strategy, strategies.names())
-        traits = strategies.spec(self.strategy).traits
         _int("num-server-rounds", self.num_server_rounds, minimum=1)
         _unit_interval("fraction-train", self.fraction_train)
         _number("fraction-evaluate", self.fraction_evaluate)
@@ -156,14 +83,62 @@ class RunConfig:
         _positive("lr", self.lr)
         _fraction("momentum", self.momentum)
         _int("seed", self.seed, minimum=0)
+        _int("max-num-examples", self.max_num_examples, minimum=1)
+        if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
+            raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "
+                             f"{MAX_NUM_EXAMPLES_LIMIT}]; got {self.max_num_examples!r}")
+
+
+@dataclass(frozen=True)
+class DataSection(Section):
+    """The dataset and its federated split."""
+
+    dataset: str
+    partitioner: str
+    alpha: float
+    classes_per_partition: int
+    shards_per_partition: int
+    validation_fraction: float
+
+    def __post_init__(self) -> None:
         _str("dataset", self.dataset)
-        _choice("model", self.model, MODELS)
-        _choice("device", self.device, DEVICES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _positive("alpha", self.alpha)
         _int("classes-per-partition", self.classes_per_partition, minimum=1)
         _int("shards-per-partition", self.shards_per_partition, minimum=1)
         _open_interval("validation-fraction", self.validation_fraction)
+        resolve_source(self.dataset)  # unknown name or missing file
+
+
+@dataclass(frozen=True)
+class ModelSection(Section):
+    model: str
+    device: str
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model, MODELS)
+        _choice("device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class StrategySection(Section):
+    """The strategy and the keys of the algorithms (each used by the ones it names)."""
+
+    strategy: str
+    proximal_mu: float
+    scaffold_control_variate: str
+    scaffold_weighting: str
+    server_lr: float | str
+    server_momentum: float
+    beta_1: float
+    beta_2: float
+    tau: float
+    trim_fraction: float
+    num_malicious: int
+    num_selected: int | str
+
+    def __post_init__(self) -> None:
+        _choice("strategy", self.strategy, strategies.names())
         _number("proximal-mu", self.proximal_mu)
         if self.proximal_mu < 0:
             raise ValueError(f"Run config 'proximal-mu' must be a number >= 0; got {self.proximal_mu!r}")
@@ -181,15 +156,23 @@ class RunConfig:
         _int("num-malicious", self.num_malicious, minimum=0)
         if self.num_selected != AUTO:
             _int("num-selected", self.num_selected, minimum=1, also=f'or the string "{AUTO}" (n - f)')
-        if traits.min_replies is not None:
-            need = traits.min_replies(self.num_malicious)
-            if self.min_train_nodes < need:
-                raise ValueError(
-                    f"Strategy {self.strategy!r} with 'num-malicious' = {self.num_malicious} "
-                    f"needs at least {need} valid replies per round; 'min-train-nodes' = "
-                    f"{self.min_train_nodes} would let rounds with fewer through. Set "
-                    f"'min-train-nodes' >= {need}"
-                )
+
+    @property
+    def spec(self):  # -> strategies.StrategySpec
+        return strategies.spec(self.strategy)
+
+
+@dataclass(frozen=True)
+class AttackSection(Section):
+    """Simulated Byzantine clients (a test facility, simulation only)."""
+
+    attack: str
+    num_attackers: int
+    attack_scale: float
+    attack_std: float
+    attack_epsilon: float
+
+    def __post_init__(self) -> None:
         _choice("attack", self.attack, ATTACKS)
         _int("num-attackers", self.num_attackers, minimum=0)
         if self.attack != "none" and self.num_attackers < 1:
@@ -198,12 +181,101 @@ class RunConfig:
         _positive("attack-scale", self.attack_scale)
         _positive("attack-std", self.attack_std)
         _positive("attack-epsilon", self.attack_epsilon)
-        _int("max-num-examples", self.max_num_examples, minimum=1)
-        self._check_dp()
-        self._check_secagg()
-        if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
-            raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "
-                             f"{MAX_NUM_EXAMPLES_LIMIT}]; got {self.max_num_examples!r}")
+
+
+@dataclass(frozen=True)
+class DPSection(Section):
+    """Differential privacy (docs/privacy.md)."""
+
+    dp: bool
+    dp_mode: str
+    dp_randomness: str
+    dp_noise_multiplier: float
+    dp_max_grad_norm: float
+    dp_delta: float
+    dp_target_epsilon: float
+    dp_max_epsilon: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dp, bool):
+            raise ValueError(f"Run config 'dp' must be true or false; got {self.dp!r}")
+        if not self.dp:
+            changed = [_key(name) for name, default in DP_DEFAULTS.items()
+                       if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"Run config key(s) {changed} only take effect with dp = true; "
+                                 f"set dp = true, or leave them at their defaults")
+            return
+        _choice("dp-mode", self.dp_mode, DP_MODES)
+        _choice("dp-randomness", self.dp_randomness, RANDOMNESS_MODES)
+        if self.dp_mode == "user" and self.dp_max_epsilon != 0:
+            raise ValueError("Run config 'dp-max-epsilon' is a per-client budget of dp-mode "
+                             "\"sample\"; with dp-mode \"user\" bound the run's spend with "
+                             "'dp-target-epsilon' instead")
+        _number("dp-noise-multiplier", self.dp_noise_multiplier)
+        if self.dp_noise_multiplier < 0:
+            raise ValueError("Run config 'dp-noise-multiplier' (sigma) must be a number >= 0; "
+                             f"got {self.dp_noise_multiplier!r}")
+        _positive("dp-max-grad-norm", self.dp_max_grad_norm)
+        _open_interval("dp-delta", self.dp_delta)
+        _number("dp-target-epsilon", self.dp_target_epsilon)
+        _number("dp-max-epsilon", self.dp_max_epsilon)
+        for key, value in (("dp-target-epsilon", self.dp_target_epsilon),
+                           ("dp-max-epsilon", self.dp_max_epsilon)):
+            if value < 0:
+                raise ValueError(f"Run config '{key}' must be a number > 0, or 0 for none; "
+                                 f"got {value!r}")
+        if self.dp_target_epsilon == 0 and self.dp_noise_multiplier == 0:
+            raise ValueError("Run config 'dp-noise-multiplier' = 0 adds no noise: no privacy. "
+                             "Set it > 0, or set 'dp-target-epsilon'")
+        if 0 < self.dp_max_epsilon < self.dp_target_epsilon:
+            raise ValueError(f"Run config 'dp-max-epsilon' = {self.dp_max_epsilon} is below "
+                             f"'dp-target-epsilon' = {self.dp_target_epsilon}: the last rounds "
+                             "could never run")
+
+
+@dataclass(frozen=True)
+class SecAggSection(Section):
+    """Secure aggregation, SecAgg+ (docs/secure-aggregation.md)."""
+
+    secagg: bool
+    secagg_num_shares: int
+    secagg_reconstruction_threshold: int
+    secagg_clipping_range: float
+    secagg_quantization_range: int
+    secagg_max_weight: float | str
+    secagg_timeout: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.secagg, bool):
+            raise ValueError(f"Run config 'secagg' must be true or false; got {self.secagg!r}")
+        if not self.secagg:
+            changed = [_key(name) for name, default in SECAGG_DEFAULTS.items()
+                       if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"Run config key(s) {changed} only take effect with secagg = "
+                                 "true; set secagg = true, or leave them at their defaults")
+            return
+        if self.secagg_max_weight != AUTO:
+            _positive("secagg-max-weight", self.secagg_max_weight, also=f'or the string "{AUTO}"')
+        _int("secagg-num-shares", self.secagg_num_shares, minimum=3)
+        _int("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, minimum=2)
+        _positive("secagg-clipping-range", self.secagg_clipping_range)
+        _int("secagg-quantization-range", self.secagg_quantization_range, minimum=2)
+        _positive("secagg-timeout", self.secagg_timeout)
+
+
+@dataclass(frozen=True)
+class ResultsSection(Section):
+    """Where a run is recorded, and resuming it."""
+
+    results_dir: str
+    run_name: str
+    sweep_file: str
+    checkpoint: bool
+    resume_from: str
+
+    def __post_init__(self) -> None:
         _str("results-dir", self.results_dir)
         if not isinstance(self.run_name, str) or (self.run_name and not _RUN_NAME.match(self.run_name)):
             raise ValueError(
@@ -226,6 +298,18 @@ class RunConfig:
             raise ValueError("Run config 'resume-from' resumes one run; with 'sweep-file', submit "
                              "the sweep again instead: it resumes its interrupted entries from "
                              "their checkpoints and skips the finished ones")
+
+
+@dataclass(frozen=True)
+class FaultSection(Section):
+    """Test facilities for failures (simulation only, off by default)."""
+
+    fail_after_round: int
+    round_timeout: float
+    fault_rate: float
+    fault_kind: str
+
+    def __post_init__(self) -> None:
         _int("fail-after-round", self.fail_after_round, minimum=0)
         _positive("round-timeout", self.round_timeout)
         _choice("fault-kind", self.fault_kind, FAULT_KINDS)
@@ -236,69 +320,98 @@ class RunConfig:
             raise ValueError(f"Run config 'fault-rate' = {self.fault_rate!r} and 'fault-kind' = "
                              f"{self.fault_kind!r}: set both (a rate > 0 and a kind in "
                              f"{list(FAULT_KINDS[1:])}) or neither")
+
+
+# In this order the sections validate (and the keys are listed).
+SECTIONS: dict[str, type[Section]] = {
+    "strategy": StrategySection, "training": TrainingSection, "data": DataSection,
+    "model": ModelSection, "attack": AttackSection, "dp": DPSection, "secagg": SecAggSection,
+    "results": ResultsSection, "faults": FaultSection,
+}
+_SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key of the app (kebab-case in TOML, snake_case here), in
+    sections that validate themselves (``cfg.sections["dp"]``), read flat as before
+    (``cfg.dp_delta``); the rules across sections are below, asking the strategy's spec."""
+
+    sections: Mapping[str, Section]
+
+    def __getattr__(self, name: str) -> Any:
+        section = _SECTION_OF.get(name)
+        if section is None or name == "sections":
+            raise AttributeError(f"RunConfig has no key {name!r}")
+        return getattr(self.sections[section], name)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [key for section in SECTIONS.values() for key in section.keys()]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
+        """Validate a full run config (kebab-case keys) and build it, section by section."""
+        expected = cls.keys()
+        unknown = sorted(set(mapping) - set(expected))
+        if unknown:
+            raise ValueError(f"Unknown run-config key(s) {unknown}; accepted keys: {expected}")
+        missing = [k for k in expected if k not in mapping]
+        if missing:
+            raise ValueError(f"Missing run-config key(s) {missing}")
+        return cls(dict({
+            name: section(**{f.name: mapping[_key(f.name)] for f in fields(section)})
+            for name, section in SECTIONS.items()}))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.from_mapping(json.loads(text))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {_key(k): v for section in self.sections.values() for k, v in asdict(section).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **overrides: Any) -> "RunConfig":
+        """A new, re-validated config with kebab-case overrides."""
+        return RunConfig.from_mapping({**self.to_dict(), **overrides})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    # ------------------------------------------------------------------ rules across sections
+    def __post_init__(self) -> None:
+        traits = strategies.spec(self.strategy).traits
+        if traits.min_replies is not None:  # strategy x training
+            need = traits.min_replies(self.num_malicious)
+            if self.min_train_nodes < need:
+                raise ValueError(
+                    f"Strategy {self.strategy!r} with 'num-malicious' = {self.num_malicious} "
+                    f"needs at least {need} valid replies per round; 'min-train-nodes' = "
+                    f"{self.min_train_nodes} would let rounds with fewer through. Set "
+                    f"'min-train-nodes' >= {need}"
+                )
+        if self.dp and self.dp_mode == "user" and not traits.user_dp:  # dp x strategy
+            raise ValueError(
+                f"Run config 'dp-mode' = \"user\" does not hold its guarantee with strategy "
+                f"{self.strategy!r}: the server's noise is calibrated for the mean of the "
+                f"clipped updates, which {traits.refusals.get('user_dp', 'it does not compute')}"
+                f". Accepted with dp-mode \"user\": {strategies.with_trait('user_dp')}; or "
+                "use dp-mode \"sample\", which works with every strategy")
+        if self.secagg:
+            self._check_secagg(traits)
         if (check := strategies.spec(self.strategy).check) is not None:
             check(self)  # the algorithm's own cross-key rules
-        resolve_source(self.dataset)  # unknown name or missing file
 
-    def _check_dp(self) -> None:
-        if not isinstance(self.dp, bool):
-            raise ValueError(f"Run config 'dp' must be true or false; got {self.dp!r}")
-        if not self.dp:
-            changed = [_key(name) for name, default in DP_DEFAULTS.items()
-                       if getattr(self, name) != default]
-            if changed:
-                raise ValueError(f"Run config key(s) {changed} only take effect with dp = true; "
-                                 f"set dp = true, or leave them at their defaults")
-            return
-        _choice("dp-mode", self.dp_mode, DP_MODES)
-        _choice("dp-randomness", self.dp_randomness, RANDOMNESS_MODES)
-        if self.dp_mode == "user":
-            traits = strategies.spec(self.strategy).traits
-            if not traits.user_dp:
-                raise ValueError(
-                    f"Run config 'dp-mode' = \"user\" does not hold its guarantee with strategy "
-                    f"{self.strategy!r}: the server's noise is calibrated for the mean of the "
-                    f"clipped updates, which {traits.refusals.get('user_dp', 'it does not compute')}"
-                    f". Accepted with dp-mode \"user\": {strategies.with_trait('user_dp')}; or "
-                    "use dp-mode \"sample\", which works with every strategy")
-            if self.dp_max_epsilon != 0:
-                raise ValueError("Run config 'dp-max-epsilon' is a per-client budget of dp-mode "
-                                 "\"sample\"; with dp-mode \"user\" bound the run's spend with "
-                                 "'dp-target-epsilon' instead")
-        _number("dp-noise-multiplier", self.dp_noise_multiplier)
-        if self.dp_noise_multiplier < 0:
-            raise ValueError("Run config 'dp-noise-multiplier' (sigma) must be a number >= 0; "
-                             f"got {self.dp_noise_multiplier!r}")
-        _positive("dp-max-grad-norm", self.dp_max_grad_norm)
-        _open_interval("dp-delta", self.dp_delta)
-        _number("dp-target-epsilon", self.dp_target_epsilon)
-        _number("dp-max-epsilon", self.dp_max_epsilon)
-        for key, value in (("dp-target-epsilon", self.dp_target_epsilon),
-                           ("dp-max-epsilon", self.dp_max_epsilon)):
-            if value < 0:
-                raise ValueError(f"Run config '{key}' must be a number > 0, or 0 for none; "
-                                 f"got {value!r}")
-        if self.dp_target_epsilon == 0 and self.dp_noise_multiplier == 0:
-            raise ValueError("Run config 'dp-noise-multiplier' = 0 adds no noise: no privacy. "
-                             "Set it > 0, or set 'dp-target-epsilon'")
-        if 0 < self.dp_max_epsilon < self.dp_target_epsilon:
-            raise ValueError(f"Run config 'dp-max-epsilon' = {self.dp_max_epsilon} is below "
-                             f"'dp-target-epsilon' = {self.dp_target_epsilon}: the last rounds "
-                             "could never run")
-
-    def _check_secagg(self) -> None:
-        if not isinstance(self.secagg, bool):
-            raise ValueError(f"Run config 'secagg' must be true or false; got {self.secagg!r}")
-        if not self.secagg:
-            changed = [_key(name) for name, default in SECAGG_DEFAULTS.items()
-                       if getattr(self, name) != default]
-            if changed:
-                raise ValueError(f"Run config key(s) {changed} only take effect with secagg = "
-                                 "true; set secagg = true, or leave them at their defaults")
-            return
+    def _check_secagg(self, traits) -> None:
+        """secagg x strategy, dp, attack; then the protocol's own settings."""
         from strategies.secagg import settings_problems
 
-        traits = strategies.spec(self.strategy).traits
         if not traits.secagg:
             raise ValueError(
                 f"Run config 'secagg' = true cannot serve strategy {self.strategy!r}: "
@@ -315,13 +428,6 @@ class RunConfig:
                 "attacks measure robust aggregation rules, which need individual updates and "
                 "cannot run under secure aggregation (and the omniscient ones rewrite "
                 "individual replies on the server). Set attack = \"none\" or secagg = false")
-        if self.secagg_max_weight != AUTO:
-            _positive("secagg-max-weight", self.secagg_max_weight, also=f'or the string "{AUTO}"')
-        _int("secagg-num-shares", self.secagg_num_shares, minimum=3)
-        _int("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, minimum=2)
-        _positive("secagg-clipping-range", self.secagg_clipping_range)
-        _int("secagg-quantization-range", self.secagg_quantization_range, minimum=2)
-        _positive("secagg-timeout", self.secagg_timeout)
         problems = settings_problems(self.secagg_settings(max_weight=1.0))
         if problems:
             raise ValueError(problems[0])

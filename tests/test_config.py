@@ -106,11 +106,37 @@ def test_sweep_entries_are_all_validated_up_front(tmp_path, make_config):
     assert [r.seed for r in runs] == [1, 2] and all(r.sweep_file == "" for r in runs)
 
 
-def test_config_is_frozen(make_config):
+def test_config_is_frozen_and_every_key_is_in_exactly_one_section(make_config):
+    from fl_app.config import SECTIONS
+
     cfg = make_config()
     with pytest.raises(Exception):
         cfg.lr = 1.0  # type: ignore[misc]
-    assert len(fields(cfg)) == len(RunConfig.keys())
+    with pytest.raises(Exception):
+        cfg.sections["training"].lr = 1.0  # type: ignore[misc]
+    keys = [k for section in SECTIONS.values() for k in section.keys()]
+    assert sorted(keys) == sorted(set(keys)) == sorted(RunConfig.keys())
+    assert sum(len(fields(section)) for section in cfg.sections.values()) == len(RunConfig.keys())
+    assert cfg.lr == cfg.sections["training"].lr == 0.05  # read flat, kept in its section
+    with pytest.raises(AttributeError, match="no key 'learning_rate'"):
+        cfg.learning_rate  # noqa: B018
+
+
+def test_a_section_validates_itself_with_the_config_s_messages(defaults):
+    """Each section checks its own keys (no RunConfig needed): the same messages."""
+    from fl_app.config import DPSection, SecAggSection, TrainingSection, _key
+
+    def build(section, **overrides):
+        values = {f.name: defaults[_key(f.name)] for f in fields(section)}
+        return section(**{**values, **overrides})
+
+    with pytest.raises(ValueError, match="'lr' must be a number > 0"):
+        build(TrainingSection, lr=-1.0)
+    with pytest.raises(ValueError, match=r"\['dp-delta'\] only take effect with dp = true"):
+        build(DPSection, dp_delta=1e-3)
+    with pytest.raises(ValueError, match="'secagg-num-shares' must be an integer >= 3"):
+        build(SecAggSection, secagg=True, secagg_num_shares=1)
+    assert build(DPSection, dp=True, dp_noise_multiplier=0.5).dp_noise_multiplier == 0.5
 
 
 @pytest.mark.parametrize("key, value, message", [
