@@ -1,5 +1,6 @@
 """Krum and Multi-Krum: hand-computed scores, agreement with Flower's selection, the
-n = 2f + 3 boundary, float32 cancellation, and refusal of what cannot be guaranteed."""
+n = 2f + 3 boundary, float32 cancellation, and refusal of what cannot be guaranteed;
+Bulyan's record of what its Multi-Krum stage kept (``RecordingBulyan.last_selected``)."""
 
 from __future__ import annotations
 
@@ -189,3 +190,101 @@ def test_summary_names_f_m_and_the_replies_needed(strategy, line, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "flwr"]
     assert any(line in message for message in lines), lines
     assert any("Minimum nodes: train (2)" in message for message in lines), lines
+
+
+# ---------------------------------------------------------------- Bulyan's selection record
+def bulyan_case():
+    """8 replies of a 6-weight model, f = 1 (n >= 4f + 3 = 7): 7 honest replies around
+    0.5 (noise 0.1, one of them, node 106, farther off at +0.3) and one far outlier
+    (node 104, +10). Multi-Krum keeps theta = n - 2f = 6."""
+    rng = np.random.default_rng(7)
+    node_ids = [101, 102, 103, 104, 105, 106, 107, 108]
+    models = []
+    for node in node_ids:
+        shift = {104: 10.0, 106: 0.3}.get(node, 0.0)
+        w = (0.5 + shift + rng.normal(0, 0.1, 4)).astype(np.float32)
+        b = (0.5 + shift + rng.normal(0, 0.1, 2)).astype(np.float32)
+        models.append({"w": w, "b": b})
+    return node_ids, models
+
+
+def kept_by_hand(models, f, theta):
+    """Krum scores by their definition (float64, explicit pairs): each reply's sum of the
+    n - f - 2 smallest squared distances to the others; the theta lowest are kept."""
+    flat = [np.concatenate([m["w"], m["b"]]).astype(np.float64) for m in models]
+    n = len(flat)
+    scores = []
+    for i in range(n):
+        dist = sorted(float(np.sum((flat[i] - flat[j]) ** 2)) for j in range(n) if j != i)
+        scores.append(sum(dist[:n - f - 2]))
+    return sorted(range(n), key=lambda i: scores[i])[:theta]
+
+
+def bulyan_replies(node_ids, models):
+    """Real reply Messages (as the server receives them: over the wire), from each node."""
+    from flwr.app import Message, MetricRecord
+
+    from tests.helpers import wire_roundtrip
+
+    replies = []
+    for node, model in zip(node_ids, models):
+        ask = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v.copy()) for k, v in model.items()}),
+                              "metrics": MetricRecord({"num-examples": 10})})
+        replies.append(wire_roundtrip(Message(content, reply_to=ask)))
+    return replies
+
+
+def test_bulyan_records_exactly_the_replies_its_multikrum_stage_kept():
+    from flwr.serverapp.strategy import Bulyan
+
+    from strategies.bulyan import RecordingBulyan
+
+    node_ids, models = bulyan_case()
+    kept = kept_by_hand(models, f=1, theta=6)
+    expected = sorted(node_ids[i] for i in kept)
+    assert 104 not in expected and 106 not in expected and len(expected) == 6  # the case's point
+    ours = RecordingBulyan(num_malicious_nodes=1, min_train_nodes=1, min_available_nodes=1)
+    arrays, metrics = ours.aggregate_train(1, bulyan_replies(node_ids, models))
+    assert sorted(ours.last_selected) == expected
+    assert len(ours.last_selected) == len(set(ours.last_selected)) == 6
+    # the aggregate is Flower's own Bulyan's on the same replies (fresh copies: Flower's
+    # Bulyan empties the selected replies' ArrayRecords while it aggregates)
+    flower_arrays, flower_metrics = Bulyan(num_malicious_nodes=1, min_train_nodes=1,
+                                           min_available_nodes=1).aggregate_train(
+        1, bulyan_replies(node_ids, models))
+    assert list(arrays.keys()) == list(flower_arrays.keys()) == ["w", "b"]
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(arrays[key].numpy(), flower_arrays[key].numpy())
+        # and it is honest: the outlier's +10 is nowhere near it
+        assert np.all(np.abs(arrays[key].numpy() - 0.5) < 0.5)
+    assert dict(metrics) == dict(flower_metrics)
+    # a second round records its own selection, not the first one's
+    ours.aggregate_train(2, bulyan_replies(node_ids[::-1], models))
+    assert sorted(ours.last_selected) == sorted(node_ids[::-1][i] for i in kept)
+
+
+def test_bulyan_behind_the_guard_reports_the_attackers_it_kept(make_config):
+    """As the server runs it (built from the run config, under the attack counter and the
+    guard): node 104 (partition 3) attacks and Bulyan's selection drops it, so
+    attackers-selected is 0 while attackers-sampled is 1."""
+    from strategies.attack_sim import AttackSimulation
+    from strategies.sampling import PartitionSampler
+
+    node_ids, models = bulyan_case()
+    cfg = make_config(strategy="bulyan", **{"num-malicious": 1, "min-train-nodes": 8})
+    partition_of = {node: node - 101 for node in node_ids}
+    base = strategies.build(cfg, 8)
+    attack = AttackSimulation(base, attack="sign-flip", attackers=frozenset({3}),
+                              partition_of=partition_of.get,
+                              selected=lambda: base.last_selected)
+    guard = strategies.guarded("bulyan", base, inner=attack, min_valid_replies=8,
+                               sampler=PartitionSampler(cfg.seed, lambda ids: dict(partition_of)))
+    x = {k: np.full_like(v, 0.5) for k, v in models[0].items()}
+    guard.configure_train(1, ArrayRecord({k: Array(v) for k, v in x.items()}), ConfigRecord(),
+                          make_grid(node_ids))
+    _, metrics = guard.aggregate_train(1, bulyan_replies(node_ids, models))
+    expected = sorted(node_ids[i] for i in kept_by_hand(models, f=1, theta=6))
+    assert sorted(base.last_selected) == expected
+    assert metrics["attackers-sampled"] == 1 and metrics["attackers-selected"] == 0
+    assert metrics["round-aggregated"] == 1 and metrics["replies-valid"] == 8
