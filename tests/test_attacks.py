@@ -167,3 +167,79 @@ def test_attack_wrapper_summary_names_the_attack_its_partitions_and_the_defence(
              ("Guarded:", attack, "Krum: f = 2, m = 1 (n >= 7 replies per round)")]
     assert order == sorted(order), lines  # outermost first, as the layers wrap
     assert "at least 7 valid replies per round" in lines[order[0]]
+
+
+# ---------------------------------------------------------------- client attack x SCAFFOLD
+def scaffold_train_message(cfg, x: dict, c: dict, server_round: int = 1):
+    """A SCAFFOLD train message as the server sends it: the model, c, this client's
+    (empty) entry of the accepted map, and the config."""
+    from flwr.app import Message, RecordDict
+
+    from fl_common import wire
+    from strategies.scaffold import ACCEPTED_RECORD, C_RECORD, CONTROL_VARIATE
+
+    content = RecordDict({
+        wire.ARRAYS: ArrayRecord({k: Array(v.copy()) for k, v in x.items()}),
+        C_RECORD: ArrayRecord({k: Array(v.copy()) for k, v in c.items()}),
+        ACCEPTED_RECORD: ConfigRecord({}),
+        wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: "attack-scaffold",
+                                   wire.SERVER_ROUND: server_round,
+                                   CONTROL_VARIATE: cfg.scaffold_control_variate}),
+    })
+    return Message(content, dst_node_id=7, message_type="train")
+
+
+def test_a_sign_flipping_scaffold_client_flips_its_model_and_still_sends_delta_c(make_config):
+    """The attacking partition's reply (strategy scaffold, sign-flip with scale 3): its
+    model arrays are x - 3 (y - x), with y what the same client sends without the attack
+    (same seed, same message), while its Delta c_i arrays are all there, finite, and
+    those of the honest client: the attack rewrites the update, not the control variate."""
+    from flwr.app import Context, RecordDict
+
+    from fl_app import client_app
+    from fl_app.model import build_model
+    from fl_common import wire
+    from partitions import dataset_info
+    from strategies.scaffold import DC_PREFIX, STATE_PENDING
+
+    num_partitions = 4
+    attacked = make_config(strategy="scaffold", attack="sign-flip",
+                           **{"num-attackers": 1, "attack-scale": 3.0})
+    honest = make_config(strategy="scaffold")
+    (pid,) = attacker_partitions(attacked.seed, num_partitions, 1)
+    assert client_attack(attacked, pid, num_partitions, 1) is not None
+    model = build_model(dataset_info(attacked.dataset), seed=0)
+    x = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    c = {k: rng.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in x.items()}
+
+    def reply(cfg):
+        context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                          node_config={wire.PARTITION_ID: pid, wire.NUM_PARTITIONS: num_partitions})
+        out = client_app.train(scaffold_train_message(cfg, x, c), context)
+        assert not out.has_error(), out.error.reason if out.has_error() else ""
+        return out.content[wire.ARRAYS], context.state
+
+    bad, bad_state = reply(attacked)
+    good, good_state = reply(honest)
+    dc_keys = {DC_PREFIX + k for k in x}
+    assert set(bad.keys()) == set(good.keys()) == set(x) | dc_keys
+    y = {k: good[k].numpy() for k in x}
+    assert max(float(np.abs(y[k] - x[k]).max()) for k in x) > 1e-3  # the client trained
+    flipped = sign_flip(x, y, 3.0)
+    for key in x:
+        got = bad[key].numpy()
+        assert got.dtype == x[key].dtype
+        np.testing.assert_allclose(got, flipped[key], rtol=0, atol=1e-6, err_msg=key)
+        # by hand: x - 3 (y - x), in float64
+        np.testing.assert_allclose(got, x[key] - 3.0 * (y[key].astype(np.float64) - x[key]),
+                                   rtol=0, atol=1e-6, err_msg=key)
+    for key in dc_keys:
+        dc = bad[key].numpy()
+        assert dc.shape == x[key[len(DC_PREFIX):]].shape and np.all(np.isfinite(dc)), key
+        np.testing.assert_array_equal(dc, good[key].numpy(), err_msg=key)
+    assert any(np.abs(bad[k].numpy()).max() > 0 for k in dc_keys)
+    # and the client keeps the same pending c_i+ as the honest one (c_i+ = c_i + Delta c_i)
+    for key in x:
+        np.testing.assert_array_equal(bad_state[STATE_PENDING][key].numpy(),
+                                      good_state[STATE_PENDING][key].numpy())
