@@ -375,3 +375,114 @@ def test_scaffold_under_the_seeded_sampler_gets_each_final_nodes_accepted_entry(
         own = {str(member): 1} if member in inner.accepted else {}
         assert dict(message.content[ACCEPTED_RECORD]) == own
         assert C_RECORD in message.content
+
+
+# ---------------------------------------------------------------- the round loop, start()
+class ArithmeticGrid:
+    """Three nodes that answer in process with replies computed from what they received.
+
+    Train: node k sends y_k = A x + B[k] (elementwise), weighted by N[k] examples; so one
+    round of FedAvg maps x to A x + sum_k N[k] B[k] / sum_k N[k] = A x + BBAR.
+    Evaluate: node k reports val-loss = mean(w) + k on the model it received.
+    ``log``: (message type, server-round of the config, node) of every message."""
+
+    A = 0.5
+    B = {1: 1.0, 2: 2.0, 3: 4.0}
+    N = {1: 10, 2: 20, 3: 30}
+    BBAR = (10 * 1.0 + 20 * 2.0 + 30 * 4.0) / 60  # = 17/6
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int, int]] = []
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Message, RecordDict
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.log.append((msg.metadata.message_type,
+                             int(msg.content["config"]["server-round"]), node))
+            x = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+            if msg.metadata.message_type == "train":
+                content = RecordDict({
+                    "arrays": ArrayRecord({k: Array((self.A * v + self.B[node]).astype(v.dtype))
+                                           for k, v in x.items()}),
+                    "metrics": MetricRecord({"num-examples": self.N[node], "train-loss": float(node)}),
+                })
+            else:
+                content = RecordDict({"metrics": MetricRecord({
+                    "num-examples": self.N[node], "val-loss": float(x["w"].mean()) + node})})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def fedavg_after(rounds: int) -> dict[str, np.ndarray]:
+    """W after ``rounds`` rounds of x <- A x + BBAR, by hand: w = (1, 2) gives
+    (3.3333, 3.8333), (4.5, 4.75), (5.0833, 5.2083); b = 0.5 gives 3.0833, 4.375, 5.0208."""
+    x = {k: v.astype(np.float64) for k, v in W.items()}
+    for _ in range(rounds):
+        x = {k: ArithmeticGrid.A * v + ArithmeticGrid.BBAR for k, v in x.items()}
+    return x
+
+
+def start_run(first_round: int = 1, initial=None):
+    grid = ArithmeticGrid()
+    guard = Guarded(FedAvg(min_train_nodes=3, min_available_nodes=3, min_evaluate_nodes=3),
+                    min_valid_replies=3)
+    seen = []
+
+    def evaluate_fn(server_round, arrays):
+        seen.append((server_round, {k: a.numpy().copy() for k, a in arrays.items()}))
+        return MetricRecord({"mean-w": float(arrays["w"].numpy().mean())})
+
+    result = guard.start(grid, initial if initial is not None else global_arrays(), num_rounds=3,
+                         timeout=10.0, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+                         evaluate_fn=evaluate_fn, first_round=first_round)
+    return result, seen, grid
+
+
+def test_start_runs_three_rounds_of_fedavg_and_evaluates_each_model():
+    result, seen, grid = start_run()
+    np.testing.assert_allclose(fedavg_after(3)["w"], [5.0833333, 5.2083333], rtol=1e-6)
+    for key in W:
+        np.testing.assert_allclose(result.arrays[key].numpy(), fedavg_after(3)[key], rtol=1e-6)
+        assert result.arrays[key].numpy().dtype == W[key].dtype
+    # evaluate_fn: the initial model (round 0), then each round's aggregate
+    assert [r for r, _ in seen] == [0, 1, 2, 3]
+    for server_round, arrays in seen:
+        for key in W:
+            np.testing.assert_allclose(arrays[key], fedavg_after(server_round)[key], rtol=1e-6)
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2, 3]
+    assert result.evaluate_metrics_serverapp[3]["mean-w"] == pytest.approx(
+        fedavg_after(3)["w"].mean(), rel=1e-6)
+    # per round: train to all three nodes, then evaluate the new model on all three
+    assert [(t, r) for t, r, _ in grid.log] == [(t, r) for r in (1, 2, 3) for t in
+                                               ("train",) * 3 + ("evaluate",) * 3]
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+    train = result.train_metrics_clientapp[2]
+    assert train["train-loss"] == pytest.approx((10 * 1 + 20 * 2 + 30 * 3) / 60)
+    assert train["replies-valid"] == 3 and train["round-aggregated"] == 1
+    # federated evaluation of round r's model: weighted mean of mean(w) + k
+    for server_round in (1, 2, 3):
+        val = result.evaluate_metrics_clientapp[server_round]["val-loss"]
+        assert val == pytest.approx(fedavg_after(server_round)["w"].mean() + 140 / 60, rel=1e-6)
+
+
+def test_start_from_round_2_runs_exactly_rounds_2_and_3():
+    """A resumed run: the model after round 1 in, rounds 2 and 3 out, the same final model
+    as the uninterrupted run, and no second evaluation of round 0 or 1."""
+    after_1 = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in fedavg_after(1).items()})
+    result, seen, grid = start_run(first_round=2, initial=after_1)
+    assert sorted({r for _, r, _ in grid.log}) == [2, 3]
+    assert [r for r, _ in seen] == [2, 3]
+    for server_round, arrays in seen:
+        for key in W:
+            np.testing.assert_allclose(arrays[key], fedavg_after(server_round)[key], rtol=1e-6)
+    for key in W:
+        np.testing.assert_allclose(result.arrays[key].numpy(), fedavg_after(3)[key], rtol=1e-6)
+    assert sorted(result.train_metrics_clientapp) == [2, 3]
+    assert sorted(result.evaluate_metrics_clientapp) == [2, 3]
+    assert sorted(result.evaluate_metrics_serverapp) == [2, 3]
