@@ -27,7 +27,7 @@ from .attacks import client_attack
 from . import privacy_policy
 from .privacy_policy import NodePolicy
 from .user_dp_client import central_dp_gate
-from .faults import HUGE_NUM_EXAMPLES, InjectedFault, corrupt_arrays, is_faulty
+from .faults import fault_mod
 from .config import RunConfig
 from .secagg_client import secagg_gate
 from .model import build_model
@@ -138,7 +138,9 @@ def _refused(msg: Message, code: int, reason: str) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
-@app.train(mods=[secagg_gate, central_dp_gate])
+# Mods listed first wrap outermost: SecAgg+ masks what user-level DP's clipping left of
+# what a (simulated) faulty client replied.
+@app.train(mods=[secagg_gate, central_dp_gate, fault_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     # The node's own rules first, before its data is touched (fl_app/privacy_policy.py).
@@ -157,11 +159,6 @@ def train(msg: Message, context: Context) -> Message:
             "across runs"))
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
-    # Simulated faulty client (test facility, off by default): see fl_app/faults.py.
-    fault = cfg.fault_kind if is_faulty(cfg.seed, server_round, pid, float(cfg.fault_rate)) else None
-    if fault == "exception":
-        raise InjectedFault(f"fault-kind = exception (test facility): partition {pid} fails "
-                            f"in round {server_round}")
     spec = strategies.spec(cfg.strategy)
     half = spec.client_half(strategies.ClientInputs(model, msg.content, context.state,
                                                     float(cfg.lr), pid, folder))
@@ -202,9 +199,6 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in y.items()})
     for key, value in half.finish(model, result.steps).items():
         arrays[key] = Array(value)
-    if fault in ("nan", "shapes"):
-        bad = corrupt_arrays(fault, {k: a.numpy() for k, a in arrays.items()})
-        arrays = ArrayRecord({k: Array(v) for k, v in bad.items()})
     dp_metrics = private.finish() if private else {}
     # Under DP (either mode) the training loss and accuracy stay on the client: they are
     # computed on the private data without noise, so they would leak around the guarantee.
@@ -220,10 +214,6 @@ def train(msg: Message, context: Context) -> Message:
         **half.metrics(),
         **dp_metrics,
     })
-    if fault == "huge-examples":
-        metrics[wire.NUM_EXAMPLES] = HUGE_NUM_EXAMPLES
-    if fault == "timeout":  # the server stops waiting after round-timeout seconds
-        time.sleep(float(cfg.round_timeout) + 2.0)
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     return Message(content, reply_to=msg)
 

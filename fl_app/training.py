@@ -21,7 +21,6 @@ are the same on every device (the arithmetic on a GPU is not bit-identical to th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -25,8 +25,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 import strategies
 from fl_app import checkpoint as ckpt
-from fl_app.config import RunConfig
-from strategies.guard import Guarded
 from strategies.scaffold import DC_PREFIX
 from strategies.state import capture, restore
 from tests.helpers import make_grid, make_reply

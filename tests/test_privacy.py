@@ -15,7 +15,7 @@ from torch import nn
 from fl_app import privacy
 from fl_app.model import build_model
 from fl_app.training import LocalHooks, train_local
-from partitions import DataConfig, ImageArrays, dataset_info, load_client_data
+from partitions import DataConfig, dataset_info, load_client_data
 from strategies.scaffold import C_RECORD, STATE_PENDING, ScaffoldClient
 
 

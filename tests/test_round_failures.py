@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 import strategies
-from strategies.guard import ExampleLimits, Guarded
+from strategies.guard import ExampleLimits
 from strategies.sampling import PartitionSampler
 from strategies.scaffold import (
     ACCEPTED_RECORD,

@@ -14,7 +14,6 @@ from fl_app.model import build_model
 from fl_app.training import LocalHooks, train_local
 from partitions import DataConfig, dataset_info, load_client_data
 import strategies
-from strategies.guard import Guarded
 from strategies.scaffold import (
     ACCEPTED_RECORD,
     C_RECORD,

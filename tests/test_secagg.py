@@ -19,16 +19,15 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.strategy import FedAvg
 
 from fl_common import wire
-from fl_app.secagg_client import clipped_count, secagg_gate, upload_arrays
+from fl_app.secagg_client import clipped_count, upload_arrays
 from strategies.fedadam import FedAdam
 from strategies.guard import ExampleLimits, Guarded
-from strategies.scaffold import ACCEPTED_RECORD, C_RECORD, DC_PREFIX, Scaffold
+from strategies.scaffold import DC_PREFIX, Scaffold
 from strategies.secagg import (
     DROPOUTS,
     SECAGG_RECORD,
