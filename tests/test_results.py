@@ -115,3 +115,119 @@ def test_status_says_how_a_run_ended(tmp_path):
     legacy.mkdir()
     (legacy / "summary.json").write_text(json.dumps({"complete": True}))
     assert run_status(legacy) == "completed"
+
+
+# ---------------------------------------------------------------- the grids and the report
+def _grid_cases():
+    from experiments.grids import GRIDS
+
+    return sorted(GRIDS)
+
+
+@pytest.mark.parametrize("name", _grid_cases())
+def test_every_grid_run_has_a_unique_parsable_name_and_a_valid_config(name):
+    """What experiments/run_grid.py submits as one sweep: every entry validates as the
+    ServerApp will validate it (the app's defaults, then the entry: fl_app.config's
+    load_sweep), its run name is unique and parses back to its label, split and seed,
+    and the strategy is feasible with the grid's number of nodes."""
+    import strategies
+    from experiments.grids import GRIDS, SPLITS
+    from fl_app.config import RunConfig, default_run_config
+
+    grid = GRIDS[name]
+    assert grid.name == name and grid.baseline in grid.strategies
+    assert set(grid.splits) <= set(SPLITS)
+    runs = grid.runs()
+    names = [run["run-name"] for run in runs]
+    assert len(names) == len(set(names)) == len(grid.seeds) * len(grid.splits) * len(grid.strategies)
+    expected = {f"{label}__{split}__s{seed}" for seed in grid.seeds for split in grid.splits
+                for label in grid.strategies}
+    assert set(names) == expected
+    for run in runs:
+        label, split, seed = Grid.parse_run_name(run["run-name"])
+        assert label in grid.strategies and split in grid.splits and seed == run["seed"]
+        assert {k: run[k] for k in SPLITS[split]} == SPLITS[split]
+        assert all(run[k] == v for k, v in grid.strategies[label].items())
+        cfg = RunConfig.from_mapping({**default_run_config(), **run})
+        assert cfg.run_name == run["run-name"] and cfg.seed == seed
+        assert cfg.strategy == grid.strategies[label]["strategy"]
+        strategies.check_feasible(cfg, grid.num_supernodes)
+        assert cfg.num_attackers <= grid.num_supernodes
+    # a subset of the seeds keeps the names
+    assert {r["run-name"] for r in grid.runs(grid.seeds[:1])} <= set(names)
+
+
+def _write_summary(runs_dir, name, final, accuracies, seconds, upload, complete=True):
+    """A summary.json as fl_app.results.RunRecorder writes it (round 0 = the initial model)."""
+    history = []
+    for r, acc in enumerate(accuracies):
+        record = {"round": r, "test_accuracy": acc, "test_loss": 2.0 - acc,
+                  "round_seconds": 0.0 if r == 0 else 99.0}  # not what the table shows
+        if r > 0:
+            record.update({"train_seconds": seconds[r - 1] if isinstance(seconds, list) else seconds,
+                           "upload_bytes_per_client": upload, "replies_valid": 2,
+                           "round_aggregated": 1})
+        history.append(record)
+    history[-1]["test_accuracy"] = final
+    (runs_dir / name).mkdir(parents=True)
+    (runs_dir / name / "summary.json").write_text(json.dumps({
+        "complete": complete, "status": "completed" if complete else "running",
+        "run_name": name, "num_rounds": len(accuracies) - 1,
+        "rounds_completed": len(accuracies) - 1, "final_test_accuracy": final,
+        "final_test_loss": 2.0 - final,
+        "best_test_accuracy": max(a["test_accuracy"] for a in history),
+        "num_partitions": 4, "config": {"run-name": name}, "history": history,
+    }))
+
+
+def test_write_report_tabulates_the_numbers_of_the_summaries(tmp_path):
+    """Three complete runs and an incomplete one, written by hand:
+
+    fedavg s0: accuracies 0.1, 0.55, 0.60 (target 0.5 first at round 1), 2 s a warm round
+    fedavg s1: 0.1, 0.40, 0.70 (target at round 2), 2 s
+    fedprox s0: 0.1, 0.30, 0.50 (target at round 2), train seconds 9 (round 1, left out)
+               then 3 s; s1 incomplete (left out)
+    -> fedavg: final 65.00 ± 7.07 (sample std of 0.6, 0.7), best 65.00, rounds to 50%
+       1.5 (2/2), 2 s a round; fedprox: 50.00 ± 0.00, 1 seed, 2.0 (1/1), 3 s, 1.5x fedavg;
+       uploads 2048 and 4096 bytes = 2 and 4 KiB."""
+    import csv
+
+    from experiments.report import write_report
+
+    grid = Grid("tiny", "A tiny grid.", {"dataset": "digits"},
+                {"fedavg": {"strategy": "fedavg"}, "fedprox": {"strategy": "fedprox"}},
+                ("iid",), (0, 1), target_accuracy=0.5)
+    runs = tmp_path / "runs"
+    _write_summary(runs, "fedavg__iid__s0", 0.60, [0.1, 0.55, 0.60], 2.0, 2048)
+    _write_summary(runs, "fedavg__iid__s1", 0.70, [0.1, 0.40, 0.70], 2.0, 2048)
+    _write_summary(runs, "fedprox__iid__s0", 0.50, [0.1, 0.30, 0.50], [9.0, 3.0], 4096)
+    _write_summary(runs, "fedprox__iid__s1", 0.90, [0.1, 0.90], 1.0, 4096, complete=False)
+    (runs / "scratch").mkdir()  # not a grid run: no "__"
+    (runs / "scratch" / "summary.json").write_text(json.dumps({"complete": True}))
+
+    rows = write_report(grid, tmp_path)
+    with (tmp_path / "table.csv").open() as handle:
+        table = {r["strategy"]: r for r in csv.DictReader(handle)}
+    assert [r["strategy"] for r in rows] == list(table) == ["fedavg", "fedprox"]
+    fedavg, fedprox = table["fedavg"], table["fedprox"]
+    assert (fedavg["split"], int(fedavg["seeds"]), int(fedprox["seeds"])) == ("iid", 2, 1)
+    assert float(fedavg["final_acc_mean"]) == pytest.approx(0.65)
+    assert float(fedavg["final_acc_std"]) == pytest.approx(0.0707106781)
+    assert float(fedavg["best_acc_mean"]) == pytest.approx(0.65)
+    assert float(fedavg["rounds_to_target_mean"]) == pytest.approx(1.5)
+    assert int(fedavg["reached_target"]) == 2
+    assert float(fedavg["train_seconds_per_round"]) == pytest.approx(2.0)
+    assert float(fedavg["time_vs_baseline"]) == pytest.approx(1.0)
+    assert float(fedavg["upload_bytes_per_client"]) == 2048
+    assert float(fedprox["final_acc_mean"]) == pytest.approx(0.5)
+    assert float(fedprox["final_acc_std"]) == 0.0
+    assert float(fedprox["rounds_to_target_mean"]) == 2.0 and int(fedprox["reached_target"]) == 1
+    assert float(fedprox["train_seconds_per_round"]) == pytest.approx(3.0)  # round 1 left out
+    assert float(fedprox["time_vs_baseline"]) == pytest.approx(1.5)
+    assert float(fedprox["upload_bytes_per_client"]) == 4096
+    md = (tmp_path / "table.md").read_text()
+    assert "3 of 4 runs complete" in md
+    assert "| iid | fedavg | 2 | 65.00 ± 7.07 | 65.00 | 1.5 (2/2) | 2 KiB |" in md
+    assert "| iid | fedprox | 1 | 50.00 ± 0.00 | 50.00 | 2.0 (1/1) | 4 KiB |" in md
+    assert "| rounds to 50% |" in md
+    assert (tmp_path / "curves.png").stat().st_size > 1000
