@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fl_common.arrays import ArrayDict
 from partitions import ImageArrays
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +36,6 @@ CLIENT_ATTACKS = ("sign-flip", "gaussian", "label-flip")
 OMNISCIENT_ATTACKS = ("alie", "ipm")
 ATTACKER_TAG = 0xBAD  # separates the attacker draw from every other use of `seed`
 
-NDArrays = dict[str, np.ndarray]
 
 
 def attacker_partitions(seed: int, num_partitions: int, num_attackers: int) -> frozenset[int]:
@@ -47,12 +47,12 @@ def attacker_partitions(seed: int, num_partitions: int, num_attackers: int) -> f
     return frozenset(int(p) for p in rng.choice(num_partitions, num_attackers, replace=False))
 
 
-def sign_flip(x: NDArrays, y: NDArrays, scale: float) -> NDArrays:
+def sign_flip(x: ArrayDict, y: ArrayDict, scale: float) -> ArrayDict:
     """y' = x - scale * (y - x): the update negated and scaled."""
     return {k: (x[k] - scale * (y[k].astype(np.float64) - x[k])).astype(y[k].dtype) for k in y}
 
 
-def gaussian(x: NDArrays, y: NDArrays, std: float, rng: np.random.Generator) -> NDArrays:
+def gaussian(x: ArrayDict, y: ArrayDict, std: float, rng: np.random.Generator) -> ArrayDict:
     """y' = x + N(0, std^2 I): the update replaced by noise."""
     return {k: (x[k] + rng.normal(0.0, std, size=y[k].shape)).astype(y[k].dtype) for k in y}
 
@@ -74,7 +74,7 @@ class ClientAttack:
     def data(self, train: ImageArrays, num_classes: int) -> ImageArrays:
         return flip_labels(train, num_classes) if self.kind == "label-flip" else train
 
-    def update(self, x: NDArrays, y: NDArrays) -> NDArrays:
+    def update(self, x: ArrayDict, y: ArrayDict) -> ArrayDict:
         if self.kind == "sign-flip":
             return sign_flip(x, y, self.scale)
         if self.kind == "gaussian":

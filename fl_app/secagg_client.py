@@ -77,6 +77,7 @@ from strategies.secagg_prg import MAX_RANGE, mask_arrays
 from fl_common import wire
 
 SECAGG_REFUSED_CODE = 4273  # error code of a stage request this client refuses to answer
+QUANTIZATION_TAG = 0x5EC  # separates the stochastic-rounding seed from other uses of `seed`
 
 # ------------------------------------------------------------------ the mask expansion
 _MOD = sys.modules[secaggplus_mod.__module__]  # flwr.client.mod.secure_aggregation.secaggplus_mod
@@ -245,7 +246,7 @@ def _seed_quantization(request: Message, context: Context) -> None:
     config = request.content[wire.CONFIG]
     seed = int(json.loads(str(config[wire.RUN_CONFIG]))["seed"])
     partition = int(context.node_config.get(wire.PARTITION_ID, 0))
-    np.random.seed(derive_seed(seed, int(config[wire.SERVER_ROUND]), partition, 0x5EC))
+    np.random.seed(derive_seed(seed, int(config[wire.SERVER_ROUND]), partition, QUANTIZATION_TAG))
 
 
 __all__ = ["SECAGG_REFUSED_CODE", "clipped_count", "cryptographic_masks",

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from flwr.supercore import log
 
 import strategies
@@ -90,7 +91,7 @@ def check_results_dir(results_dir: str) -> None:
 
 def is_simulation(grid: Grid) -> bool:
     """True when the ServerApp runs in Flower's simulation engine (its in-memory grid)."""
-    return type(grid).__name__ == "InMemoryGrid"
+    return isinstance(grid, InMemoryGrid)
 
 
 def check_test_facilities(cfg: RunConfig, grid: Grid, num_partitions: int) -> None:

@@ -40,9 +40,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from fl_common.arrays import ArrayDict
+
 from .validation import strategy_state
 
-NDArrays = dict[str, np.ndarray]
 SAMPLED_METRIC = "attackers-sampled"
 SELECTED_METRIC = "attackers-selected"
 
@@ -57,13 +58,13 @@ def alie_z(n: int, f: int) -> float:
     return NormalDist().inv_cdf((n - s) / n)
 
 
-def alie_update(benign: list[NDArrays], z: float) -> NDArrays:
+def alie_update(benign: list[ArrayDict], z: float) -> ArrayDict:
     """mu - z * sigma of the benign updates, coordinate-wise (population std)."""
     return {k: np.mean([u[k] for u in benign], axis=0) - z * np.std([u[k] for u in benign], axis=0)
             for k in benign[0]}
 
 
-def ipm_update(benign: list[NDArrays], epsilon: float) -> NDArrays:
+def ipm_update(benign: list[ArrayDict], epsilon: float) -> ArrayDict:
     """-epsilon times the mean benign update."""
     return {k: -epsilon * np.mean([u[k] for u in benign], axis=0) for k in benign[0]}
 
@@ -84,7 +85,7 @@ class AttackSimulation(Strategy):
         self.attackers = frozenset(attackers)
         self.partition_of = partition_of
         self.epsilon = float(epsilon)
-        self.x: NDArrays | None = None
+        self.x: ArrayDict | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> SIMULATED ATTACK (test facility): %s by partitions %s",

@@ -31,22 +31,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .spec import StrategySpec, Traits, effective_server_lr, fedavg_kwargs
+from fl_common.arrays import ArrayDict
 
-NDArrays = dict[str, np.ndarray]
+from .spec import StrategySpec, Traits, effective_server_lr, fedavg_kwargs
 
 
 def fedadam_step(
-    x: NDArrays,
-    delta: NDArrays,
-    m: NDArrays | None,
-    v: NDArrays | None,
+    x: ArrayDict,
+    delta: ArrayDict,
+    m: ArrayDict | None,
+    v: ArrayDict | None,
     *,
     eta: float,
     beta_1: float,
     beta_2: float,
     tau: float,
-) -> tuple[NDArrays, NDArrays, NDArrays]:
+) -> tuple[ArrayDict, ArrayDict, ArrayDict]:
     """One server Adam step (Reddi et al., Algorithm 2): returns (x_{t+1}, m_t, v_t)."""
     if m is None:
         m = {k: np.zeros_like(d) for k, d in delta.items()}
@@ -81,9 +81,9 @@ class FedAdam(FedAvg):
         validate_adam(eta, beta_1, beta_2, tau)
         super().__init__(**fedavg_kwargs)
         self.eta, self.beta_1, self.beta_2, self.tau = float(eta), float(beta_1), float(beta_2), float(tau)
-        self.x: NDArrays | None = None
-        self.m: NDArrays | None = None
-        self.v: NDArrays | None = None
+        self.x: ArrayDict | None = None
+        self.m: ArrayDict | None = None
+        self.v: ArrayDict | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedAdam: eta %g, beta_1 %g, beta_2 %g, tau %g (no bias correction)",
@@ -111,12 +111,12 @@ class FedAdam(FedAvg):
         )
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new_x.items()}), metrics
 
-    def state_dict(self) -> dict[str, NDArrays | None]:
+    def state_dict(self) -> dict[str, ArrayDict | None]:
         """Server state (Adam moments) to checkpoint beside the global model."""
         copy = lambda d: None if d is None else {k: v.copy() for k, v in d.items()}  # noqa: E731
         return {"m": copy(self.m), "v": copy(self.v)}
 
-    def load_state_dict(self, state: dict[str, NDArrays | None]) -> None:
+    def load_state_dict(self, state: dict[str, ArrayDict | None]) -> None:
         self.m = None if state["m"] is None else {k: np.array(v) for k, v in state["m"].items()}
         self.v = None if state["v"] is None else {k: np.array(v) for k, v in state["v"].items()}
 

@@ -93,13 +93,21 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from torch import nn
 
-from fl_common.hooks import LocalHooks
+from fl_common.arrays import ArrayDict
 from fl_common.atomic import write_atomic
+from fl_common.hooks import LocalHooks
 from fl_common.wire import CONFIG, RUN_TAG, SERVER_ROUND
 
-
 from .secagg import contributors
-from .spec import BuildInputs, ClientHalf, ClientInputs, StrategySpec, Traits, effective_server_lr, fedavg_kwargs
+from .spec import (
+    BuildInputs,
+    ClientHalf,
+    ClientInputs,
+    StrategySpec,
+    Traits,
+    effective_server_lr,
+    fedavg_kwargs,
+)
 from .validation import ArraySpec, array_spec, array_values
 
 C_RECORD = "scaffold-c"  # server -> client: the server control variate c
@@ -114,13 +122,12 @@ STATE_META = "scaffold-meta"  # Context.state: run tag and the pending c_i+'s ro
 PENDING_ROUND = "pending-round"
 COMMITTED_METRIC = "scaffold-committed"  # client -> server: 1 if it committed c_i+ this round
 
-NDArrays = dict[str, np.ndarray]
 
 
 # ------------------------------------------------------------------ pure math
 def control_variate_update(
-    c_i: NDArrays, c: NDArrays, x: NDArrays, y: NDArrays, num_steps: int, lr: float
-) -> tuple[NDArrays, NDArrays]:
+    c_i: ArrayDict, c: ArrayDict, x: ArrayDict, y: ArrayDict, num_steps: int, lr: float
+) -> tuple[ArrayDict, ArrayDict]:
     """Option II: (c_i+, Delta c_i) with c_i+ = c_i - c + (x - y) / (K * eta_l)."""
     if num_steps < 1 or not lr > 0:
         raise ValueError(f"Need K >= 1 and eta_l > 0, got K={num_steps}, eta_l={lr}")
@@ -130,8 +137,8 @@ def control_variate_update(
 
 
 def gradient_mean_update(
-    c_i: NDArrays, grad_sum: NDArrays, num_steps: int
-) -> tuple[NDArrays, NDArrays]:
+    c_i: ArrayDict, grad_sum: ArrayDict, num_steps: int
+) -> tuple[ArrayDict, ArrayDict]:
     """(c_i+, Delta c_i) with c_i+ = (1/K) * sum of the K raw local gradients."""
     if num_steps < 1:
         raise ValueError(f"Need K >= 1, got K={num_steps}")
@@ -164,16 +171,16 @@ def aggregation_weights(
 
 
 def server_update(
-    x: NDArrays, c: NDArrays, mean_delta_y: NDArrays, c_increment: NDArrays, *, server_lr: float
-) -> tuple[NDArrays, NDArrays]:
+    x: ArrayDict, c: ArrayDict, mean_delta_y: ArrayDict, c_increment: ArrayDict, *, server_lr: float
+) -> tuple[ArrayDict, ArrayDict]:
     """x + eta_g * sum_S p_i Delta y_i,   c + sum_S q_i Delta c_i (both sums given)."""
     new_x = {k: (x[k] + server_lr * mean_delta_y[k]).astype(x[k].dtype) for k in x}
     new_c = {k: (c[k] + c_increment[k]).astype(c[k].dtype) for k in c}
     return new_x, new_c
 
 
-def weighted_sum(arrays: list[NDArrays], weights: np.ndarray, keys: Iterable[str],
-                 minus: NDArrays | None = None) -> NDArrays:
+def weighted_sum(arrays: list[ArrayDict], weights: np.ndarray, keys: Iterable[str],
+                 minus: ArrayDict | None = None) -> ArrayDict:
     """sum_j weights[j] * (arrays[j][k] - minus[k]) for every key (``minus`` absent: 0),
     accumulated in float64 one key at a time (no float64 copy of every array at once)."""
     def term(a: np.ndarray, k: str) -> np.ndarray:
@@ -183,7 +190,7 @@ def weighted_sum(arrays: list[NDArrays], weights: np.ndarray, keys: Iterable[str
     return {k: sum(float(w) * term(a[k], k) for w, a in zip(weights, arrays)) for k in keys}
 
 
-def split_reply(record: ArrayRecord) -> tuple[NDArrays, NDArrays]:
+def split_reply(record: ArrayRecord) -> tuple[ArrayDict, ArrayDict]:
     """(model arrays y_i, Delta c_i) from one reply's ArrayRecord."""
     model, delta_c = {}, {}
     for key, array in record.items():
@@ -194,11 +201,11 @@ def split_reply(record: ArrayRecord) -> tuple[NDArrays, NDArrays]:
     return model, delta_c
 
 
-def _record(arrays: NDArrays) -> ArrayRecord:
+def _record(arrays: ArrayDict) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _finite(arrays: NDArrays) -> bool:
+def _finite(arrays: ArrayDict) -> bool:
     return all(np.all(np.isfinite(v)) for v in arrays.values())
 
 
@@ -233,8 +240,8 @@ class Scaffold(FedAvg):
         self.control_variate = control_variate
         self.weighting = weighting
         self.total_examples = None if total_examples is None else float(total_examples)
-        self.c: NDArrays | None = None
-        self.x: NDArrays | None = None
+        self.c: ArrayDict | None = None
+        self.x: ArrayDict | None = None
         self.accepted: dict[int, int] = {}  # member id -> last round its Delta c_i was added
         self.member_of = member_of  # node id -> member id (None: the node id itself)
         self.attach_later = False  # set by a wrapper that calls attach_accepted itself
@@ -343,7 +350,7 @@ def load_client_state(state: RecordDict, path: Path, run_tag: str) -> None:
     try:
         with np.load(path) as data:
             saved = json.loads(str(data["meta"]))
-            groups: dict[str, NDArrays] = {"ci/": {}, "pending/": {}}
+            groups: dict[str, ArrayDict] = {"ci/": {}, "pending/": {}}
             for name in data.files:
                 for prefix, group in groups.items():
                     if name.startswith(prefix):
@@ -437,7 +444,7 @@ class ScaffoldClient:
     def metrics(self) -> dict[str, int]:
         return {COMMITTED_METRIC: int(self.committed)}
 
-    def _committed_c_i(self) -> NDArrays:
+    def _committed_c_i(self) -> ArrayDict:
         if STATE_CI in self.state:
             return {k: a.numpy() for k, a in self.state[STATE_CI].items()}
         return {k: np.zeros_like(v) for k, v in self.x.items()}  # c_i starts at zero

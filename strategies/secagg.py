@@ -82,10 +82,20 @@ import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
 from Crypto.Util.Padding import unpad
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message_type import MessageType
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    generate_shared_key,
+)
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_extract,
     parameters_addition,
@@ -93,7 +103,11 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     parameters_subtraction,
 )
 from flwr.common.secure_aggregation.quantization import dequantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
 from flwr.serverapp import Grid
 from flwr.supercore import log
 from flwr.supercore.primitives.asymmetric import (
@@ -103,6 +117,7 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from fl_common import wire
+from fl_common.arrays import ArrayList
 
 from .secagg_prg import mask_arrays
 from .validation import ArraySpec
@@ -143,7 +158,6 @@ MAX_KEY_BYTES = 4096
 MAX_SHARE_BYTES = 4096
 MAX_DECODING_BASES = 128  # subsets of shares tried per secret when some disagree
 
-NDArrays = list[np.ndarray]
 
 
 # ------------------------------------------------------------------ settings
@@ -261,9 +275,9 @@ def enough_neighbours(graph: dict[int, set[int]], alive: set[int], threshold: in
     return all(len(graph[nid] & alive) >= threshold for nid in nodes)
 
 
-def unmask(masked_sum: NDArrays, *, graph: dict[int, set[int]], in_sum: set[int],
+def unmask(masked_sum: ArrayList, *, graph: dict[int, set[int]], in_sum: set[int],
            dropped: set[int], seeds: dict[int, bytes], sk1: dict[int, bytes],
-           public_keys: dict[int, list[bytes]], modulus: int) -> NDArrays:
+           public_keys: dict[int, list[bytes]], modulus: int) -> ArrayList:
     """Remove the masks from the sum of the vectors of ``in_sum``.
 
     ``seeds``: the reconstructed private-mask seed b_i of every node in ``in_sum``;
@@ -288,7 +302,7 @@ def unmask(masked_sum: NDArrays, *, graph: dict[int, set[int]], in_sum: set[int]
     return parameters_mod(out, modulus)
 
 
-def out_of_range(unmasked: NDArrays, *, num_in_sum: int, quantization_range: int,
+def out_of_range(unmasked: ArrayList, *, num_in_sum: int, quantization_range: int,
                  names: list[str]) -> str | None:
     """Why the unmasked sum cannot be the sum of ``num_in_sum`` honest uploads, or None.
 
@@ -309,8 +323,8 @@ def out_of_range(unmasked: NDArrays, *, num_in_sum: int, quantization_range: int
     return None
 
 
-def weighted_mean(unmasked: NDArrays, *, num_in_sum: int, clipping_range: float,
-                  quantization_range: int) -> tuple[NDArrays, int]:
+def weighted_mean(unmasked: ArrayList, *, num_in_sum: int, clipping_range: float,
+                  quantization_range: int) -> tuple[ArrayList, int]:
     """(sum_i r_i v_i / sum_i r_i per array, sum_i r_i) from the unmasked integer sum
     whose element 0 is sum_i r_i (Flower's ``factor_combine`` layout)."""
     total_ratio, vectors = factor_extract(unmasked)
@@ -528,7 +542,7 @@ def read_share_keys(reply: Message, expected: set[int]) -> dict[int, bytes]:
 
 
 def read_upload(reply: Message, shapes: list[tuple[int, ...]], s: SecAggSettings
-                ) -> tuple[NDArrays, dict]:
+                ) -> tuple[ArrayList, dict]:
     """(masked vector as int64, plaintext info) of one collect-stage reply."""
     record = _configs(reply)
     blobs = _list_of(record, Key.MASKED_PARAMETERS, bytes)
@@ -793,8 +807,8 @@ class SecureAggregationGrid(Grid):
         return _aggregate_reply(train[min(in_sum)], mean[:-1], keys, spec, template, plain,
                                 summed, in_sum, sampled - in_sum, refused)
 
-    def _check_and_decode(self, unmasked: NDArrays, in_sum: set[int], plain: dict[int, dict],
-                          keys: list[str]) -> tuple[NDArrays, dict[str, float]]:
+    def _check_and_decode(self, unmasked: ArrayList, in_sum: set[int], plain: dict[int, dict],
+                          keys: list[str]) -> tuple[ArrayList, dict[str, float]]:
         """The weighted mean (with the summed metrics' array last) and those metrics, once
         the unmasked sum passed the weight cross-check and the range check."""
         s = self.settings
@@ -817,9 +831,9 @@ class SecureAggregationGrid(Grid):
         return mean, summed
 
     def _unmask(self, graph: dict[int, set[int]], in_sum: set[int], dropped: set[int],
-                answered: dict[int, dict[int, bytes]], vectors: dict[int, NDArrays],
+                answered: dict[int, dict[int, bytes]], vectors: dict[int, ArrayList],
                 public_keys: dict[int, list[bytes]], shapes: list[tuple[int, ...]]
-                ) -> tuple[NDArrays, dict[int, str]]:
+                ) -> tuple[ArrayList, dict[int, str]]:
         """The unmasked sum of ``in_sum``'s vectors, and the nodes whose shares were wrong."""
         s = self.settings
         shares: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in in_sum | dropped}
@@ -853,7 +867,7 @@ class SecureAggregationGrid(Grid):
         return unmasked, wrong
 
 
-def _aggregate_reply(origin: Message, mean: NDArrays, keys: list[str],
+def _aggregate_reply(origin: Message, mean: ArrayList, keys: list[str],
                      spec: dict[str, ArraySpec], template: ArrayRecord, plain: dict[int, dict],
                      summed: dict[str, float], in_sum: set[int], dropped: set[int],
                      refused: dict[int, str]) -> Message:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from statistics import NormalDist
 
 import numpy as np
+from flwr.superlink.grid import inmemory_grid as flwr_inmemory
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
@@ -134,8 +135,9 @@ def test_bad_attack_settings_are_refused(make_config, overrides, message):
     assert message in str(err.value)
 
 
-class InMemoryGrid:  # stands for Flower's simulation grid, by name
-    pass
+class InMemoryGrid(flwr_inmemory.InMemoryGrid):  # Flower's simulation grid, without a state
+    def __init__(self) -> None:
+        pass
 
 
 class HttpGrid:  # stands for the deployment runtime's grid

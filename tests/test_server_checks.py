@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from flwr.superlink.grid import inmemory_grid as flwr_inmemory
 
 from fl_app import server_app
 
 
-class InMemoryGrid:  # the simulation engine's grid, as server_app.is_simulation sees it
+class _Nodes:
     def __init__(self, nodes):
         self.nodes = nodes
 
@@ -17,7 +18,11 @@ class InMemoryGrid:  # the simulation engine's grid, as server_app.is_simulation
         return list(self.nodes)
 
 
-class GrpcGrid(InMemoryGrid):  # a deployment's grid: nodes may still connect
+class InMemoryGrid(_Nodes, flwr_inmemory.InMemoryGrid):  # Flower's simulation grid, stateless
+    pass
+
+
+class GrpcGrid(_Nodes):  # a deployment's grid: nodes may still connect
     pass
 
 
@@ -133,8 +138,9 @@ def test_seeded_dp_randomness_is_refused_outside_simulation(make_config, caplog)
     assert "NO guarantee against anyone who knows it" in caplog.text
 
 
-class _ScriptedGrid(InMemoryGrid):
-    """Answers each query with the content a node's script gives (a malicious node's)."""
+class _ScriptedGrid(_Nodes):
+    """A deployment's grid answering each query with what a node's script gives (a
+    malicious node's)."""
 
     def __init__(self, scripts):
         super().__init__(list(scripts))
@@ -184,7 +190,7 @@ def test_a_malformed_query_reply_leaves_that_node_out_instead_of_crashing_the_ru
 def test_dp_in_deployment_needs_every_node_to_keep_state(make_config):
     from fl_app.nodes import NodeDirectory
 
-    grid = type("GrpcGrid", (_ScriptedGrid,), {})({
+    grid = _ScriptedGrid({
         1: _metrics(**{"partition-id": 0, "num-partitions": 2, "keeps-state": 1}),
         2: _metrics(**{"partition-id": 1, "num-partitions": 2, "keeps-state": 0}),
     })
