@@ -324,10 +324,11 @@ def run_app(kind: str, strategy: str | None, args, workdir: Path, app_dir: Path,
         run_folder = results / tag
         state_bytes, state_files = du_bytes(run_folder / "client-state")
         all_bytes, _ = du_bytes(run_folder)
-        ckpt = run_folder / "checkpoint.pkl"
+        checkpoint_files = [run_folder / "checkpoint.json", *run_folder.glob("checkpoint-*.npz")]
         out["disk"] = {"client_state_bytes": state_bytes, "client_state_files": state_files,
                        "run_folder_bytes": all_bytes,
-                       "checkpoint_bytes": ckpt.stat().st_size if ckpt.exists() else 0}
+                       "checkpoint_bytes": sum(f.stat().st_size for f in checkpoint_files
+                                               if f.exists())}
     if kind == "minimal":
         if not times_file.exists():
             out.setdefault("error", f"minimal app wrote no times; see {log_path}")

@@ -166,17 +166,17 @@ def train(msg: Message, context: Context) -> Message:
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
     user_dp = cfg.dp and cfg.dp_mode == "user"  # the update is clipped by central_dp_gate
-    private = None
+    dp_round = None
     if sample_dp:  # DP-SGD; the spend composes over every round (and run, on a deployed node)
         from .privacy import ClientRound  # imports Opacus: only when DP is on
 
-        private = ClientRound(cfg, context.state, folder,
+        dp_round = ClientRound(cfg, context.state, folder,
                               run_tag=str(msg.content[wire.CONFIG][wire.RUN_TAG]),
                               partition_id=pid, num_examples=len(train_data),
                               server_round=server_round, node_scope=node_scope, policy=policy)
-        if reason := private.policy_refusal():
+        if reason := dp_round.policy_refusal():
             return _refused(msg, wire.DP_POLICY_ERROR_CODE, reason)
-        if reason := private.over_budget():
+        if reason := dp_round.over_budget():
             return Message(error=Error(code=wire.DP_BUDGET_ERROR_CODE, reason=reason), reply_to=msg)
     started = time.perf_counter()
     result = train_local(
@@ -188,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
         momentum=float(cfg.momentum),
         seed=derive_seed(cfg.seed, server_round, pid),
         hooks=half.hooks,
-        dp=private.dpsgd if private else None,
+        dp=dp_round.dpsgd if dp_round else None,
     )
     seconds = time.perf_counter() - started
     model.to("cpu")  # the reply (and the client half's arrays) in host memory
@@ -199,7 +199,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in y.items()})
     for key, value in half.finish(model, result.steps).items():
         arrays[key] = Array(value)
-    dp_metrics = private.finish() if private else {}
+    dp_metrics = dp_round.finish() if dp_round else {}
     # Under DP (either mode) the training loss and accuracy stay on the client: they are
     # computed on the private data without noise, so they would leak around the guarantee.
     plain = {} if cfg.dp else {wire.TRAIN_LOSS: result.loss, wire.TRAIN_ACCURACY: result.accuracy}
