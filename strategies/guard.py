@@ -31,7 +31,10 @@ lost is the per-client check: a finite but wrong update within the clipping rang
 averaged in unseen. What remains is on the client (``fl_app/secagg_client.py`` refuses
 to upload a non-finite update or one weighted above ``secagg-max-weight``), in the
 protocol (each weighted value is clipped to +-``secagg-clipping-range``; the unmasked
-weight sum must equal what the clients' plaintext num-examples imply), and here.
+weight sum must equal what the clients' plaintext num-examples imply; after unmasking,
+every coordinate of the sum must lie in [0, m·T], what m clipped uploads can produce, so
+a malicious client can still move each coordinate of the mean by up to about m·c·W/Σn
+without detection), and here.
 """
 
 from __future__ import annotations
