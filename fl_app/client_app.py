@@ -30,7 +30,7 @@ from .user_dp_client import central_dp_gate
 from .faults import fault_mod
 from .config import RunConfig
 from .secagg_client import secagg_gate
-from .model import build_model
+from .model import INIT_SEED_TAG, build_model
 from fl_common.randomness import derive_seed
 
 from .training import evaluate, resolve_device, train_local
@@ -80,14 +80,28 @@ def node_data(cfg: RunConfig, info: DatasetInfo, context: Context, pid: int, num
     return load_client_data(cfg.data, pid, num)
 
 
-def _setup(msg: Message, context: Context):
+def _setup(msg: Message, context: Context, *, evaluating: bool = False):
+    """The run config, this node's partition, data and model: the run's initial model
+    (every client starts its own layers where the server's model starts) with what the
+    message carried loaded by the strategy's payload (and, for a payload that keeps
+    layers on the client, this client's own)."""
     cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     pid, num = node_partition(context)
     info = _info(msg, cfg)
     data = node_data(cfg, info, context, pid, num)
-    model = build_model(info, kind=cfg.model)
-    strategies.spec(cfg.strategy).payload.load(model, msg.content[wire.ARRAYS])
+    model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
+    payload = strategies.spec(cfg.strategy).payload(cfg)
+    payload.load(model, msg.content[wire.ARRAYS], _local(msg, context, pid, evaluating))
     return cfg, pid, data, model.to(resolve_device(cfg.device))
+
+
+def _local(msg: Message, context: Context, pid: int, evaluating: bool) -> strategies.ClientLocal:
+    """What stays on this client, for this message. An evaluation scores the layers the
+    client holds after this round's training, i.e. those the next round would start from."""
+    config = msg.content[wire.CONFIG]
+    server_round = int(config.get(wire.SERVER_ROUND, 0)) + int(evaluating)
+    return strategies.ClientLocal(context.state, state_dir(msg, context)[0], pid,
+                                  str(config.get(wire.RUN_TAG, "")), server_round)
 
 
 @app.query()
@@ -160,8 +174,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg, pid, data, model = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     spec = strategies.spec(cfg.strategy)
-    half = spec.client_half(strategies.ClientInputs(model, msg.content, context.state,
-                                                    float(cfg.lr), pid, folder))
+    payload = spec.payload(cfg)
+    half = spec.client_half(strategies.ClientInputs(
+        model, msg.content, context.state, float(cfg.lr), pid, folder,
+        local=_local(msg, context, pid, evaluating=False), payload=payload))
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
@@ -192,7 +208,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     seconds = time.perf_counter() - started
     model.to("cpu")  # the reply (and the client half's arrays) in host memory
-    arrays = spec.payload.reply(model)
+    arrays = payload.reply(model)
     if attack is not None:
         x = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
         y = attack.update(x, {k: a.numpy() for k, a in arrays.items()})
@@ -228,11 +244,13 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
         return _refused(msg, wire.DP_POLICY_ERROR_CODE, (
             f"{wire.DP_POLICY_REFUSED}: federated evaluation under DP would send un-noised "
             "metrics of private validation data; it is off with dp = true"))
-    _, _, data, model = _setup(msg, context)
+    _, _, data, model = _setup(msg, context, evaluating=True)
     loss, accuracy = evaluate(model, data.val)
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: len(data.val),
         wire.VAL_LOSS: loss,
         wire.VAL_ACCURACY: accuracy,
     })
+    if strategies.spec(cfg.strategy).traits.personalized:  # the spread across clients
+        metrics[wire.VAL_ACCURACY_SQ] = accuracy ** 2
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -136,6 +136,7 @@ class StrategySection(Section):
     trim_fraction: float
     num_malicious: int
     num_selected: int | str
+    personal_layers: int | str
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, strategies.names())
@@ -156,6 +157,14 @@ class StrategySection(Section):
         _int("num-malicious", self.num_malicious, minimum=0)
         if self.num_selected != AUTO:
             _int("num-selected", self.num_selected, minimum=1, also=f'or the string "{AUTO}" (n - f)')
+        if isinstance(self.personal_layers, str):
+            if not self.personal_layers.strip():
+                raise ValueError("Run config 'personal-layers' must be an integer >= 0 (the last "
+                                 "k parametrised layers) or module names separated by commas; "
+                                 "got ''")
+        else:
+            _int("personal-layers", self.personal_layers, minimum=0,
+                 also="or module names separated by commas")
 
     @property
     def spec(self):  # -> strategies.StrategySpec

@@ -84,6 +84,9 @@ def _make(kind: str, info: DatasetInfo) -> nn.Module:
     raise ValueError(f"Run config 'model' must be one of {list(MODELS)}; got {kind!r}")
 
 
+INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
+
+
 def build_model(info: DatasetInfo, seed: int | None = None, kind: str = "cnn") -> nn.Module:
     """The ``kind`` model for a dataset; with ``seed``, its initial weights are reproducible."""
     if seed is None:

@@ -31,7 +31,7 @@ from strategies.state import capture, restore
 from . import checkpoint as ckpt
 from .assembly import Split, assemble, the_split
 from .config import RunConfig, load_sweep
-from .model import build_model, num_parameters
+from .model import INIT_SEED_TAG, build_model, num_parameters
 from .nodes import NodeDirectory
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
 from .training import evaluate, resolve_device
@@ -43,7 +43,6 @@ LABEL_PLOT = "label_distribution.png"
 # (measured); summary.json's label_counts hold the numbers at any scale.
 LABEL_PLOT_MAX_PARTITIONS = 100
 CLIENT_STATE = "client-state"  # in simulation: the clients' state folder, in the run folder
-INIT_SEED_TAG = 0x1A17  # separates the model-init seed from other uses of `seed`
 NODE_WAIT_TIMEOUT = 600.0
 ALL_NODES_GRACE = 60.0  # seconds a deployment waits for every partition's node
 SIMULATION_NODE_GRACE = 10.0  # seconds for the simulation engine to register its nodes
@@ -214,7 +213,14 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     spec = strategies.spec(cfg.strategy)
     test = load_test_data(cfg.dataset)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
-    initial = spec.payload.initial(model)
+    payload = spec.payload(cfg)
+    payload.check(model)  # e.g. FedPer's personal layers exist and leave a base to share
+    initial = payload.initial(model)
+    if spec.traits.personalized:
+        log(INFO, "%s keeps part of the model on each client: the central test below uses "
+                  "the initial %s and is not its metric; the personalized accuracy is the "
+                  "federated evaluation's (val_accuracy, val_accuracy_std)", cfg.strategy,
+            "personal layers")
     model.to(resolve_device(cfg.device))  # the server's evaluation runs there
     secagg = secagg_settings(cfg, split.known_train, len(node_ids)) if cfg.secagg else None
     check_privacy(cfg, split, model, num_partitions)
@@ -267,7 +273,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     clock = {"last": time.perf_counter()}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        spec.payload.load(model, arrays)
+        payload.load(model, arrays)
         loss, accuracy = evaluate(model, test)
         now = time.perf_counter()
         record = {"round": server_round, "test_accuracy": accuracy, "test_loss": loss,
@@ -276,6 +282,9 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
         if server_round > 0:
             record.update(_history_record(strategy.last_train_metrics))
             record.update(_history_record(strategy.last_evaluate_metrics))
+            if "val_accuracy_sq" in record and "val_accuracy" in record:  # the spread
+                record["val_accuracy_std"] = float(np.sqrt(max(
+                    0.0, record.pop("val_accuracy_sq") - record["val_accuracy"] ** 2)))
         if cfg.checkpoint:  # before the summary: a checkpoint never lags the history
             ckpt.save(run_dir, ckpt.Checkpoint(
                 round=server_round, arrays={k: a.numpy() for k, a in arrays.items()},

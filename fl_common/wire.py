@@ -19,6 +19,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 VAL_LOSS = "val-loss"
 VAL_ACCURACY = "val-accuracy"
+VAL_ACCURACY_SQ = "val-accuracy-sq"  # its square: the weighted mean of it gives the spread
 LOCAL_STEPS = "local-steps"
 LOCAL_SECONDS = "local-seconds"  # wall time of the local training loop on the client
 

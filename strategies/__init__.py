@@ -27,16 +27,16 @@ from flwr.app import RecordDict
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from . import bulyan, builtins, fedadam, fedprox, krum, scaffold
+from . import bulyan, builtins, fedadam, fedper, fedprox, krum, scaffold
 from .guard import Guarded
 from .registry import names, register, spec, with_trait
 from .scaffold import VARIATES as SCAFFOLD_VARIATES  # noqa: F401  (config choices)
 from .scaffold import WEIGHTINGS as SCAFFOLD_WEIGHTINGS  # noqa: F401
-from .spec import BuildInputs, ClientHalf, ClientInputs, StrategySpec  # noqa: F401
+from .spec import BuildInputs, ClientHalf, ClientInputs, ClientLocal, StrategySpec  # noqa: F401
 
 for _spec in (builtins.FEDAVG, fedprox.SPEC, scaffold.SPEC, fedadam.SPEC, builtins.FEDAVGM,
               builtins.FEDYOGI, builtins.FEDADAGRAD, builtins.FEDMEDIAN, builtins.FEDTRIMMEDAVG,
-              krum.KRUM_SPEC, krum.MULTIKRUM_SPEC, bulyan.SPEC):
+              krum.KRUM_SPEC, krum.MULTIKRUM_SPEC, bulyan.SPEC, fedper.SPEC):
     register(_spec)
 
 NAMES: tuple[str, ...] = names()

@@ -50,6 +50,19 @@ class BuildInputs:
 
 
 @dataclass(frozen=True)
+class ClientLocal:
+    """Where a client keeps what stays on it between messages (for a payload that keeps
+    layers locally, and for client halves): its Context.state and state folder, keyed by
+    its member id (partition id) and the run."""
+
+    state: RecordDict  # the node's Context.state
+    state_dir: str | None  # where state that must survive a restart is kept (or None)
+    member_id: int  # this client's id in the federation: its partition id
+    run_tag: str  # the run (state of another run is not reused)
+    server_round: int  # the round of the message being handled
+
+
+@dataclass(frozen=True)
 class ClientInputs:
     """What a client half is set up from, in one train message."""
 
@@ -59,6 +72,8 @@ class ClientInputs:
     lr: float  # the client learning rate
     member_id: int  # this client's id in the federation: its partition id
     state_dir: str | None = None  # where state that must survive a restart is kept
+    local: ClientLocal | None = None  # the same, with the run and round
+    payload: "Payload | None" = None  # the spec's payload for this run
 
 
 @dataclass
@@ -85,11 +100,16 @@ class Payload(Protocol):
 
     description: str
 
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError (naming the run-config key) if the run's model cannot be
+        split as this payload needs; called before training."""
+
     def initial(self, model: nn.Module) -> ArrayRecord:
         """The arrays the server starts the run with (and sends every round)."""
 
-    def load(self, model: nn.Module, arrays: ArrayRecord) -> None:
-        """Load the arrays a train or evaluate message carried into the client's model."""
+    def load(self, model: nn.Module, arrays: ArrayRecord, local: ClientLocal | None = None) -> None:
+        """Load the arrays a message carried into ``model`` (and, on a client, ``local``:
+        what stays on it); on the server ``local`` is None."""
 
     def reply(self, model: nn.Module) -> ArrayRecord:
         """The arrays of the client's model that go back in the reply."""
@@ -101,10 +121,13 @@ class WholeModel:
 
     description: str = "the whole model, both ways"
 
+    def check(self, model: nn.Module) -> None:
+        return None
+
     def initial(self, model: nn.Module) -> ArrayRecord:
         return ArrayRecord(model.state_dict())
 
-    def load(self, model: nn.Module, arrays: ArrayRecord) -> None:
+    def load(self, model: nn.Module, arrays: ArrayRecord, local: ClientLocal | None = None) -> None:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
 
     def reply(self, model: nn.Module) -> ArrayRecord:
@@ -139,6 +162,9 @@ class Traits:
     min_replies: Callable[[int], int] | None = None
     default_server_lr: float = 1.0  # server-lr = "auto"
     selects: bool = False  # records which replies it aggregated (``last_selected``)
+    # part of the model stays on each client: federated evaluation is the personalized
+    # metric, the server's central test (without the clients' layers) is not
+    personalized: bool = False
     per_client_records: bool = False  # implements PerClientRecords
     # why a feature is refused, completing "... which <reason>" (keys: user_dp, secagg)
     refusals: Mapping[str, str] = field(default_factory=dict)
@@ -151,7 +177,7 @@ class StrategySpec:
     build: Callable[[BuildInputs], Strategy]
     traits: Traits = field(default_factory=Traits)
     client_half: Callable[[ClientInputs], ClientHalf] = plain_half
-    payload: Payload = WHOLE_MODEL
+    payload: Callable[[Any], Payload] = lambda cfg: WHOLE_MODEL  # what travels, for a config
     # expected reply layout given the arrays sent, for a strategy that adds arrays
     reply_layout: Callable[[Strategy], Callable[[ArrayRecord], dict[str, ArraySpec]]] | None = None
     # cross-key run-config rules of this algorithm: raise ValueError naming the keys

@@ -1,0 +1,144 @@
+"""FedPer (strategies/fedper.py): the personal layers never leave the client, survive a
+restart and a round trained again after a resume, and k = 0 is FedAvg."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+import strategies
+from fl_app import client_app
+from fl_app.model import INIT_SEED_TAG, build_model
+from fl_common import wire
+from fl_common.randomness import derive_seed
+from partitions import dataset_info
+from strategies.fedper import PersonalLayers, parametrised_layers, personal_modules, split_keys
+
+INFO = dataset_info("digits")
+
+
+def _model(cfg):
+    return build_model(INFO, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
+
+
+def _message(cfg, server_round, arrays=None, kind="train", run_tag="run") -> Message:
+    payload = strategies.spec(cfg.strategy).payload(cfg)
+    arrays = arrays if arrays is not None else payload.initial(_model(cfg))
+    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
+        wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_tag, wire.SERVER_ROUND: server_round})}),
+        dst_node_id=5, message_type=kind)
+
+
+def _context(**node_config) -> Context:
+    return Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                   node_config={"partition-id": 0, "num-partitions": 4, **node_config})
+
+
+def _arrays(reply) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+
+
+def test_the_cnn_splits_into_base_and_personal_layers(make_config):
+    model = _model(make_config())
+    assert parametrised_layers(model) == ["features.0", "features.4", "classifier.0", "classifier.2"]
+    assert personal_modules(model, 1) == ["classifier.2"]
+    assert personal_modules(model, 2) == ["classifier.0", "classifier.2"]
+    assert personal_modules(model, "classifier.0") == ["classifier.0"]
+    base, personal = split_keys(model, 1)
+    assert personal == ["classifier.2.weight", "classifier.2.bias"]
+    assert set(base) | set(personal) == set(model.state_dict()) and not set(base) & set(personal)
+
+
+@pytest.mark.parametrize("model_kind, setting, fragment", [
+    ("logreg", 1, "leaves nothing shared: this model has 1 parametrised layers"),
+    ("cnn", 4, "accepted: 0 to 3"),
+    ("cnn", "classifier.9", "names ['classifier.9'], which are not parametrised layers"),
+    ("cnn", "features.0,features.4,classifier.0,classifier.2", "makes every layer personal"),
+])
+def test_a_split_that_shares_nothing_or_names_unknown_layers_is_refused(make_config, model_kind,
+                                                                      setting, fragment):
+    model = _model(make_config(model=model_kind))
+    with pytest.raises(ValueError, match="Run config 'personal-layers'") as err:
+        PersonalLayers(setting).check(model)
+    assert fragment in str(err.value)
+
+
+def test_the_personal_layers_never_leave_the_client(make_config):
+    """The server starts from, and a client replies with, exactly the base arrays: the
+    reply holds every base value (the CNN less its 650-value head) and nothing else."""
+    cfg = make_config(strategy="fedper")
+    model = _model(cfg)
+    base, personal = split_keys(model, 1)
+    initial = strategies.spec("fedper").payload(cfg).initial(model)
+    assert sorted(initial.keys()) == sorted(base)
+    reply = client_app.train(_message(cfg, 1), _context())
+    arrays = _arrays(reply)
+    assert sorted(arrays) == sorted(base) and not set(arrays) & set(personal)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(v.size for v in arrays.values()) == total - (64 * 10 + 10)
+
+
+def test_fedper_with_no_personal_layers_is_fedavg(make_config):
+    """k = 0: the same message gives FedAvg's reply, value for value."""
+    fedavg = make_config()
+    fedper = make_config(strategy="fedper", **{"personal-layers": 0})
+    a = _arrays(client_app.train(_message(fedavg, 1), _context()))
+    b = _arrays(client_app.train(_message(fedper, 1), _context()))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _personal(context) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in context.state["fedper-personal"].items()}
+
+
+def test_the_personal_layers_are_kept_and_used_in_the_next_round_and_in_evaluation(make_config):
+    cfg = make_config(strategy="fedper")
+    context = _context()
+    first = client_app.train(_message(cfg, 1), context)
+    after_one = _personal(context)
+    initial_head = {k: v.detach().numpy() for k, v in _model(cfg).state_dict().items()
+                    if k.startswith("classifier.2.")}
+    assert any(not np.array_equal(after_one[k], initial_head[k]) for k in after_one)  # trained
+    # evaluation scores the base with this client's own head (not the initial one)
+    base = ArrayRecord({k: a for k, a in first.content["arrays"].items()})
+    own = client_app.evaluate_fn(_message(cfg, 1, base, kind="evaluate"), context)
+    fresh = client_app.evaluate_fn(_message(cfg, 1, base, kind="evaluate"), _context())
+    assert own.content["metrics"]["val-accuracy"] != fresh.content["metrics"]["val-accuracy"] or \
+        own.content["metrics"]["val-loss"] != fresh.content["metrics"]["val-loss"]
+    assert own.content["metrics"][wire.VAL_ACCURACY_SQ] == pytest.approx(
+        own.content["metrics"]["val-accuracy"] ** 2)
+
+
+def test_the_personal_layers_survive_a_restart_and_a_round_trained_again(make_config, tmp_path):
+    """A node with a state-dir trains round 1, restarts (empty Context.state), trains
+    round 2; then round 2 is trained again (as after a crash and resume): the second
+    round-2 reply equals the first, because both start from round 1's personal layers."""
+    cfg = make_config(strategy="fedper")
+    node = {"state-dir": str(tmp_path)}
+    first = client_app.train(_message(cfg, 1), _context(**node))
+    base = ArrayRecord({k: a for k, a in first.content["arrays"].items()})
+    restarted = _context(**node)
+    round2 = _arrays(client_app.train(_message(cfg, 2, base), restarted))
+    again = _arrays(client_app.train(_message(cfg, 2, base), _context(**node)))
+    assert all(np.array_equal(round2[k], again[k]) for k in round2)
+    # and without the state-dir the restarted node would have started from the initial head
+    forgetful = _arrays(client_app.train(_message(cfg, 2, base), _context()))
+    assert any(not np.array_equal(round2[k], forgetful[k]) for k in round2)
+    assert [p.name for p in tmp_path.iterdir()] == ["fedper-run-p0.npz"]
+
+
+def test_another_run_starts_from_the_initial_personal_layers(make_config):
+    cfg = make_config(strategy="fedper")
+    context = _context()
+    client_app.train(_message(cfg, 1, run_tag="a"), context)
+    fresh = _arrays(client_app.train(_message(cfg, 1, run_tag="b"), _context()))
+    reused = _arrays(client_app.train(_message(cfg, 1, run_tag="b"), context))
+    assert all(np.array_equal(fresh[k], reused[k]) for k in fresh)
+
+
+def test_fedper_is_refused_with_the_robust_rules_reasons_not_needed_but_validated(make_config):
+    with pytest.raises(ValueError, match="'personal-layers' must be an integer >= 0"):
+        make_config(strategy="fedper", **{"personal-layers": -1})
+    assert make_config(strategy="fedper", **{"personal-layers": "classifier.2"}).personal_layers \
+        == "classifier.2"
