@@ -362,3 +362,19 @@ register(Grid(
     target_accuracy=0.9,
     baseline="none",
 ))
+
+register(Grid(
+    name="fedper-digits",
+    description="FedPer against FedAvg on digits, 10 clients, 10 rounds, one seed: a first "
+                "look (the issue's Fashion-MNIST grid, 3 seeds, 10 and 100 clients, is to come). "
+                "Compare val_accuracy (each client's held-out data; FedPer: with its own "
+                "layers), not the central test (FedPer's server holds no personal layers).",
+    base={"dataset": "digits", "num-server-rounds": 10, "local-epochs": 1},
+    strategies={"fedavg": {"strategy": "fedavg"},
+                "fedper1": {"strategy": "fedper", "personal-layers": 1},
+                "fedper2": {"strategy": "fedper", "personal-layers": 2}},
+    splits=("path2", "iid"),
+    seeds=(0,),
+    num_supernodes=10,
+    target_accuracy=0.9,
+))

@@ -11,7 +11,8 @@
   and what the split did before any accuracy: ``partition_sizes``,
   ``partition_train_sizes`` and ``label_counts`` (per partition, samples per label,
   counted from the drawn split; equal to flwr-datasets' ``compute_counts``, tested);
-- ``final_model.pt``: the final global weights (a PyTorch state dict);
+- ``final_model.npz``: the final global weights, by state-dict key (``load_model``;
+  arrays only, loaded with ``allow_pickle=False``: no pickle in a run's files);
 - ``checkpoint.json`` and the ``checkpoint-<round>-<random>.npz`` it names: the last
   complete round's model, strategy state, random generators and history, as data only
   (typed JSON and arrays, no pickle; ``fl_app/checkpoint.py``; run-config ``resume-from``);
@@ -36,7 +37,7 @@ from fl_common.atomic import write_atomic
 SUMMARY = "summary.json"
 RUNNING, COMPLETED, NO_PROGRESS, FAILED = "running", "completed", "no-progress", "failed"
 CONFIG = "config.json"
-MODEL = "final_model.pt"
+MODEL = "final_model.npz"
 PLOT = "accuracy.png"
 
 
@@ -130,11 +131,9 @@ class RunRecorder:
         self._write(complete=False)
 
     def finish(self, state_dict: Any) -> dict[str, Any]:
-        import torch
-
         aggregated = any(r.get("round_aggregated") for r in self.history if r.get("round", 0) > 0)
         self.status = COMPLETED if aggregated else NO_PROGRESS
-        torch.save(state_dict, self.run_dir / MODEL)
+        save_model(state_dict, self.run_dir / MODEL)
         plot_accuracy(self.history, self.run_dir / PLOT, title=self.run_dir.name)
         self._write(complete=True)
         return self.summary(True)
@@ -161,3 +160,28 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_model(state_dict: Any, path: Path) -> None:
+    """A state dict (tensors or arrays) as an npz of plain arrays, written atomically."""
+    import io
+
+    import numpy as np
+
+    arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+              for k, v in state_dict.items()}
+
+    def write(handle) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        handle.write(buffer.getvalue())
+
+    write_atomic(path, write)
+
+
+def load_model(path: Path) -> dict[str, Any]:
+    """The weights ``save_model`` wrote, as NumPy arrays (no pickle is ever loaded)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

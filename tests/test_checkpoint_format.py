@@ -324,7 +324,7 @@ def test_a_manifest_naming_a_missing_or_foreign_file_is_refused(tmp_path):
     ckpt.save(tmp_path, _checkpoint(2))
     path = tmp_path / ckpt.CHECKPOINT
     manifest = json.loads(path.read_text())
-    for name in ("../other/checkpoint-000001-ab.npz", "/etc/passwd", "final_model.pt", 7):
+    for name in ("../other/checkpoint-000001-ab.npz", "/etc/passwd", "final_model.npz", 7):
         path.write_text(json.dumps({**manifest, "arrays_file": name}))
         with pytest.raises(ValueError, match="names no arrays file of the form"):
             ckpt.load(tmp_path)

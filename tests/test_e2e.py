@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
-import torch
 
 from deploy.launch import LocalSuperLink
+from fl_app.results import load_model
 
 pytestmark = pytest.mark.e2e
 
@@ -88,7 +89,7 @@ def test_flwr_run_learns_and_records_everything(sweep_run):
     assert [sum(counts[str(p)]) for p in range(4)] == s["partition_sizes"]
     assert all(len(c) == s["dataset"]["num_classes"] for c in counts.values())
     assert all(0 < t < n for t, n in zip(s["partition_train_sizes"], s["partition_sizes"]))
-    for name in ("config.json", "final_model.pt", "accuracy.png", "label_distribution.png"):
+    for name in ("config.json", "final_model.npz", "accuracy.png", "label_distribution.png"):
         assert (results / "twin-a" / name).stat().st_size > 0
     config = json.loads((results / "twin-a" / "config.json").read_text())
     assert config["alpha"] == 1.0 and config["run-name"] == "twin-a"
@@ -99,9 +100,9 @@ def test_same_config_and_seed_reproduce_the_run_exactly(sweep_run):
     a, b = summary(results, "twin-a"), summary(results, "twin-b")
     keys = ("test_accuracy", "test_loss", "train_loss", "val_loss")
     assert [[r.get(k) for k in keys] for r in a["history"]] == [[r.get(k) for k in keys] for r in b["history"]]
-    wa = torch.load(results / "twin-a" / "final_model.pt")
-    wb = torch.load(results / "twin-b" / "final_model.pt")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wa = load_model(results / "twin-a" / "final_model.npz")
+    wb = load_model(results / "twin-b" / "final_model.npz")
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
 def test_resubmitted_sweep_skips_finished_runs(link, sweep_run):
@@ -307,10 +308,10 @@ def _same_run(results, a: str, b: str) -> None:
         assert ra.keys() == rb.keys()
         for key in ra.keys() - timing:
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["round"], key)
-    wa = torch.load(results / a / "final_model.pt")
-    wb = torch.load(results / b / "final_model.pt")
+    wa = load_model(results / a / "final_model.npz")
+    wb = load_model(results / b / "final_model.npz")
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(wa[key], wb[key], rtol=1e-6, atol=1e-7)
 
 
 def test_a_crashed_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(link, sweep_run):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from experiments.grids import Grid
 from deploy.launch import run_config_arg, toml_value
 from experiments.report import aggregate, markdown_table, rounds_to_target
-from fl_app.results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
+from fl_app.results import RunRecorder, fresh_run_dir, is_complete, load_model, resolve_results_dir
 
 
 def test_existing_run_directory_is_never_reused(tmp_path):
@@ -31,7 +32,7 @@ def test_summary_is_incomplete_until_finished(tmp_path):
     assert is_complete(run_dir)
     assert summary["final_test_accuracy"] == 0.7 and summary["best_test_accuracy"] == 0.7
     assert json.loads((run_dir / "config.json").read_text()) == {"num-server-rounds": 1}
-    assert torch.equal(torch.load(run_dir / "final_model.pt")["w"], torch.zeros(2))
+    assert np.array_equal(load_model(run_dir / "final_model.npz")["w"], np.zeros(2))
     assert (run_dir / "accuracy.png").stat().st_size > 1000
 
 
