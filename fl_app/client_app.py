@@ -80,7 +80,7 @@ def node_data(cfg: RunConfig, info: DatasetInfo, context: Context, pid: int, num
     return load_client_data(cfg.data, pid, num)
 
 
-def _setup(msg: Message, context: Context, *, evaluating: bool = False):
+def _setup(msg: Message, context: Context):
     """The run config, this node's partition, data and model: the run's initial model
     (every client starts its own layers where the server's model starts) with what the
     message carried loaded by the strategy's payload (and, for a payload that keeps
@@ -91,17 +91,16 @@ def _setup(msg: Message, context: Context, *, evaluating: bool = False):
     data = node_data(cfg, info, context, pid, num)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
     payload = strategies.spec(cfg.strategy).payload(cfg)
-    payload.load(model, msg.content[wire.ARRAYS], _local(msg, context, pid, evaluating))
+    payload.load(model, msg.content[wire.ARRAYS], _local(msg, context, pid))
     return cfg, pid, data, model.to(resolve_device(cfg.device))
 
 
-def _local(msg: Message, context: Context, pid: int, evaluating: bool) -> strategies.ClientLocal:
-    """What stays on this client, for this message. An evaluation scores the layers the
-    client holds after this round's training, i.e. those the next round would start from."""
+def _local(msg: Message, context: Context, pid: int) -> strategies.ClientLocal:
+    """What stays on this client, and the message it serves."""
     config = msg.content[wire.CONFIG]
-    server_round = int(config.get(wire.SERVER_ROUND, 0)) + int(evaluating)
+    server_round = int(config.get(wire.SERVER_ROUND, 0))
     return strategies.ClientLocal(context.state, state_dir(msg, context)[0], pid,
-                                  str(config.get(wire.RUN_TAG, "")), server_round)
+                                  str(config.get(wire.RUN_TAG, "")), server_round, msg.content)
 
 
 @app.query()
@@ -177,7 +176,7 @@ def train(msg: Message, context: Context) -> Message:
     payload = spec.payload(cfg)
     half = spec.client_half(strategies.ClientInputs(
         model, msg.content, context.state, float(cfg.lr), pid, folder,
-        local=_local(msg, context, pid, evaluating=False), payload=payload))
+        local=_local(msg, context, pid), payload=payload))
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
@@ -244,7 +243,7 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
         return _refused(msg, wire.DP_POLICY_ERROR_CODE, (
             f"{wire.DP_POLICY_REFUSED}: federated evaluation under DP would send un-noised "
             "metrics of private validation data; it is off with dp = true"))
-    _, _, data, model = _setup(msg, context, evaluating=True)
+    _, _, data, model = _setup(msg, context)
     loss, accuracy = evaluate(model, data.val)
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: len(data.val),

@@ -20,12 +20,15 @@ classifier layers. ``personal-layers`` also accepts module names ("classifier.2"
 
 The personal layers are the client's state: in ``Context.state`` and, with a state
 folder, on disk (``fedper-<run>-p<partition>.npz``, written atomically), so they survive
-a SuperNode restart and a resumed run. Each save records the round it was trained in and
-keeps the previous one; a round loads the newest state of an *earlier* round, so a round
-interrupted by a crash and trained again after a resume starts from the same personal
-layers as the first time. (Unlike SCAFFOLD's c_i, the personal layers are kept when the
-server rejects or does not use the reply: they are the client's own model, trained on
-its own data, and the server never sees them.)
+a SuperNode restart and a resumed run. They follow SCAFFOLD's c_i rules
+(``strategies/accepted.py``): a round's newly trained layers stay *pending* until the
+server's accepted map (sent with every train and evaluate message, the client's own
+entry only) says that round's reply went into an aggregate that stood; then they are
+committed, else dropped (a lost or rejected reply, a skipped or rolled-back round, a
+round interrupted by a crash: the resumed server's map never saw it, so the round trained
+again starts from the same layers). The personal layers and the base stay a matched
+pair: the base a client continues from is the one its committed layers were trained
+with.
 
 Evaluation is personalized: an evaluating client scores the global base *with its own
 personal layers* on its own held-out data; the server records the weighted mean
@@ -38,22 +41,27 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fl_common.atomic import write_atomic
 
+from .accepted import AcceptedMap
 from .spec import ClientHalf, ClientInputs, ClientLocal, StrategySpec, Traits, fedavg_kwargs
 
 KEY = "personal-layers"
-STATE_LAYERS = ("fedper-personal", "fedper-previous")  # Context.state: newest, previous
-STATE_ROUNDS = "fedper-rounds"  # Context.state: {run-tag, newest, previous}
+SLOTS = ("committed", "pending")
+STATE_LAYERS = ("fedper-personal", "fedper-pending")  # Context.state: the two slots' layers
+STATE_ROUNDS = "fedper-rounds"  # Context.state: {run-tag, committed, pending} rounds
+ACCEPTED_RECORD = "fedper-accepted"  # server -> client: member id -> last round used
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -139,26 +147,30 @@ def personal_file(local: ClientLocal) -> Path | None:
     return Path(local.state_dir).expanduser() / f"fedper-{safe}-p{int(local.member_id)}.npz"
 
 
+def _empty(run_tag: str) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    return ({"run-tag": run_tag, "committed": -1, "pending": -1},
+            {"committed": {}, "pending": {}})
+
+
 def _read_disk(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["__meta__"]))
-        slots: dict[str, dict[str, np.ndarray]] = {"newest": {}, "previous": {}}
+        slots: dict[str, dict[str, np.ndarray]] = {"committed": {}, "pending": {}}
         for name in data.files:
-            if name == "__meta__":
-                continue
-            slot, key = name.split("/", 1)
-            slots[slot][key] = data[name]
+            if name != "__meta__":
+                slot, key = name.split("/", 1)
+                slots[slot][key] = data[name]
     return meta, slots
 
 
-def _slots(local: ClientLocal) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """The meta record (run tag, rounds of the two slots) and the slots' arrays, from
-    Context.state, or from disk when Context.state has nothing of this run."""
+def _load(local: ClientLocal) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """(meta: run tag and the rounds of the committed and pending layers, the layers),
+    from Context.state, or from disk when Context.state holds nothing of this run."""
     meta = local.state.get(STATE_ROUNDS)
     if meta is not None and meta.get("run-tag") == local.run_tag:
-        slots = {slot: {k: a.numpy() for k, a in local.state[name].items()}
-                 if name in local.state else {}
-                 for slot, name in zip(("newest", "previous"), STATE_LAYERS)}
+        slots = {slot: ({k: a.numpy() for k, a in local.state[name].items()}
+                        if name in local.state else {})
+                 for slot, name in zip(SLOTS, STATE_LAYERS)}
         return dict(meta), slots
     path = personal_file(local)
     if path is not None and path.exists():
@@ -169,64 +181,80 @@ def _slots(local: ClientLocal) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
                              "restore the file or start a new run") from None
         if disk_meta.get("run-tag") == local.run_tag:
             return disk_meta, slots
-    return {"run-tag": local.run_tag, "newest": -1, "previous": -1}, {"newest": {}, "previous": {}}
+    return _empty(local.run_tag)
 
 
-def load_personal(local: ClientLocal) -> dict[str, np.ndarray] | None:
-    """The personal layers of the newest round before ``local.server_round`` (None: the
-    first round of this client in this run: the model's own initial layers)."""
-    meta, slots = _slots(local)
-    for slot in ("newest", "previous"):
-        if 0 <= int(meta[slot]) < local.server_round and slots[slot]:
-            return slots[slot]
-    return None
-
-
-def save_personal(local: ClientLocal, arrays: dict[str, np.ndarray]) -> None:
-    """Record this round's personal layers (the previous round's kept as the fallback
-    for a round trained again after a resume)."""
-    meta, slots = _slots(local)
-    if int(meta["newest"]) < local.server_round:  # a new round: the newest becomes previous
-        meta["previous"], slots["previous"] = meta["newest"], slots["newest"]
-    meta["newest"], slots["newest"] = local.server_round, arrays
+def _store(local: ClientLocal, meta: dict, slots: dict[str, dict[str, np.ndarray]]) -> None:
     local.state[STATE_ROUNDS] = ConfigRecord({"run-tag": local.run_tag,
-                                              "newest": int(meta["newest"]),
-                                              "previous": int(meta["previous"])})
-    for slot, name in zip(("newest", "previous"), STATE_LAYERS):
+                                              "committed": int(meta["committed"]),
+                                              "pending": int(meta["pending"])})
+    for slot, name in zip(SLOTS, STATE_LAYERS):
         local.state[name] = ArrayRecord({k: Array(np.ascontiguousarray(v))
                                          for k, v in slots[slot].items()})
     path = personal_file(local)
     if path is not None:
-        payload = {f"{slot}/{k}": v for slot in ("newest", "previous")
-                   for k, v in slots[slot].items()}
+        payload = {f"{slot}/{k}": v for slot in SLOTS for k, v in slots[slot].items()}
+        header = json.dumps({k: meta[k] for k in ("run-tag", "committed", "pending")})
 
         def write(handle) -> None:
             buffer = io.BytesIO()
-            np.savez(buffer, __meta__=np.array(json.dumps({k: meta[k] for k in
-                                                           ("run-tag", "newest", "previous")})),
-                     **payload)
+            np.savez(buffer, __meta__=np.array(header), **payload)
             handle.write(buffer.getvalue())
 
         write_atomic(path, write)
 
 
-def _client_half(inputs: ClientInputs) -> ClientHalf:
-    """Train as FedAvg does; afterwards keep the personal layers the round trained."""
+def load_personal(local: ClientLocal) -> dict[str, np.ndarray] | None:
+    """The committed personal layers, after resolving the pending ones by the message's
+    accepted entry (strategies/accepted.py): committed if the server used the round that
+    trained them, dropped otherwise. None: nothing committed yet in this run (the model's
+    own initial layers)."""
+    meta, slots = _load(local)
+    if int(meta["pending"]) >= 0 and local.content is not None:
+        entry = local.content.get(ACCEPTED_RECORD)
+        used = entry.get(str(int(local.member_id))) if entry is not None else None
+        if used is not None and int(used) == int(meta["pending"]):
+            meta["committed"], slots["committed"] = meta["pending"], slots["pending"]
+        if used is not None or int(meta["pending"]) < local.server_round:
+            meta["pending"], slots["pending"] = -1, {}
+            _store(local, meta, slots)
+    return slots["committed"] or None
 
-    def finish(model: nn.Module, steps: int) -> dict[str, np.ndarray]:
-        if inputs.local is not None:
-            save_personal(inputs.local, inputs.payload.personal(model))
-        return {}
 
-    return ClientHalf(finish=finish)
+def save_personal(local: ClientLocal, arrays: dict[str, np.ndarray]) -> None:
+    """Keep this round's personal layers pending until the server says it used the reply."""
+    meta, slots = _load(local)
+    meta["pending"], slots["pending"] = local.server_round, arrays
+    _store(local, meta, slots)
 
 
-class FedPer(FedAvg):
-    """FedPer's server: FedAvg over the base arrays (the only ones it ever holds)."""
+class FedPer(AcceptedMap, FedAvg):
+    """FedPer's server: FedAvg over the base arrays (the only ones it ever holds), and
+    the accepted map that tells each client whether its last reply was used."""
 
-    def __init__(self, *, personal_layers: int | str, **fedavg_kwargs) -> None:
+    def __init__(self, *, personal_layers: int | str,
+                 member_of: Callable[[int], int | None] | None = None, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.personal_layers = personal_layers
+        self.init_accepted(ACCEPTED_RECORD, member_of)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        return messages if self.attach_later else self.attach_accepted(messages)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return messages if self.attach_later else self.attach_accepted(messages)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [r for r in replies if not r.has_error()]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.mark_accepted(server_round, replies)
+        return arrays, metrics
 
     def summary(self) -> None:
         from logging import INFO
@@ -238,6 +266,17 @@ class FedPer(FedAvg):
         super().summary()
 
 
+def _client_half(inputs: ClientInputs) -> ClientHalf:
+    """Train as FedAvg does; afterwards keep the round's personal layers pending."""
+
+    def finish(model: nn.Module, steps: int) -> dict[str, np.ndarray]:
+        if inputs.local is not None:
+            save_personal(inputs.local, inputs.payload.personal(model))
+        return {}
+
+    return ClientHalf(finish=finish)
+
+
 def _payload(cfg) -> PersonalLayers:
     return PersonalLayers(cfg.personal_layers)
 
@@ -246,8 +285,10 @@ SPEC = StrategySpec(
     name="fedper",
     reference="Arivazhagan et al., Federated Learning with Personalization Layers, "
               "arXiv 1912.00818, 2019",
-    build=lambda b: FedPer(**fedavg_kwargs(b.cfg), personal_layers=b.cfg.personal_layers),
-    traits=Traits(linear=True, secagg=True, user_dp=True, personalized=True),
+    build=lambda b: FedPer(**fedavg_kwargs(b.cfg), personal_layers=b.cfg.personal_layers,
+                           member_of=b.partition_of),
+    traits=Traits(linear=True, secagg=True, user_dp=True, personalized=True,
+                  per_client_records=True),
     client_half=_client_half,
     payload=_payload,
 )

@@ -370,7 +370,10 @@ class Guarded(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        return self._readdress(messages, grid, server_round, "evaluate")
+        messages = self._readdress(messages, grid, server_round, "evaluate")
+        if self._attach is not None:  # an evaluating client needs its entry too (FedPer)
+            messages = self._attach(messages)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, rejected = split_replies(self._in_partition_order(replies), None,

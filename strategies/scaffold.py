@@ -98,7 +98,7 @@ from fl_common.atomic import write_atomic
 from fl_common.hooks import LocalHooks
 from fl_common.wire import CONFIG, RUN_TAG, SERVER_ROUND
 
-from .secagg import contributors
+from .accepted import AcceptedMap
 from .spec import (
     BuildInputs,
     ClientHalf,
@@ -210,7 +210,7 @@ def _finite(arrays: ArrayDict) -> bool:
 
 
 # ------------------------------------------------------------------ server side
-class Scaffold(FedAvg):
+class Scaffold(AcceptedMap, FedAvg):
     """Server side of SCAFFOLD (see the module docstring for the update rule).
 
     ``total_examples`` is n, the training examples of all N clients (needed by the
@@ -242,9 +242,8 @@ class Scaffold(FedAvg):
         self.total_examples = None if total_examples is None else float(total_examples)
         self.c: ArrayDict | None = None
         self.x: ArrayDict | None = None
-        self.accepted: dict[int, int] = {}  # member id -> last round its Delta c_i was added
-        self.member_of = member_of  # node id -> member id (None: the node id itself)
-        self.attach_later = False  # set by a wrapper that calls attach_accepted itself
+        # member id -> last round its Delta c_i was added (strategies/accepted.py)
+        self.init_accepted(ACCEPTED_RECORD, member_of)
 
     def summary(self) -> None:
         log(INFO, "\t├──> SCAFFOLD (Option II, %s, %s weighting): eta_g = %g, N = %d",
@@ -271,19 +270,6 @@ class Scaffold(FedAvg):
         # shared content) attaches the entries once the nodes are final.
         return messages if self.attach_later else self.attach_accepted(messages)
 
-    def attach_accepted(self, messages: list[Message]) -> list[Message]:
-        """Give each train message its own content: the shared records plus its client's
-        entry of the accepted map (empty if none), by the message's final destination."""
-        for message in messages:
-            node = message.metadata.dst_node_id
-            member = self.member_of(node) if self.member_of is not None else node
-            own = ({str(member): self.accepted[int(member)]}
-                   if member is not None and int(member) in self.accepted else {})
-            content = RecordDict(dict(message.content.items()))
-            content[ACCEPTED_RECORD] = ConfigRecord(own)
-            message.content = content
-        return messages
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -304,11 +290,7 @@ class Scaffold(FedAvg):
         c_increment = weighted_sum([dc for _, dc in parts], q, self.c)
         new_x, self.c = server_update(self.x, self.c, mean_dy, c_increment,
                                       server_lr=self.server_lr)
-        for message in valid:  # one reply per node, or a secure aggregate of several
-            for node in contributors(message):
-                member = self.member_of(node) if self.member_of is not None else node
-                if member is not None:
-                    self.accepted[int(member)] = server_round
+        self.mark_accepted(server_round, valid)
         return _record(new_x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def state_dict(self) -> dict:

@@ -60,6 +60,7 @@ class ClientLocal:
     member_id: int  # this client's id in the federation: its partition id
     run_tag: str  # the run (state of another run is not reused)
     server_round: int  # the round of the message being handled
+    content: RecordDict | None = None  # the message's content (e.g. its accepted entry)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import strategies
 from fl_app import client_app
@@ -13,7 +13,14 @@ from fl_app.model import INIT_SEED_TAG, build_model
 from fl_common import wire
 from fl_common.randomness import derive_seed
 from partitions import dataset_info
-from strategies.fedper import PersonalLayers, parametrised_layers, personal_modules, split_keys
+from strategies.fedper import (
+    ACCEPTED_RECORD,
+    FedPer,
+    PersonalLayers,
+    parametrised_layers,
+    personal_modules,
+    split_keys,
+)
 
 INFO = dataset_info("digits")
 
@@ -22,12 +29,15 @@ def _model(cfg):
     return build_model(INFO, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
 
 
-def _message(cfg, server_round, arrays=None, kind="train", run_tag="run") -> Message:
+def _message(cfg, server_round, arrays=None, kind="train", run_tag="run", used=None) -> Message:
+    """A message as the server sends it; ``used``: the round the server last used this
+    client's (partition 0's) reply in, its accepted entry (None: never)."""
     payload = strategies.spec(cfg.strategy).payload(cfg)
     arrays = arrays if arrays is not None else payload.initial(_model(cfg))
-    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
-        wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_tag, wire.SERVER_ROUND: server_round})}),
-        dst_node_id=5, message_type=kind)
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({
+        wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_tag, wire.SERVER_ROUND: server_round})})
+    content[ACCEPTED_RECORD] = ConfigRecord({} if used is None else {"0": used})
+    return Message(content, dst_node_id=5, message_type=kind)
 
 
 def _context(**node_config) -> Context:
@@ -88,44 +98,89 @@ def test_fedper_with_no_personal_layers_is_fedavg(make_config):
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def _personal(context) -> dict[str, np.ndarray]:
+def _committed(context) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in context.state["fedper-personal"].items()}
 
 
-def test_the_personal_layers_are_kept_and_used_in_the_next_round_and_in_evaluation(make_config):
+def test_the_personal_layers_are_committed_once_used_and_then_used_in_evaluation(make_config):
+    """Round 1's layers stay pending; the evaluate message of round 1 says the reply was
+    used: they are committed, and the evaluation scores the base with them (a fresh
+    client, with the initial head, scores differently)."""
     cfg = make_config(strategy="fedper")
     context = _context()
     first = client_app.train(_message(cfg, 1), context)
-    after_one = _personal(context)
+    assert _committed(context) == {} and len(context.state["fedper-pending"]) == 2
+    base = ArrayRecord({k: a for k, a in first.content["arrays"].items()})
+    own = client_app.evaluate_fn(_message(cfg, 1, base, kind="evaluate", used=1), context)
+    committed = _committed(context)
     initial_head = {k: v.detach().numpy() for k, v in _model(cfg).state_dict().items()
                     if k.startswith("classifier.2.")}
-    assert any(not np.array_equal(after_one[k], initial_head[k]) for k in after_one)  # trained
-    # evaluation scores the base with this client's own head (not the initial one)
-    base = ArrayRecord({k: a for k, a in first.content["arrays"].items()})
-    own = client_app.evaluate_fn(_message(cfg, 1, base, kind="evaluate"), context)
-    fresh = client_app.evaluate_fn(_message(cfg, 1, base, kind="evaluate"), _context())
-    assert own.content["metrics"]["val-accuracy"] != fresh.content["metrics"]["val-accuracy"] or \
-        own.content["metrics"]["val-loss"] != fresh.content["metrics"]["val-loss"]
+    assert sorted(committed) == sorted(initial_head)
+    assert any(not np.array_equal(committed[k], initial_head[k]) for k in committed)  # trained
+    fresh = client_app.evaluate_fn(_message(cfg, 1, base, kind="evaluate", used=1), _context())
+    assert (own.content["metrics"]["val-loss"] != fresh.content["metrics"]["val-loss"])
     assert own.content["metrics"][wire.VAL_ACCURACY_SQ] == pytest.approx(
         own.content["metrics"]["val-accuracy"] ** 2)
 
 
+def test_the_layers_of_an_unused_reply_are_dropped(make_config):
+    """Round 1's reply was not used (rejected, lost, or its round rolled back): round 2
+    starts from the initial layers, exactly as a client that never trained would."""
+    cfg = make_config(strategy="fedper")
+    context = _context()
+    first = client_app.train(_message(cfg, 1), context)
+    base = ArrayRecord({k: a for k, a in first.content["arrays"].items()})
+    after_drop = _arrays(client_app.train(_message(cfg, 2, base, used=None), context))
+    never = _arrays(client_app.train(_message(cfg, 2, base, used=None), _context()))
+    assert all(np.array_equal(after_drop[k], never[k]) for k in never)
+    kept = _arrays(client_app.train(_message(cfg, 2, base, used=1), _trained_once(cfg)))
+    assert any(not np.array_equal(kept[k], never[k]) for k in never)
+
+
+def _trained_once(cfg) -> Context:
+    context = _context()
+    client_app.train(_message(cfg, 1), context)
+    return context
+
+
 def test_the_personal_layers_survive_a_restart_and_a_round_trained_again(make_config, tmp_path):
     """A node with a state-dir trains round 1, restarts (empty Context.state), trains
-    round 2; then round 2 is trained again (as after a crash and resume): the second
-    round-2 reply equals the first, because both start from round 1's personal layers."""
+    round 2 (round 1 was used); then round 2 is trained again, as after a crash and a
+    resume (the server's map still says round 1): the second round-2 reply equals the
+    first, because the interrupted round's pending layers are dropped."""
     cfg = make_config(strategy="fedper")
     node = {"state-dir": str(tmp_path)}
     first = client_app.train(_message(cfg, 1), _context(**node))
     base = ArrayRecord({k: a for k, a in first.content["arrays"].items()})
-    restarted = _context(**node)
-    round2 = _arrays(client_app.train(_message(cfg, 2, base), restarted))
-    again = _arrays(client_app.train(_message(cfg, 2, base), _context(**node)))
+    round2 = _arrays(client_app.train(_message(cfg, 2, base, used=1), _context(**node)))
+    again = _arrays(client_app.train(_message(cfg, 2, base, used=1), _context(**node)))
     assert all(np.array_equal(round2[k], again[k]) for k in round2)
-    # and without the state-dir the restarted node would have started from the initial head
-    forgetful = _arrays(client_app.train(_message(cfg, 2, base), _context()))
+    # without the state-dir the restarted node would have started from the initial head
+    forgetful = _arrays(client_app.train(_message(cfg, 2, base, used=1), _context()))
     assert any(not np.array_equal(round2[k], forgetful[k]) for k in round2)
     assert [p.name for p in tmp_path.iterdir()] == ["fedper-run-p0.npz"]
+
+
+def test_the_server_marks_only_the_replies_it_used_and_sends_each_client_its_entry():
+    from tests.helpers import make_grid, make_reply
+
+    x = {"w": np.zeros(3, np.float32)}
+    server = FedPer(personal_layers=1, member_of={11: 0, 12: 1, 13: 2}.get,
+                    min_train_nodes=1, min_available_nodes=1)
+    guard = strategies.guarded("fedper", server)
+    guard.configure_train(1, ArrayRecord({"w": Array(x["w"])}), ConfigRecord(), make_grid([11, 12, 13]))
+    replies = [make_reply({"w": np.ones(3, np.float32)}, node_id=11),
+               make_reply({"w": np.full(3, np.nan, np.float32)}, node_id=12),  # rejected
+               make_reply({"w": np.ones(3, np.float32)}, node_id=13)]
+    guard.aggregate_train(1, replies)
+    assert server.accepted == {0: 1, 2: 1}
+    messages = list(guard.configure_train(2, ArrayRecord({"w": Array(x["w"])}), ConfigRecord(),
+                                          make_grid([11, 12, 13])))
+    entries = {m.metadata.dst_node_id: dict(m.content[ACCEPTED_RECORD]) for m in messages}
+    assert entries == {11: {"0": 1}, 12: {}, 13: {"2": 1}}
+    evaluate = list(guard.configure_evaluate(2, ArrayRecord({"w": Array(x["w"])}), ConfigRecord(),
+                                             make_grid([11, 12, 13])))
+    assert {m.metadata.dst_node_id: dict(m.content[ACCEPTED_RECORD]) for m in evaluate} == entries
 
 
 def test_another_run_starts_from_the_initial_personal_layers(make_config):
