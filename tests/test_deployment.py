@@ -4,12 +4,13 @@ Each SuperNode holds one partition through its node config; every message starts
 fresh ClientApp process, as on real devices. One deployment is insecure and its nodes
 read their own data; one holds benchmark partitions over TLS, with SuperNode
 authentication and SecAgg+; in one, with DP-SGD, a SuperNode is stopped mid-run and
-restarted. Slow (minutes): each ClientApp process imports PyTorch.
+restarted; in one, under SecAgg+, a SuperNode is killed between share keys and its upload. Slow (minutes): each ClientApp process imports PyTorch.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -174,6 +175,109 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     assert steps[2] == trained_by_2 * per_round[2], (steps, valid)
     spends = [r["dp_epsilon_max"] for r in history]
     assert all(a < b for a, b in zip(spends, spends[1:])), spends
+
+
+def train_messages(log: Path, direction: str) -> int:
+    """How many train messages a SuperNode's log says it is ``direction`` ("Receiving"
+    or "Sending"). Under SecAgg+ each protocol stage is one train message per node
+    (setup, share keys, collect masked vectors, unmask); the run's first train
+    message is round 1's setup (the node-directory queries before it are not train)."""
+    text = log.read_text() if log.exists() else ""
+    return text.count(f"{direction}: train message")
+
+
+def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path):
+    """4 SuperNodes under SecAgg+ (3 shares, threshold 2, min-train-nodes 3). SuperNode 3
+    is SIGKILLed (its whole process group: the SuperNode and its ClientApp, as a device
+    losing power) the moment its log shows it receiving its third train message, round
+    1's collect-masked-vectors request: it has answered setup and share keys, so its
+    neighbours hold shares of its pairwise-mask key and masked with it, and it never
+    uploads. The round must still aggregate the 3 survivors' sum (their masks removed:
+    the dead node's rebuilt from its neighbours' shares; the unmasked weight sum matches
+    the survivors' plaintext num-examples, or the protocol fails the round), and round 2
+    runs with the 3 nodes left. The collect stage waits for the dead node until the
+    SuperLink marks it offline (2 missed heartbeat intervals of 30 s: its error reply
+    ends the wait), well before ``secagg-timeout``."""
+    import os
+    import signal
+    import threading
+    import time
+
+    run_name, victim, survivors = "killed-after-share-keys", 3, (0, 1, 2)
+    link = LocalSuperLink(tmp_path, simulation=False).start()
+    started = time.monotonic()
+    done, seen = threading.Event(), {}
+
+    def kill_at_collect() -> None:
+        """Kill the victim on its collect request; then time the survivors' uploads
+        (their third reply) and the unmask requests (their fourth train message)."""
+        while not done.is_set():
+            now = time.monotonic()
+            if "killed" not in seen and train_messages(link.supernode_log(victim),
+                                                       "Receiving") >= 3:
+                os.killpg(link.supernodes[victim].pid, signal.SIGKILL)
+                seen["killed"] = now
+            if "killed" in seen and "uploaded" not in seen and all(
+                    train_messages(link.supernode_log(p), "Sending") >= 3 for p in survivors):
+                seen["uploaded"] = now
+            if "killed" in seen and any(
+                    train_messages(link.supernode_log(p), "Receiving") >= 4 for p in survivors):
+                seen["unmask"] = now
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_at_collect, daemon=True)
+    try:
+        for pid in range(4):
+            link.add_supernode(pid, 4)
+        watcher.start()
+        proc = link.run({"num-server-rounds": 2, "run-name": run_name,
+                         "results-dir": str(tmp_path / "results"), "secagg": True,
+                         "secagg-num-shares": 3, "secagg-reconstruction-threshold": 2,
+                         "secagg-timeout": 300.0, "min-train-nodes": 3,
+                         "fraction-train": 1.0, "fraction-evaluate": 0.0}, timeout=900)
+        done.set()
+        watcher.join(timeout=10)
+        path = tmp_path / "results" / run_name / "summary.json"
+        assert path.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
+        summary = json.loads(path.read_text())
+        killed = link.supernodes[victim]
+        killed.wait(timeout=30)
+        victim_log = link.supernode_log(victim).read_text()
+        (tmp_path / "flwr-run.log").write_text(proc.stdout + proc.stderr)
+    finally:
+        done.set()
+        processes = [link.process, *link.supernodes]
+        link.stop()
+    assert all(p.poll() is not None for p in processes)
+    ended = time.monotonic()
+    # The kill landed after share keys and before the upload: the victim received
+    # round 1's third train message (collect) and answered only setup and share keys.
+    assert "killed" in seen and killed.returncode == -signal.SIGKILL, seen
+    assert train_messages(link.supernode_log(victim), "Receiving") == 3, victim_log[-3000:]
+    assert train_messages(link.supernode_log(victim), "Sending") == 2, victim_log[-3000:]
+    output = proc.stdout + proc.stderr
+    assert summary["status"] == "completed", (summary.get("error"), output[-3000:])
+    assert summary["num_nodes"] == 4
+    first, second = summary["history"][1:]
+    # Round 1: the sum of exactly the 3 survivors, unmasked (a mask left in would fail
+    # the weight cross-check or the range check: secagg_failed, round_aggregated 0).
+    assert first["secagg_survivors"] == 3 and first["secagg_dropouts"] == 1, first
+    assert first["secagg_malformed"] == 0 and "secagg_failed" not in first, first
+    assert first["replies_valid"] == 3 and first["replies_rejected"] == 1, first
+    assert first["round_aggregated"] == 1, first
+    assert "the sum of 3 of 4 sampled nodes unmasked (1 dropped, 0 refused" in output, \
+        output[-3000:]
+    # Round 2: the dead node is offline, the 3 others are sampled and all are in the sum.
+    assert second["secagg_survivors"] == 3 and second["secagg_dropouts"] == 0, second
+    assert second["replies_valid"] == 3 and second["round_aggregated"] == 1, second
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1: the sums were unmasked
+    sizes = summary["partition_train_sizes"]
+    print(f"\ntrain sizes {sizes}, survivors' {sum(sizes[p] for p in survivors)}; round "
+          f"seconds {[round(r['round_seconds'], 1) for r in (first, second)]}; collect "
+          f"waited {seen.get('unmask', ended) - seen.get('uploaded', ended):.0f} s for the "
+          f"dead node after the survivors' uploads; test {ended - started:.0f} s; accuracy "
+          f"{summary['final_test_accuracy']:.3f}")
 
 
 def test_a_serverapp_failure_is_in_the_summary_and_the_launcher_exits_non_zero(tmp_path, capsys):
