@@ -21,6 +21,10 @@ A new algorithm: a module with its Strategy (and client half) and a ``SPEC``, an
 
 from __future__ import annotations
 
+from fl_common import keep_root_logger_quiet
+
+keep_root_logger_quiet()  # before any module imports Opacus
+
 from typing import Any
 
 from flwr.app import RecordDict

@@ -41,7 +41,7 @@ def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
                                node_config=node_configs[pid] if node_configs else "")
         if secure:  # holds a valid partition, but its key was never registered
             intruder = link.add_supernode(0, num_nodes, private_key=files.node_key(num_nodes))
-        proc = link.run({"num-server-rounds": 2, "run-name": run_name,
+        proc = link.run({"num-server-rounds": 1, "run-name": run_name,
                          "results-dir": str(tmp_path / "results"), **overrides}, timeout=900)
         path = tmp_path / "results" / run_name / "summary.json"
         assert path.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -194,8 +194,9 @@ def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path
     neighbours hold shares of its pairwise-mask key and masked with it, and it never
     uploads. The round must still aggregate the 3 survivors' sum (their masks removed:
     the dead node's rebuilt from its neighbours' shares; the unmasked weight sum matches
-    the survivors' plaintext num-examples, or the protocol fails the round), and round 2
-    runs with the 3 nodes left. The collect stage waits for the dead node until the
+    the survivors' plaintext num-examples, or the protocol fails the round). One round:
+    a second (measured once: 3 survivors, 0 dropouts) adds ~80 s and nothing this test
+    is about. The collect stage waits for the dead node until the
     SuperLink marks it offline (2 missed heartbeat intervals of 30 s: its error reply
     ends the wait), well before ``secagg-timeout``."""
     import os
@@ -231,7 +232,7 @@ def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path
         for pid in range(4):
             link.add_supernode(pid, 4)
         watcher.start()
-        proc = link.run({"num-server-rounds": 2, "run-name": run_name,
+        proc = link.run({"num-server-rounds": 1, "run-name": run_name,
                          "results-dir": str(tmp_path / "results"), "secagg": True,
                          "secagg-num-shares": 3, "secagg-reconstruction-threshold": 2,
                          "secagg-timeout": 300.0, "min-train-nodes": 3,
@@ -259,7 +260,7 @@ def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path
     output = proc.stdout + proc.stderr
     assert summary["status"] == "completed", (summary.get("error"), output[-3000:])
     assert summary["num_nodes"] == 4
-    first, second = summary["history"][1:]
+    (first,) = summary["history"][1:]
     # Round 1: the sum of exactly the 3 survivors, unmasked (a mask left in would fail
     # the weight cross-check or the range check: secagg_failed, round_aggregated 0).
     assert first["secagg_survivors"] == 3 and first["secagg_dropouts"] == 1, first
@@ -268,13 +269,10 @@ def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path
     assert first["round_aggregated"] == 1, first
     assert "the sum of 3 of 4 sampled nodes unmasked (1 dropped, 0 refused" in output, \
         output[-3000:]
-    # Round 2: the dead node is offline, the 3 others are sampled and all are in the sum.
-    assert second["secagg_survivors"] == 3 and second["secagg_dropouts"] == 0, second
-    assert second["replies_valid"] == 3 and second["round_aggregated"] == 1, second
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1: the sums were unmasked
     sizes = summary["partition_train_sizes"]
     print(f"\ntrain sizes {sizes}, survivors' {sum(sizes[p] for p in survivors)}; round "
-          f"seconds {[round(r['round_seconds'], 1) for r in (first, second)]}; collect "
+          f"seconds {round(first['round_seconds'], 1)}; collect "
           f"waited {seen.get('unmask', ended) - seen.get('uploaded', ended):.0f} s for the "
           f"dead node after the survivors' uploads; test {ended - started:.0f} s; accuracy "
           f"{summary['final_test_accuracy']:.3f}")
