@@ -19,8 +19,22 @@ from fl_common import wire
 
 
 def central_dp_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Apply ``fixedclipping_mod`` to a train message that asks for clipping."""
+    """Apply ``fixedclipping_mod`` to a train message that asks for clipping.
+
+    Flower's mod accepts exactly one ConfigRecord; a strategy's own per-client record
+    (FedPer's accepted entry) is set aside while the mod checks the message and put back
+    before the handler runs, so the handler sees the message as the server sent it."""
     config = msg.content.get(wire.CONFIG) if msg.metadata.message_type == MessageType.TRAIN else None
-    if config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    extra = {name: record for name, record in msg.content.config_records.items()
+             if name != wire.CONFIG}
+    for name in extra:
+        del msg.content[name]
+
+    def handler(inner: Message, ctxt: Context) -> Message:
+        for name, record in extra.items():
+            inner.content[name] = record
+        return call_next(inner, ctxt)
+
+    return fixedclipping_mod(msg, context, handler)

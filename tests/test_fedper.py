@@ -197,3 +197,38 @@ def test_fedper_is_refused_with_the_robust_rules_reasons_not_needed_but_validate
         make_config(strategy="fedper", **{"personal-layers": -1})
     assert make_config(strategy="fedper", **{"personal-layers": "classifier.2"}).personal_layers \
         == "classifier.2"
+
+
+def test_fedper_under_sample_level_dp_keeps_its_layers_and_accounts_every_step(make_config):
+    """DP-SGD trains base and personal layers alike (Opacus on the whole model); the reply
+    still holds the base only, and the spend is DP-SGD's for one epoch."""
+    from fl_app import privacy
+    from partitions import load_client_data
+
+    cfg = make_config(strategy="fedper", dp=True)
+    context = _context()
+    reply = client_app.train(_message(cfg, 1), context)
+    base, personal = split_keys(_model(cfg), 1)
+    assert sorted(_arrays(reply)) == sorted(base)
+    n = len(load_client_data(cfg.data, 0, 4).train)
+    q, k = privacy.sample_rate(n, cfg.batch_size), privacy.steps_per_epoch(n, cfg.batch_size)
+    expected = privacy.epsilon_after(privacy.accountant_of([]), 1e-5, noise_multiplier=1.0,
+                                     rate=q, steps=k)
+    assert reply.content["metrics"][wire.DP_EPSILON] == pytest.approx(expected)
+    assert sorted(context.state["fedper-pending"].keys()) == sorted(personal)
+
+
+def test_fedper_under_user_level_dp_clips_only_what_travels(make_config):
+    """User-level DP's clipping mod sees the base arrays only (the update it clips is the
+    base's), and the personal layers still stay behind."""
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    cfg = make_config(strategy="fedper", dp=True, **{"dp-mode": "user", "dp-max-grad-norm": 0.01})
+    msg = _message(cfg, 1)
+    msg.content["config"][KEY_CLIPPING_NORM] = 0.01
+    sent = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    reply = client_app.app(msg, _context())  # through the mods, as Flower calls it
+    arrays = _arrays(reply)
+    assert sorted(arrays) == sorted(sent)
+    norm = np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - sent[k]) ** 2)) for k in sent))
+    assert norm == pytest.approx(0.01, rel=1e-3)
