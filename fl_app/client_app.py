@@ -80,7 +80,7 @@ def node_data(cfg: RunConfig, info: DatasetInfo, context: Context, pid: int, num
     return load_client_data(cfg.data, pid, num)
 
 
-def _setup(msg: Message, context: Context):
+def _setup(msg: Message, context: Context, folder: str | None):
     """The run config, this node's partition, data and model: the run's initial model
     (every client starts its own layers where the server's model starts) with what the
     message carried loaded by the strategy's payload (and, for a payload that keeps
@@ -91,15 +91,15 @@ def _setup(msg: Message, context: Context):
     data = node_data(cfg, info, context, pid, num)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
     payload = strategies.spec(cfg.strategy).payload(cfg)
-    payload.load(model, msg.content[wire.ARRAYS], _local(msg, context, pid))
+    payload.load(model, msg.content[wire.ARRAYS], _local(msg, context, pid, folder))
     return cfg, pid, data, model.to(resolve_device(cfg.device))
 
 
-def _local(msg: Message, context: Context, pid: int) -> strategies.ClientLocal:
+def _local(msg: Message, context: Context, pid: int, folder: str | None) -> strategies.ClientLocal:
     """What stays on this client, and the message it serves."""
     config = msg.content[wire.CONFIG]
     server_round = int(config.get(wire.SERVER_ROUND, 0))
-    return strategies.ClientLocal(context.state, state_dir(msg, context)[0], pid,
+    return strategies.ClientLocal(context.state, folder, pid,
                                   str(config.get(wire.RUN_TAG, "")), server_round, msg.content)
 
 
@@ -170,13 +170,13 @@ def train(msg: Message, context: Context) -> Message:
             f"{wire.DP_POLICY_REFUSED}: sample-level DP on a deployed node needs node config "
             f"'{wire.NODE_STATE_DIR}', so that its spend survives a restart and composes "
             "across runs"))
-    cfg, pid, data, model = _setup(msg, context)
+    cfg, pid, data, model = _setup(msg, context, folder)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     spec = strategies.spec(cfg.strategy)
     payload = spec.payload(cfg)
     half = spec.client_half(strategies.ClientInputs(
         model, msg.content, context.state, float(cfg.lr), pid, folder,
-        local=_local(msg, context, pid), payload=payload))
+        local=_local(msg, context, pid, folder), payload=payload))
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
     attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
@@ -243,7 +243,7 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
         return _refused(msg, wire.DP_POLICY_ERROR_CODE, (
             f"{wire.DP_POLICY_REFUSED}: federated evaluation under DP would send un-noised "
             "metrics of private validation data; it is off with dp = true"))
-    _, _, data, model = _setup(msg, context)
+    _, _, data, model = _setup(msg, context, state_dir(msg, context)[0])
     loss, accuracy = evaluate(model, data.val)
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: len(data.val),

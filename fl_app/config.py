@@ -20,6 +20,7 @@ import strategies
 from partitions import PARTITIONERS, DataConfig, resolve_source
 
 from fl_common.randomness import RANDOMNESS_MODES
+from strategies.spec import effective_server_lr
 
 from .attacks import ATTACKS
 from .faults import FAULT_KINDS
@@ -468,9 +469,7 @@ class RunConfig:
     @property
     def effective_server_lr(self) -> float:
         """``server-lr``, with ``"auto"`` replaced by the strategy's default."""
-        if self.server_lr == AUTO:
-            return strategies.spec(self.strategy).traits.default_server_lr
-        return float(self.server_lr)
+        return effective_server_lr(self, strategies.spec(self.strategy).traits)
 
     def resolved(self) -> dict[str, Any]:
         """The config as written to the results: "auto" replaced by the value used."""

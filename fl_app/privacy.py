@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,7 +57,7 @@ from torch import nn
 from fl_common import wire
 from fl_common.randomness import RANDOMNESS_MODES, derive_seed, secret_torch_generator
 
-from fl_common.atomic import write_atomic
+from fl_common.atomic import safe_name, write_atomic
 from .training import model_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,8 +140,7 @@ def accountant_file(state_dir: str, scope: str, partition_id: int) -> Path:
     """Where a node keeps its accountant history on disk: keyed by scope (the run tag in
     simulation, ``NODE_SCOPE`` on a deployed node) and partition, since node ids change
     when a SuperNode restarts."""
-    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", scope)
-    return Path(state_dir).expanduser() / f"dp-accountant-{safe}-p{int(partition_id)}.json"
+    return Path(state_dir).expanduser() / f"dp-accountant-{safe_name(scope)}-p{int(partition_id)}.json"
 
 
 def _total(entries: list) -> int:

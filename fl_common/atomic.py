@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+def safe_name(text: str) -> str:
+    """``text`` usable inside a file name: anything but letters, digits and ``._=+-``
+    becomes ``_`` (run tags key the clients' state files)."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:

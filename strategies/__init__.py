@@ -27,9 +27,7 @@ keep_root_logger_quiet()  # before any module imports Opacus
 
 from typing import Any
 
-from flwr.app import RecordDict
 from flwr.serverapp.strategy import Strategy
-from torch import nn
 
 from . import bulyan, builtins, fedadam, fedper, fedprox, krum, scaffold
 from .guard import Guarded
@@ -62,23 +60,16 @@ def guarded(name: str, strategy: Strategy, *, inner: Strategy | None = None,
     """``Guarded(inner or strategy)`` set up as strategy ``name``'s spec says: the reply
     layout to validate against and the per-client records to attach (taken from
     ``strategy``, the bare algorithm, when ``inner`` wraps it)."""
-    s = spec(name)
     return Guarded(inner if inner is not None else strategy,
-                   reply_layout=s.reply_layout(strategy) if s.reply_layout is not None else None,
-                   per_client=strategy if s.traits.per_client_records else None, **kwargs)
+                   reply_layout=reply_layout(name, strategy),
+                   per_client=strategy if spec(name).traits.per_client_records else None,
+                   **kwargs)
 
 
 def reply_layout(name: str, strategy: Strategy):
     """The reply layout strategy ``name``'s spec expects, or None (the arrays sent)."""
     s = spec(name)
     return s.reply_layout(strategy) if s.reply_layout is not None else None
-
-
-def client_half(name: str, model: nn.Module, content: RecordDict, state: RecordDict,
-                *, lr: float, member_id: int, state_dir: str | None = None) -> ClientHalf:
-    """The client half of strategy ``name``, set up from the train message ``content``
-    (``model`` must already hold the global weights: FedProx and SCAFFOLD copy them)."""
-    return spec(name).client_half(ClientInputs(model, content, state, lr, member_id, state_dir))
 
 
 def sampled_per_round(cfg: Any, num_nodes: int) -> int:
@@ -110,5 +101,5 @@ def check_feasible(cfg: Any, num_nodes: int) -> None:
 
 
 __all__ = ["NAMES", "BuildInputs", "ClientHalf", "ClientInputs", "StrategySpec", "build",
-           "check_feasible", "client_half", "guarded", "names", "register", "reply_layout",
+           "check_feasible", "guarded", "names", "register", "reply_layout",
            "sampled_per_round", "spec", "with_trait"]

@@ -52,7 +52,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fl_common.atomic import write_atomic
+from fl_common.atomic import safe_name, write_atomic
 
 from .accepted import AcceptedMap
 from .spec import ClientHalf, ClientInputs, ClientLocal, StrategySpec, Traits, fedavg_kwargs
@@ -143,8 +143,8 @@ class PersonalLayers:
 def personal_file(local: ClientLocal) -> Path | None:
     if not local.state_dir:
         return None
-    safe = "".join(c if c.isalnum() or c in "._=+-" else "_" for c in local.run_tag)
-    return Path(local.state_dir).expanduser() / f"fedper-{safe}-p{int(local.member_id)}.npz"
+    return (Path(local.state_dir).expanduser()
+            / f"fedper-{safe_name(local.run_tag)}-p{int(local.member_id)}.npz")
 
 
 def _empty(run_tag: str) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:

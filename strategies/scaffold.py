@@ -79,7 +79,6 @@ The upload is therefore twice FedAvg's (reported per round).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable
 from functools import partial
 from logging import INFO, WARNING
@@ -94,7 +93,7 @@ from flwr.supercore import log
 from torch import nn
 
 from fl_common.arrays import ArrayDict
-from fl_common.atomic import write_atomic
+from fl_common.atomic import safe_name, write_atomic
 from fl_common.hooks import LocalHooks
 from fl_common.wire import CONFIG, RUN_TAG, SERVER_ROUND
 
@@ -306,8 +305,7 @@ class Scaffold(AcceptedMap, FedAvg):
 # ------------------------------------------------------------------ client side
 def scaffold_file(state_dir: str | Path, run_tag: str, member_id: int) -> Path:
     """Where a client keeps its c_i on disk: keyed by run and member (partition) id."""
-    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", run_tag)
-    return Path(state_dir).expanduser() / f"scaffold-{safe}-p{int(member_id)}.npz"
+    return Path(state_dir).expanduser() / f"scaffold-{safe_name(run_tag)}-p{int(member_id)}.npz"
 
 
 def save_client_state(state: RecordDict, path: Path) -> None:

@@ -159,7 +159,8 @@ def test_training_on_the_gpu_matches_the_cpu(name):
                                                           wire.RUN_TAG: "gpu-check"})})
         if name == "scaffold":
             content[C_RECORD] = ArrayRecord({k: v.cpu() for k, v in build_model(info, seed=5).state_dict().items()})
-        half = strategies.client_half(name, model, content, RecordDict(), lr=0.05, member_id=1)
+        half = strategies.spec(name).client_half(
+            strategies.ClientInputs(model, content, RecordDict(), 0.05, 1))
         result = train_local(model, data.train, epochs=1, batch_size=32, lr=0.05, momentum=0.9,
                              seed=3, hooks=half.hooks)
         model.to("cpu")
