@@ -8,18 +8,57 @@ with how many did). The CSV also has the mean training-phase seconds per warm ro
 grid runs for hours on a shared machine, so these are indicative only: the Markdown
 table leaves them out, and experiments/benchmark_round.py measures strategy cost in one
 quiet, interleaved run instead.
+
+Beside the final round the tables give the mean test accuracy of the last 10 rounds (a
+final-round snapshot of a noisy curve carries claims it cannot hold), and a table of paired
+differences: each strategy against its reference (the baseline strategy in the same setting,
+see :func:`reference_label`), seed by seed on the same split, with a 95 % t-interval over the
+seeds and a paired t-test's p-value, for the final round and for the last-10 mean.
+
+A difference is only paired if both runs of a seed saw the same clients and data and
+differed only in what the grid compares. :func:`check_pairing` checks that from the records
+and refuses (:class:`PairingError`, naming the runs) when it does not hold:
+
+* the same data: partition sizes (and, where recorded, train sizes and label counts), the
+  dataset, the number of nodes, the model size (unless the model is what is compared);
+* the recorded config equal in every key the grid does not vary between the two labels
+  (bookkeeping such as the run name left out); a key recorded by one run only means the
+  records come from different code versions;
+* the same initial model: round 0's test loss and accuracy equal;
+* where the two runs must start identically (SCAFFOLD with eta_g = 1 has c = 0 in round 1
+  and is FedAvg's step; FedAvgM with server lr 1 has an empty momentum buffer; FedProx with
+  mu = 0 and FedPer with 0 personal layers are FedAvg), round 1's test loss and accuracy equal.
+  Records from different code versions are accepted only with this evidence.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .grids import Grid
+from .grids import GRIDS, Grid
+
+LAST_ROUNDS = 10  # the "last 10 rounds" mean
+# Keys that choose or tune the aggregation algorithm: a label's other overrides are its
+# setting (model, attack, DP, SecAgg+, ...), and a strategy is compared with the baseline's
+# strategy in the same setting.
+ALGORITHM_KEYS = frozenset({
+    "strategy", "server-lr", "server-momentum", "proximal-mu", "scaffold-control-variate",
+    "scaffold-weighting", "beta-1", "beta-2", "tau", "trim-fraction", "num-malicious",
+    "num-selected", "personal-layers"})
+BOOKKEEPING_KEYS = frozenset({"run-name", "results-dir", "sweep-file", "resume-from"})
+LOSS_RTOL = 1e-6  # float32 sums in another order differ by ~1e-8 relative; a real change by >1e-5
+
+
+class PairingError(ValueError):
+    """Rows of a table that should be paired are not: the message names the runs."""
 
 
 def load_summaries(runs_dir: Path) -> dict[str, dict[str, Any]]:
@@ -53,6 +92,12 @@ def _train_seconds(history: list[dict[str, Any]]) -> float:
     return statistics.fmean(warm) if warm else float("nan")
 
 
+def last_rounds_mean(history: list[dict[str, Any]], k: int = LAST_ROUNDS) -> float:
+    """Mean test accuracy of the last ``k`` trained rounds (all of them if fewer)."""
+    acc = [r["test_accuracy"] for r in history if r["round"] > 0]
+    return statistics.fmean(acc[-k:]) if acc else float("nan")
+
+
 def aggregate(grid: Grid, summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for name, summary in summaries.items():
@@ -78,12 +123,15 @@ def aggregate(grid: Grid, summaries: dict[str, dict[str, Any]]) -> list[dict[str
                 max((r.get("upload_bytes_per_client", 0) for r in s["history"]), default=0)
                 for s in runs)
             mean, std = _mean_std(final)
+            last_mean, last_std = _mean_std([last_rounds_mean(s["history"]) for s in runs])
             rows.append({
                 "split": split,
                 "strategy": label,
                 "seeds": len(runs),
                 "final_acc_mean": mean,
                 "final_acc_std": std,
+                "last10_acc_mean": last_mean,
+                "last10_acc_std": last_std,
                 "best_acc_mean": statistics.fmean(s["best_test_accuracy"] for s in runs),
                 "target_accuracy": target,
                 "rounds_to_target_mean": statistics.fmean(reached) if reached else None,
@@ -110,8 +158,8 @@ def markdown_table(grid: Grid, rows: list[dict[str, Any]]) -> str:
     else:
         target_head = f"rounds to {grid.target_accuracy:.0%}"
     head = (f"| split | strategy | seeds | final test acc (mean ± std) | best acc | {target_head} "
-            f"| upload / client |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+            f"| upload / client | mean of the last {LAST_ROUNDS} rounds (mean ± std) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     def split_note(r: dict[str, Any]) -> str:
         return f" (target {r['target_accuracy']:.0%})" if grid.split_targets else ""
 
@@ -122,8 +170,252 @@ def markdown_table(grid: Grid, rows: list[dict[str, Any]]) -> str:
             f"| {r['split']}{split_note(r)} | {r['strategy']} | {r['seeds']} | "
             f"{100 * r['final_acc_mean']:.2f} ± {100 * r['final_acc_std']:.2f} | "
             f"{100 * r['best_acc_mean']:.2f} | {target} | "
-            f"{r['upload_bytes_per_client'] / 1024:.0f} KiB |"
+            f"{r['upload_bytes_per_client'] / 1024:.0f} KiB | "
+            f"{100 * r['last10_acc_mean']:.2f} ± {100 * r['last10_acc_std']:.2f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- pairing and paired differences
+def _setting(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if k not in ALGORITHM_KEYS}
+
+
+def reference_label(grid: Grid, label: str) -> str | None:
+    """The label ``label`` is compared with: the baseline's strategy in the same setting
+    (e.g. scaffold-logreg against fedavg-logreg, krum-alie1 against fedavg-alie1), else the
+    baseline itself; None for the baseline."""
+    if label == grid.baseline:
+        return None
+    base_strategy = grid.strategies[grid.baseline].get("strategy")
+    setting = _setting(grid.strategies[label])
+    same = [other for other, overrides in grid.strategies.items()
+            if other != label and overrides.get("strategy") == base_strategy
+            and _setting(overrides) == setting]
+    if grid.baseline in same or not same:
+        return grid.baseline
+    return same[0]
+
+
+def comparisons(grid: Grid) -> list[tuple[str, str]]:
+    """(label, reference) for every label but the baseline, in the grid's order."""
+    out = []
+    for label in grid.strategies:
+        reference = reference_label(grid, label)
+        if reference is not None:
+            out.append((label, reference))
+    return out
+
+
+def _round1_algorithm(cfg: dict[str, Any]) -> tuple[Any, frozenset[str]]:
+    """The algorithm as far as round 1 can tell, and the keys only its later rounds use:
+    algorithms that equal FedAvg in their first round are FedAvg there."""
+    strategy = cfg.get("strategy")
+    try:
+        server_lr_one = float(cfg.get("server-lr", 1.0)) == 1.0
+    except (TypeError, ValueError):
+        server_lr_one = False
+    if strategy == "scaffold" and server_lr_one and cfg.get(
+            "scaffold-weighting", "num-examples") == "num-examples":
+        # c = c_i = 0 in round 1: the clients' step is plain SGD, the server's eta_g = 1
+        # step the weighted mean; which rule updates c_i matters from round 2 on.
+        return "fedavg", frozenset({"scaffold-control-variate", "scaffold-weighting"})
+    if strategy == "fedavgm" and server_lr_one:
+        return "fedavg", frozenset({"server-momentum"})  # the momentum buffer is empty
+    if strategy == "fedprox" and float(cfg.get("proximal-mu", 0.0)) == 0.0:
+        return "fedavg", frozenset({"proximal-mu"})
+    if strategy == "fedper" and int(cfg.get("personal-layers", 0) or 0) == 0:
+        return "fedavg", frozenset({"personal-layers"})
+    return strategy, frozenset()
+
+
+def must_start_identically(ca: dict[str, Any], cb: dict[str, Any], compared: set[str]) -> bool:
+    """Whether two recorded configs must give the same round 1: the same algorithm there
+    and every other compared key equal (and recorded by both)."""
+    if "strategy" not in ca or "strategy" not in cb:
+        return False  # records that do not say their algorithm cannot tell
+    (sa, drop_a), (sb, drop_b) = _round1_algorithm(ca), _round1_algorithm(cb)
+    if sa != sb:
+        return False
+    skip = drop_a | drop_b | BOOKKEEPING_KEYS | {"strategy"}
+    for key in (set(ca) | set(cb)) - skip:
+        if key in ca and key in cb:
+            if ca[key] != cb[key]:
+                return False
+        elif key in compared and key not in ALGORITHM_KEYS - {"server-lr"}:
+            # a compared key one record does not hold: cannot tell (another algorithm's
+            # parameter, e.g. Krum's num-malicious, says nothing about FedAvg's round 1)
+            return False
+    return True
+
+
+def _close(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(float(a), float(b), rel_tol=LOSS_RTOL, abs_tol=1e-12)
+
+
+def _round(history: list[dict[str, Any]], number: int) -> dict[str, Any] | None:
+    return next((r for r in history if r["round"] == number), None)
+
+
+def pair_problems(grid: Grid, label: str, reference: str,
+                  a: dict[str, Any], b: dict[str, Any]) -> tuple[list[str], str]:
+    """What makes runs ``a`` (of ``label``) and ``b`` (of ``reference``), same split and seed,
+    not a pair (empty if nothing), and what the pairing rests on."""
+    problems: list[str] = []
+    va, vb = grid.strategies[label], grid.strategies[reference]
+    compared = {k for k in set(va) | set(vb) if va.get(k, object()) != vb.get(k, object())}
+    if "strategy" in compared:
+        compared |= ALGORITHM_KEYS  # e.g. server-lr "auto" resolves to each strategy's own
+    # the data and the clients
+    for key in ("partition_sizes", "partition_train_sizes", "label_counts", "dataset",
+                "num_partitions", "num_nodes", "data_source"):
+        if key in a and key in b and a[key] != b[key]:
+            problems.append(f"different {key}")
+    if "model" not in compared and a.get("model_parameters") != b.get("model_parameters"):
+        problems.append(f"model parameters {a.get('model_parameters')} vs {b.get('model_parameters')}")
+    # the config apart from what is compared
+    ca, cb = a.get("config", {}), b.get("config", {})
+    ignore = compared | BOOKKEEPING_KEYS
+    differ = sorted(k for k in set(ca) & set(cb) - ignore if ca[k] != cb[k])
+    if differ:
+        problems.append("config differs in " + ", ".join(f"{k} ({ca[k]!r} vs {cb[k]!r})" for k in differ))
+    only_a = sorted(set(ca) - set(cb) - ignore)
+    only_b = sorted(set(cb) - set(ca) - ignore)
+    versions = ""
+    if only_a or only_b:
+        versions = ("config keys recorded by one run only (different code versions): "
+                    + "; ".join(f"{', '.join(keys)} only in {run.get('run_name', '?')}"
+                                for keys, run in ((only_a, a), (only_b, b)) if keys))
+    # the initial model
+    r0a, r0b = _round(a["history"], 0), _round(b["history"], 0)
+    if "model" not in compared and r0a and r0b and not (
+            _close(r0a["test_loss"], r0b["test_loss"])
+            and _close(r0a["test_accuracy"], r0b["test_accuracy"])):
+        problems.append(f"round 0 (the initial model) differs: test loss {r0a['test_loss']:.6f} "
+                        f"vs {r0b['test_loss']:.6f}")
+    # round 1, where the two must start identically
+    basis = "config"
+    must_equal = must_start_identically(ca, cb, compared)
+    r1a, r1b = _round(a["history"], 1), _round(b["history"], 1)
+    if must_equal and r1a and r1b:
+        if _close(r1a["test_loss"], r1b["test_loss"]) and _close(
+                r1a["test_accuracy"], r1b["test_accuracy"]):
+            basis = "config + round 1" if not versions else "round 1 (code versions differ)"
+            versions = ""
+        else:
+            problems.append(
+                f"round 1 must equal ({ca.get('strategy')} starts as {cb.get('strategy')}) but "
+                f"test loss {r1a['test_loss']:.6f} vs {r1b['test_loss']:.6f}, accuracy "
+                f"{100 * r1a['test_accuracy']:.2f} vs {100 * r1b['test_accuracy']:.2f}")
+    if versions:
+        problems.append(versions)
+    return problems, basis
+
+
+def _grouped(summaries: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    return {Grid.parse_run_name(name): summary for name, summary in summaries.items()}
+
+
+def check_pairing(grid: Grid, summaries: dict[str, dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """Check every (label, reference) pair of every split and seed both have; raise
+    :class:`PairingError` naming each pair that is not one. Returns what each comparison's
+    pairing rests on ("config", "config + round 1", "round 1 (code versions differ)"),
+    keyed by (label, reference): the weakest over its seeds and splits."""
+    runs = _grouped(summaries)
+    strength = {"config + round 1": 2, "config": 1, "round 1 (code versions differ)": 0}
+    basis: dict[tuple[str, str], str] = {}
+    failures: list[str] = []
+    checked = 0
+    for label, reference in comparisons(grid):
+        for (lab, split, seed), a in sorted(runs.items()):
+            b = runs.get((reference, split, seed))
+            if lab != label or b is None:
+                continue
+            checked += 1
+            problems, how = pair_problems(grid, label, reference, a, b)
+            if problems:
+                failures.append(f"  {a.get('run_name', lab)} vs {b.get('run_name', reference)}: "
+                                + "; ".join(problems))
+            elif strength[how] < strength[basis.get((label, reference), "config + round 1")]:
+                basis[(label, reference)] = how
+            else:
+                basis.setdefault((label, reference), how)
+    if failures:
+        raise PairingError(
+            f"grid {grid.name}: {len(failures)} of {checked} run pairs that a paired table "
+            f"compares are not paired, so no paired table is printed:\n" + "\n".join(failures))
+    return basis
+
+
+def _t_summary(diffs: list[float]) -> tuple[float, float, float, float]:
+    """Mean, 95 % t-interval (low, high) and paired t-test p of per-seed differences."""
+    from scipy import stats  # installed with scikit-learn
+
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    sd = statistics.stdev(diffs)
+    if sd == 0.0:
+        return mean, mean, mean, (1.0 if mean == 0.0 else 0.0)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue)  # = ttest_rel(a, b) on the pairs
+    return mean, mean - half, mean + half, p
+
+
+def paired_differences(grid: Grid, summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """label − reference per split over the seeds both have, final round and last-10 mean
+    (accuracy as a fraction). Raises PairingError first if the pairs are not paired."""
+    basis = check_pairing(grid, summaries)
+    runs = _grouped(summaries)
+    rows = []
+    for split in grid.splits:
+        for label, reference in comparisons(grid):
+            seeds = [seed for seed in grid.seeds
+                     if (label, split, seed) in runs and (reference, split, seed) in runs]
+            if not seeds:
+                continue
+            row: dict[str, Any] = {"split": split, "strategy": label, "reference": reference,
+                                   "seeds": len(seeds), "paired_by": basis.get((label, reference))}
+            for key, value in (("final", lambda s: s["final_test_accuracy"]),
+                               ("last10", lambda s: last_rounds_mean(s["history"]))):
+                diffs = [value(runs[(label, split, seed)]) - value(runs[(reference, split, seed)])
+                         for seed in seeds]
+                mean, low, high, p = _t_summary(diffs)
+                row.update({f"{key}_diff": mean, f"{key}_ci_low": low, f"{key}_ci_high": high,
+                            f"{key}_p": p, f"{key}_diffs": diffs})
+            rows.append(row)
+    return rows
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        if math.isnan(r[f"{key}_ci_low"]):
+            return f"{_pp(r[f'{key}_diff'])} (1 seed)"
+        return (f"{_pp(r[f'{key}_diff'])} [{_pp(r[f'{key}_ci_low'])}, {_pp(r[f'{key}_ci_high'])}], "
+                f"p = {r[f'{key}_p']:.3f}")
+
+    lines = [f"Paired differences, percentage points (strategy − reference, seed by seed on the "
+             f"same split; 95 % t-interval over the seeds; p: paired t-test). The pairing was "
+             f"checked from the records (config, data, round 0 and, where the two must start "
+             f"identically, round 1): `paired by` says what it rests on.",
+             "",
+             f"| split | strategy − reference | seeds | final round | last {LAST_ROUNDS} rounds "
+             f"| per seed (final; last {LAST_ROUNDS}) | paired by |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per_seed = (", ".join(f"{100 * d:+.1f}" for d in r["final_diffs"]) + "; "
+                    + ", ".join(f"{100 * d:+.1f}" for d in r["last10_diffs"]))
+        lines.append(f"| {r['split']} | {r['strategy']} − {r['reference']} | {r['seeds']} | "
+                     f"{cell(r, 'final')} | {cell(r, 'last10')} | {per_seed} | {r['paired_by']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,16 +458,50 @@ def plot_curves(grid: Grid, summaries: dict[str, dict[str, Any]], path: Path) ->
     plt.close(fig)
 
 
-def write_report(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
-    summaries = load_summaries(out_dir / "runs")
-    rows = aggregate(grid, summaries)
-    write_csv(rows, out_dir / "table.csv")
-    (out_dir / "table.md").write_text(
+def report_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
+                    rows: list[dict[str, Any]], paired: list[dict[str, Any]]) -> str:
+    return (
         f"# Grid `{grid.name}`\n\n{grid.description}\n\n"
         f"Settings: {json.dumps(grid.base)}; {grid.num_supernodes} clients; seeds "
         f"{list(grid.seeds)}; {len(summaries)} of {len(grid.runs())} runs complete.\n\n"
         + markdown_table(grid, rows)
+        + (f"\n{paired_markdown(paired)}" if paired else "")
         + "".join(f"\n{note}\n" for note in grid.notes)
     )
+
+
+def write_report(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
+    """Write table.md, table.csv, paired.csv and curves.png; raises PairingError (and writes
+    nothing) if the rows the paired table compares are not paired."""
+    summaries = load_summaries(out_dir / "runs")
+    rows = aggregate(grid, summaries)
+    paired = paired_differences(grid, summaries)
+    write_csv(rows, out_dir / "table.csv")
+    write_csv([{k: v for k, v in r.items() if not k.endswith("_diffs")} for r in paired],
+              out_dir / "paired.csv")
+    (out_dir / "table.md").write_text(report_markdown(grid, summaries, rows, paired))
     plot_curves(grid, summaries, out_dir / "curves.png")
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print a grid's tables from its committed records (nothing is written), or what
+    makes its pairs unpaired."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("grid", choices=sorted(GRIDS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results",
+                        help="root of grid outputs")
+    args = parser.parse_args(argv)
+    grid = GRIDS[args.grid]
+    summaries = load_summaries(args.out / grid.name / "runs")
+    try:
+        paired = paired_differences(grid, summaries)
+    except PairingError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(report_markdown(grid, summaries, aggregate(grid, summaries), paired))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
