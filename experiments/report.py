@@ -12,7 +12,8 @@ quiet, interleaved run instead.
 Beside the final round the tables give the mean test accuracy of the last 10 rounds (a
 final-round snapshot of a noisy curve carries claims it cannot hold), and a table of paired
 differences: each strategy against its reference (the baseline strategy in the same setting,
-see :func:`reference_label`), seed by seed on the same split, with a 95 % t-interval over the
+see :func:`reference_label`) and, where a label has a setting such as SecAgg+ or an attack,
+against the same strategy without it (:func:`plain_label`), seed by seed on the same split, with a 95 % t-interval over the
 seeds and a paired t-test's p-value, for the final round and for the last-10 mean.
 
 A difference is only paired if both runs of a seed saw the same clients and data and
@@ -197,13 +198,27 @@ def reference_label(grid: Grid, label: str) -> str | None:
     return same[0]
 
 
+def plain_label(grid: Grid, label: str) -> str | None:
+    """The same algorithm without ``label``'s setting (scaffold-secagg: scaffold; krum-alie1:
+    krum-none), if the grid has it: what the setting itself costs that algorithm."""
+    algorithm = {k: v for k, v in grid.strategies[label].items() if k in ALGORITHM_KEYS}
+    if not _setting(grid.strategies[label]):
+        return None
+    for other, overrides in grid.strategies.items():
+        if other != label and not _setting(overrides) and {
+                k: v for k, v in overrides.items() if k in ALGORITHM_KEYS} == algorithm:
+            return other
+    return None
+
+
 def comparisons(grid: Grid) -> list[tuple[str, str]]:
-    """(label, reference) for every label but the baseline, in the grid's order."""
-    out = []
+    """(label, reference) pairs in the grid's order: every label but the baseline against
+    its reference_label, and a label with a setting also against its plain_label."""
+    out: list[tuple[str, str]] = []
     for label in grid.strategies:
-        reference = reference_label(grid, label)
-        if reference is not None:
-            out.append((label, reference))
+        for reference in (reference_label(grid, label), plain_label(grid, label)):
+            if reference is not None and (label, reference) not in out:
+                out.append((label, reference))
     return out
 
 
