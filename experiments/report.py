@@ -415,8 +415,9 @@ def paired_markdown(rows: list[dict[str, Any]]) -> str:
     def cell(r: dict[str, Any], key: str) -> str:
         if math.isnan(r[f"{key}_ci_low"]):
             return f"{_pp(r[f'{key}_diff'])} (1 seed)"
+        p = r[f"{key}_p"]
         return (f"{_pp(r[f'{key}_diff'])} [{_pp(r[f'{key}_ci_low'])}, {_pp(r[f'{key}_ci_high'])}], "
-                f"p = {r[f'{key}_p']:.3f}")
+                + (f"p = {p:.3f}" if p >= 0.001 else "p < 0.001"))
 
     lines = [f"Paired differences, percentage points (strategy − reference, seed by seed on the "
              f"same split; 95 % t-interval over the seeds; p: paired t-test). The pairing was "
@@ -506,9 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid", choices=sorted(GRIDS))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results",
                         help="root of grid outputs")
+    parser.add_argument("--also", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="more run folders whose records replace the same-named ones "
+                             "(e.g. docs/results/fmnist-niid/superseded)")
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
     summaries = load_summaries(args.out / grid.name / "runs")
+    for folder in args.also:
+        summaries.update(load_summaries(folder))
     try:
         paired = paired_differences(grid, summaries)
     except PairingError as error:
