@@ -13,8 +13,9 @@ Beside the final round the tables give the mean test accuracy of the last 10 rou
 final-round snapshot of a noisy curve carries claims it cannot hold), and a table of paired
 differences: each strategy against its reference (the baseline strategy in the same setting,
 see :func:`reference_label`) and, where a label has a setting such as SecAgg+ or an attack,
-against the same strategy without it (:func:`plain_label`), seed by seed on the same split, with a 95 % t-interval over the
-seeds and a paired t-test's p-value, for the final round and for the last-10 mean.
+against the same strategy without it (:func:`plain_label`), seed by seed on the same
+split, with a 95 % t-interval over the seeds and a paired t-test's p-value, for the final
+round and for the last-10 mean.
 
 A difference is only paired if both runs of a seed saw the same clients and data and
 differed only in what the grid compares. :func:`check_pairing` checks that from the records
@@ -226,10 +227,15 @@ def _round1_algorithm(cfg: dict[str, Any]) -> tuple[Any, frozenset[str]]:
     """The algorithm as far as round 1 can tell, and the keys only its later rounds use:
     algorithms that equal FedAvg in their first round are FedAvg there."""
     strategy = cfg.get("strategy")
-    try:
-        server_lr_one = float(cfg.get("server-lr", 1.0)) == 1.0
-    except (TypeError, ValueError):
-        server_lr_one = False
+
+    def equals(key: str, value: float) -> bool:  # a key the record lacks: cannot tell
+        try:
+            return float(cfg[key]) == value
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    server_lr_one = equals("server-lr", 1.0)
+    # records from before scaffold-weighting existed weighted the model update by examples
     if strategy == "scaffold" and server_lr_one and cfg.get(
             "scaffold-weighting", "num-examples") == "num-examples":
         # c = c_i = 0 in round 1: the clients' step is plain SGD, the server's eta_g = 1
@@ -237,9 +243,9 @@ def _round1_algorithm(cfg: dict[str, Any]) -> tuple[Any, frozenset[str]]:
         return "fedavg", frozenset({"scaffold-control-variate", "scaffold-weighting"})
     if strategy == "fedavgm" and server_lr_one:
         return "fedavg", frozenset({"server-momentum"})  # the momentum buffer is empty
-    if strategy == "fedprox" and float(cfg.get("proximal-mu", 0.0)) == 0.0:
+    if strategy == "fedprox" and equals("proximal-mu", 0.0):
         return "fedavg", frozenset({"proximal-mu"})
-    if strategy == "fedper" and int(cfg.get("personal-layers", 0) or 0) == 0:
+    if strategy == "fedper" and equals("personal-layers", 0.0):
         return "fedavg", frozenset({"personal-layers"})
     return strategy, frozenset()
 

@@ -12,7 +12,7 @@ import pytest
 
 from experiments.grids import GRIDS, Grid
 from experiments.report import (PairingError, comparisons, last_rounds_mean, main,
-                                paired_differences, write_report)
+                                must_start_identically, paired_differences, write_report)
 
 GRID = Grid("pairs", "FedAvg and SCAFFOLD, 12 rounds.", {"dataset": "digits"},
             {"fedavg": {"strategy": "fedavg"},
@@ -211,6 +211,31 @@ def test_each_strategy_is_compared_with_the_baseline_strategy_in_its_own_setting
     assert ("fedavg-alie1", "fedavg-none") in robustness  # the attack's damage
     assert ("krum-none", "fedavg-none") in robustness
     assert dict(comparisons(GRIDS["privacy-fmnist"]))["eps1"] == "nodp"
+
+
+FEDAVG = {"strategy": "fedavg", "server-lr": 1.0, "lr": 0.05, "proximal-mu": 0.01,
+          "server-momentum": 0.9, "scaffold-control-variate": "gradient-mean"}
+
+
+@pytest.mark.parametrize("overrides, same", [
+    ({"strategy": "scaffold"}, True),  # c = 0 in round 1, eta_g = 1
+    ({"strategy": "scaffold", "scaffold-control-variate": "displacement"}, True),
+    ({"strategy": "scaffold", "server-lr": 0.5}, False),
+    ({"strategy": "scaffold", "scaffold-weighting": "uniform"}, False),  # another mean
+    ({"strategy": "fedavgm"}, True),  # the momentum buffer is empty in round 1
+    ({"strategy": "fedavgm", "server-lr": 0.5}, False),
+    ({"strategy": "fedprox", "proximal-mu": 0.0}, True),
+    ({"strategy": "fedprox"}, False),  # mu 0.01
+    ({"strategy": "fedadam", "server-lr": 0.03}, False),
+    ({"strategy": "fedavg", "lr": 0.1}, False),
+    ({"strategy": "fedprox", "proximal-mu": None}, False),  # a record without its mu
+])
+def test_which_runs_must_start_identically(overrides, same):
+    """Against FedAvg's recorded config (None: a key the other record lacks)."""
+    other = {k: v for k, v in {**FEDAVG, **overrides}.items() if v is not None}
+    compared = set(overrides) | {"strategy"}
+    assert must_start_identically(other, FEDAVG, compared) is same
+    assert must_start_identically(FEDAVG, other, compared) is same
 
 
 def _load(runs_dir):
