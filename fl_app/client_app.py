@@ -31,6 +31,7 @@ from .faults import fault_mod
 from .config import RunConfig
 from .secagg_client import secagg_gate
 from .model import INIT_SEED_TAG, build_model
+from strategies.fedlora import BASE_KEY, BASE_PATH, BaseRefused
 from fl_common.randomness import derive_seed
 
 from .training import evaluate, resolve_device, train_local
@@ -100,7 +101,21 @@ def _local(msg: Message, context: Context, pid: int, folder: str | None) -> stra
     config = msg.content[wire.CONFIG]
     server_round = int(config.get(wire.SERVER_ROUND, 0))
     return strategies.ClientLocal(context.state, folder, pid,
-                                  str(config.get(wire.RUN_TAG, "")), server_round, msg.content)
+                                  str(config.get(wire.RUN_TAG, "")), server_round, msg.content,
+                                  node_files=node_files(msg, context))
+
+
+def node_files(msg: Message, context: Context) -> dict[str, str]:
+    """Files this node provides to the strategy's payload: FedLoRA's pretrained base, from
+    node config ``lora-base``; else, only inside Flower's simulation engine, the server's
+    file (one machine); a deployed node never reads a file the server names."""
+    if BASE_KEY in context.node_config:
+        return {BASE_KEY: str(context.node_config[BASE_KEY])}
+    config = msg.content.get(wire.CONFIG)
+    path = config.get(BASE_PATH) if config is not None else None
+    if path and privacy_policy.in_simulation():
+        return {BASE_KEY: str(path)}
+    return {}
 
 
 @app.query()
@@ -147,7 +162,7 @@ def state_dir(msg: Message, context: Context) -> tuple[str | None, bool]:
 
 
 def _refused(msg: Message, code: int, reason: str) -> Message:
-    log(WARNING, "Refusing the train message: %s", reason)
+    log(WARNING, "Refusing the %s message: %s", msg.metadata.message_type, reason)
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
@@ -170,7 +185,10 @@ def train(msg: Message, context: Context) -> Message:
             f"{wire.DP_POLICY_REFUSED}: sample-level DP on a deployed node needs node config "
             f"'{wire.NODE_STATE_DIR}', so that its spend survives a restart and composes "
             "across runs"))
-    cfg, pid, data, model = _setup(msg, context, folder)
+    try:
+        cfg, pid, data, model = _setup(msg, context, folder)
+    except BaseRefused as err:  # FedLoRA: no base here, or another one
+        return _refused(msg, wire.BASE_ERROR_CODE, f"{wire.BASE_REFUSED}: {err}")
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     spec = strategies.spec(cfg.strategy)
     payload = spec.payload(cfg)
@@ -243,7 +261,10 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
         return _refused(msg, wire.DP_POLICY_ERROR_CODE, (
             f"{wire.DP_POLICY_REFUSED}: federated evaluation under DP would send un-noised "
             "metrics of private validation data; it is off with dp = true"))
-    _, _, data, model = _setup(msg, context, state_dir(msg, context)[0])
+    try:
+        _, _, data, model = _setup(msg, context, state_dir(msg, context)[0])
+    except BaseRefused as err:
+        return _refused(msg, wire.BASE_ERROR_CODE, f"{wire.BASE_REFUSED}: {err}")
     loss, accuracy = evaluate(model, data.val)
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: len(data.val),

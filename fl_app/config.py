@@ -138,6 +138,11 @@ class StrategySection(Section):
     num_malicious: int
     num_selected: int | str
     personal_layers: int | str
+    lora_rank: int
+    lora_alpha: float
+    lora_target_modules: str
+    lora_train_head: bool
+    lora_base: str
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, strategies.names())
@@ -166,6 +171,15 @@ class StrategySection(Section):
         else:
             _int("personal-layers", self.personal_layers, minimum=0,
                  also="or module names separated by commas")
+        _int("lora-rank", self.lora_rank, minimum=1)
+        _positive("lora-alpha", self.lora_alpha)
+        if not isinstance(self.lora_target_modules, str) or not self.lora_target_modules.strip():
+            raise ValueError("Run config 'lora-target-modules' must be \"auto\" or module "
+                             f"names separated by commas; got {self.lora_target_modules!r}")
+        _bool("lora-train-head", self.lora_train_head)
+        if not isinstance(self.lora_base, str):
+            raise ValueError("Run config 'lora-base' must be a path to a pretrained base (a "
+                             f"string; \"\" when unused); got {self.lora_base!r}")
 
     @property
     def spec(self):  # -> strategies.StrategySpec
@@ -475,6 +489,10 @@ class RunConfig:
         """The config as written to the results: "auto" replaced by the value used."""
         out = self.to_dict()
         out["server-lr"] = self.effective_server_lr
+        if self.strategy == "fedlora":  # which base the adapters belong to (a resume checks it)
+            from strategies.fedlora import BASE_SHA, sha256_file
+
+            out[BASE_SHA] = sha256_file(Path(self.lora_base).expanduser())
         return out
 
     def default_run_name(self, timestamp: str) -> str:
@@ -527,6 +545,11 @@ def _int(key: str, value: Any, minimum: int, also: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         extra = f" {also}" if also else ""
         raise ValueError(f"Run config '{key}' must be an integer >= {minimum}{extra}; got {value!r}")
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Run config '{key}' must be true or false; got {value!r}")
 
 
 def _str(key: str, value: Any) -> None:

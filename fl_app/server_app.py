@@ -301,7 +301,8 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     def round_config() -> ConfigRecord:
         config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: run_dir.name,
                                wire.IMAGE_SHAPE: [int(v) for v in info.image_shape],
-                               wire.NUM_CLASSES: int(info.num_classes)})
+                               wire.NUM_CLASSES: int(info.num_classes),
+                               **payload.round_config()})
         if cfg.checkpoint and is_simulation(grid):  # clients share this machine's disk
             config[wire.CLIENT_STATE_DIR] = str(run_dir / CLIENT_STATE)
         return config
@@ -321,7 +322,7 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
         recorder.fail(err)  # `flwr run` exits 0 anyway: the summary must say it failed
         raise
     final = result.arrays if len(result.arrays) else initial
-    summary = recorder.finish(final.to_torch_state_dict())
+    summary = recorder.finish(payload.final_state(model.to("cpu"), final))
     if summary["status"] != "completed":
         log(WARNING, "Run %s ended with status %s: no round's aggregate was kept; the final "
                      "model is the initial one", run_dir.name, summary["status"])

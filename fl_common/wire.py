@@ -32,6 +32,8 @@ DP_OUT_OF_BUDGET = "dp-out-of-budget"  # error reason prefix of a client that di
 DP_BUDGET_ERROR_CODE = 4271
 DP_POLICY_REFUSED = "dp-policy-refused"  # error reason prefix: the node's own policy said no
 DP_POLICY_ERROR_CODE = 4272
+BASE_REFUSED = "base-refused"  # error reason prefix: no pretrained base, or another one (FedLoRA)
+BASE_ERROR_CODE = 4273
 # ... and the server's per-round view of them
 DP_EPSILON_MAX = "dp-epsilon-max"
 DP_EPSILON_MEAN = "dp-epsilon-mean"

@@ -8,7 +8,8 @@ algorithm.
 
 Our own implementations, one module each, server and client half and spec together:
 ``fedprox`` (Li et al. 2020), ``scaffold`` (Karimireddy et al. 2020, Option II),
-``fedadam`` (Reddi et al. 2021), ``krum`` and ``multikrum`` (Blanchard et al. 2017).
+``fedadam`` (Reddi et al. 2021), ``krum`` and ``multikrum`` (Blanchard et al. 2017),
+``fedper`` (Arivazhagan et al. 2019) and ``fedlora`` (LoRA adapters with ``peft``).
 
 Flower's built-ins are here as comparison baselines (``builtins.py``, ``bulyan.py``):
 ``fedavg`` (McMahan et al. 2017), ``fedavgm`` (Hsu et al. 2019), ``fedyogi`` and
@@ -29,7 +30,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from . import bulyan, builtins, fedadam, fedper, fedprox, krum, scaffold
+from . import bulyan, builtins, fedadam, fedlora, fedper, fedprox, krum, scaffold
 from .guard import Guarded
 from .registry import names, register, spec, with_trait
 from .scaffold import VARIATES as SCAFFOLD_VARIATES  # noqa: F401  (config choices)
@@ -38,7 +39,7 @@ from .spec import BuildInputs, ClientHalf, ClientInputs, ClientLocal, StrategySp
 
 for _spec in (builtins.FEDAVG, fedprox.SPEC, scaffold.SPEC, fedadam.SPEC, builtins.FEDAVGM,
               builtins.FEDYOGI, builtins.FEDADAGRAD, builtins.FEDMEDIAN, builtins.FEDTRIMMEDAVG,
-              krum.KRUM_SPEC, krum.MULTIKRUM_SPEC, bulyan.SPEC, fedper.SPEC):
+              krum.KRUM_SPEC, krum.MULTIKRUM_SPEC, bulyan.SPEC, fedper.SPEC, fedlora.SPEC):
     register(_spec)
 
 NAMES: tuple[str, ...] = names()

@@ -133,6 +133,13 @@ class PersonalLayers:
         state = model.state_dict()
         return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in base})
 
+    def round_config(self) -> dict[str, str]:
+        return {}
+
+    def final_state(self, model: nn.Module, arrays: ArrayRecord) -> dict:
+        """The base only: the personal layers are the clients' (there is no one model)."""
+        return arrays.to_torch_state_dict()
+
     def personal(self, model: nn.Module) -> dict[str, np.ndarray]:
         _, personal = split_keys(model, self.setting)
         state = model.state_dict()

@@ -61,6 +61,9 @@ class ClientLocal:
     run_tag: str  # the run (state of another run is not reused)
     server_round: int  # the round of the message being handled
     content: RecordDict | None = None  # the message's content (e.g. its accepted entry)
+    # files this node provides by node config (e.g. FedLoRA's "lora-base"), resolved by
+    # the ClientApp (a deployed node's own paths only; in simulation the server's)
+    node_files: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,14 @@ class Payload(Protocol):
     def reply(self, model: nn.Module) -> ArrayRecord:
         """The arrays of the client's model that go back in the reply."""
 
+    def round_config(self) -> dict[str, str]:
+        """Entries every message's config carries besides the run config (e.g. the
+        checksum of FedLoRA's base)."""
+
+    def final_state(self, model: nn.Module, arrays: ArrayRecord) -> dict[str, Any]:
+        """The model the server saves at the end, from the global arrays (FedLoRA's
+        merged model; otherwise the arrays themselves)."""
+
 
 @dataclass(frozen=True)
 class WholeModel:
@@ -133,6 +144,12 @@ class WholeModel:
 
     def reply(self, model: nn.Module) -> ArrayRecord:
         return ArrayRecord(model.state_dict())
+
+    def round_config(self) -> dict[str, str]:
+        return {}
+
+    def final_state(self, model: nn.Module, arrays: ArrayRecord) -> dict[str, Any]:
+        return arrays.to_torch_state_dict()
 
 
 WHOLE_MODEL = WholeModel()

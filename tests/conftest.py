@@ -19,9 +19,28 @@ def defaults() -> dict:
     return default_run_config()
 
 
+@pytest.fixture(scope="session")
+def test_base(tmp_path_factory):
+    """A FedLoRA base for the digits CNN: its initial weights at another seed (what a base
+    holds matters to the tests of fedlora, which make their own; a valid file is enough
+    for the generic tests that build every strategy)."""
+    from fl_app.model import build_model
+    from partitions import dataset_info
+    from strategies.fedlora import save_base
+
+    path = tmp_path_factory.mktemp("lora-base") / "digits-cnn.npz"
+    save_base(path, build_model(dataset_info("digits"), seed=99, kind="cnn").state_dict(),
+              {"source": "tests/conftest.py: initial weights"})
+    return path
+
+
 @pytest.fixture
-def make_config(defaults):
+def make_config(defaults, test_base):
+    """A run config from the defaults and overrides; FedLoRA gets the test base unless
+    the overrides name one."""
     def _make(**overrides) -> RunConfig:
+        if overrides.get("strategy") == "fedlora" and "lora-base" not in overrides:
+            overrides["lora-base"] = str(test_base)
         return RunConfig.from_mapping({**defaults, **overrides})
     return _make
 

@@ -81,7 +81,7 @@ def one_client_expected(name: str, cfg, x: dict, y: dict) -> dict[str, np.ndarra
     from each algorithm's update rule (in float64), with delta = y - x:
 
     - fedavg, fedprox, fedmedian, fedtrimmedavg, fedper (FedAvg on the base arrays, all
-      of them here): the weighted mean / median / trimmed mean (int(0.2 * 1) = 0 cut) of
+      of them here), fedlora (FedAvg on the adapter arrays): the weighted mean / median / trimmed mean (int(0.2 * 1) = 0 cut) of
       one reply is the reply: y;
     - fedavgm: the momentum buffer starts as the pseudo-gradient x - y (Flower's, as
       torch.optim.SGD), so x - eta * (x - y) = x + eta * delta;
@@ -97,7 +97,7 @@ def one_client_expected(name: str, cfg, x: dict, y: dict) -> dict[str, np.ndarra
     for k in x:
         xk, yk = x[k].astype(np.float64), y[k].astype(np.float64)
         d = yk - xk
-        if name in ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedper"):
+        if name in ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedper", "fedlora"):
             out[k] = yk
         elif name in ("fedavgm", "scaffold"):
             out[k] = xk + lr * d
@@ -174,7 +174,7 @@ def test_fewer_valid_replies_than_minimum_leaves_model_unchanged(name, make_conf
 SUMMARY_SETTINGS = {
     "proximal-mu": 0.037, "server-lr": 0.3, "server-momentum": 0.7, "beta-1": 0.8,
     "beta-2": 0.95, "tau": 0.002, "trim-fraction": 0.15, "fraction-train": 0.5,
-    "personal-layers": 2,
+    "personal-layers": 2, "lora-rank": 2, "lora-alpha": 3.0,
 }
 # What each strategy's summary must say (besides Guarded's line and FedAvg's sampling).
 SUMMARY_LINES = {
@@ -191,6 +191,7 @@ SUMMARY_LINES = {
     "multikrum": ["Multi-Krum: f = 1, m = 3 (n >= 5 replies per round)"],
     "bulyan": ["Number of malicious nodes: 1", "Selection rule: select_multikrum"],
     "fedper": ["FedPer: personal layers 2 stay on the clients"],
+    "fedlora": ["FedLoRA: rank-2 adapters (alpha 3) on a pretrained base"],
 }
 SUMMARY_ROBUST = {"krum": {"num-malicious": 1, "min-train-nodes": 5},
                   "multikrum": {"num-malicious": 1, "min-train-nodes": 5, "num-selected": 3},
