@@ -54,7 +54,7 @@ LAST_ROUNDS = 10  # the "last 10 rounds" mean
 ALGORITHM_KEYS = frozenset({
     "strategy", "server-lr", "server-momentum", "proximal-mu", "scaffold-control-variate",
     "scaffold-weighting", "beta-1", "beta-2", "tau", "trim-fraction", "num-malicious",
-    "num-selected", "personal-layers"})
+    "num-selected", "personal-layers", "lora-rank", "lora-alpha", "lora-train-head"})
 BOOKKEEPING_KEYS = frozenset({"run-name", "results-dir", "sweep-file", "resume-from"})
 LOSS_RTOL = 1e-6  # float32 sums in another order differ by ~1e-8 relative; a real change by >1e-5
 
