@@ -8,6 +8,7 @@ runner skips runs whose ``summary.json`` says complete. Add new grids here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Named splits: label -> run-config overrides
@@ -378,3 +379,32 @@ register(Grid(
     num_supernodes=10,
     target_accuracy=0.9,
 ))
+
+BASES = Path(__file__).resolve().parent.parent / "bases"  # fl_app.pretrain's files (bases/README.md)
+
+
+def _lora_grid(name: str, dataset: str, base_file: str, rounds: int, seeds: tuple[int, ...],
+               target: float) -> Grid:
+    base = str(BASES / base_file)
+    return Grid(
+        name=name,
+        description=f"FedLoRA on {dataset}, 10 clients, Dir(0.5), {rounds} rounds: adapters of "
+                    "rank 1, 4, 16 (and the head) on a CNN pretrained on MNIST "
+                    f"(bases/{base_file}), against full fine-tuning of the same base (FedAvg "
+                    "from init-from) and FedAvg from scratch.",
+        base={"dataset": dataset, "num-server-rounds": rounds, "local-epochs": 1},
+        strategies={"scratch": {"strategy": "fedavg"},
+                    "finetune": {"strategy": "fedavg", "init-from": base},
+                    **{f"lora{r}": {"strategy": "fedlora", "lora-rank": r, "lora-alpha": 2.0 * r,
+                                    "lora-base": base} for r in (1, 4, 16)}},
+        splits=("dir0.5",),
+        seeds=seeds,
+        num_supernodes=10,
+        target_accuracy=target,
+        baseline="scratch",
+        notes=("lora-alpha = 2 r: every rank scales its update alike (alpha / r = 2).",),
+    )
+
+
+register(_lora_grid("fedlora-digits", "digits", "cnn-digits-mnist.npz", 20, (0, 1, 2), 0.9))
+register(_lora_grid("fedlora-fmnist", "fashion-mnist", "cnn-fmnist-mnist.npz", 20, (0, 1, 2), 0.8))

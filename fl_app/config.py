@@ -20,7 +20,7 @@ import strategies
 from partitions import PARTITIONERS, DataConfig, resolve_source
 
 from fl_common.randomness import RANDOMNESS_MODES
-from strategies.spec import effective_server_lr
+from strategies.spec import WHOLE_MODEL, effective_server_lr
 
 from .attacks import ATTACKS
 from .faults import FAULT_KINDS
@@ -28,6 +28,7 @@ from .model import MODELS
 from .training import DEVICES
 
 AUTO = "auto"
+INIT_SHA = "init-from-sha256"  # the recorded config: the file the model started from
 # DP keys and their defaults (pyproject.toml; a test keeps the two equal): with dp = false
 # any other value is a mistake the user should hear about.
 DP_MODES = ("sample", "user")
@@ -115,10 +116,18 @@ class DataSection(Section):
 class ModelSection(Section):
     model: str
     device: str
+    init_from: str
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
         _choice("device", self.device, DEVICES)
+        if not isinstance(self.init_from, str):
+            raise ValueError("Run config 'init-from' must be a path to a pretrained model (a "
+                             f"string; \"\" for the seeded initial model); got {self.init_from!r}")
+        if self.init_from and not Path(self.init_from).expanduser().is_file():
+            raise ValueError(f"Run config 'init-from' = {self.init_from!r} is not a file; make "
+                             "one with `python -m fl_app.pretrain --dataset <dataset> --model "
+                             "<model> --out <file>`")
 
 
 @dataclass(frozen=True)
@@ -429,6 +438,13 @@ class RunConfig:
                 "use dp-mode \"sample\", which works with every strategy")
         if self.secagg:
             self._check_secagg(traits)
+        if self.init_from and strategies.spec(self.strategy).payload(self) is not WHOLE_MODEL:
+            raise ValueError(  # init x strategy
+                f"Run config 'init-from' starts the whole model from a file, but strategy "
+                f"{self.strategy!r} does not send the whole model ("
+                f"{strategies.spec(self.strategy).payload(self).description}): for fedlora name "
+                "the base in 'lora-base'; with fedper the clients' personal layers would not "
+                "start from it. Set 'init-from' = \"\"")
         if (check := strategies.spec(self.strategy).check) is not None:
             check(self)  # the algorithm's own cross-key rules
 
@@ -493,6 +509,10 @@ class RunConfig:
             from strategies.fedlora import BASE_SHA, sha256_file
 
             out[BASE_SHA] = sha256_file(Path(self.lora_base).expanduser())
+        if self.init_from:  # which model the run started from
+            from strategies.fedlora import sha256_file
+
+            out[INIT_SHA] = sha256_file(Path(self.init_from).expanduser())
         return out
 
     def default_run_name(self, timestamp: str) -> str:

@@ -16,6 +16,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -213,6 +214,8 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     spec = strategies.spec(cfg.strategy)
     test = load_test_data(cfg.dataset)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
+    if cfg.init_from:  # e.g. full fine-tuning of FedLoRA's base (whole-model strategies only)
+        start_from(model, cfg.init_from)
     payload = spec.payload(cfg)
     payload.check(model)  # e.g. FedPer's personal layers exist and leave a base to share
     initial = payload.initial(model)
@@ -329,6 +332,16 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     log(INFO, "Run %s finished (%s): final test accuracy %.4f (summary: %s)", run_dir.name,
         summary["status"], summary["final_test_accuracy"], run_dir / "summary.json")
     return summary
+
+
+def start_from(model, path: str) -> None:
+    """Load run-config ``init-from`` (a file of fl_app.pretrain) into ``model``."""
+    from strategies.fedlora import check_base_fits, read_base
+
+    state, meta = read_base(path, key="init-from")
+    check_base_fits(model, state, path, key="init-from")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    log(INFO, "The model starts from %s (%s)", path, meta.get("source", "no source recorded"))
 
 
 def secagg_settings(cfg: RunConfig, train_n: list[int], num_nodes: int) -> SecAggSettings:

@@ -55,12 +55,36 @@ def link(tmp_path_factory):
     assert process.poll() is not None  # the SuperLink we started is gone
 
 
+def lora_runs(base: str) -> list[dict]:
+    """FedLoRA on the base fl_app.pretrain made (plain and under SecAgg+), and full
+    fine-tuning of the same base (FedAvg from it), each with all 4 clients for 3 rounds."""
+    lora = {**TINY, "num-server-rounds": 3, "fraction-train": 1.0}
+    return [{"run-name": "fedlora", **lora, "strategy": "fedlora", "lora-base": base},
+            {"run-name": "fedlora-secagg", **lora, **SECAGG, "strategy": "fedlora",
+             "lora-base": base},
+            {"run-name": "finetune", **lora, "init-from": base}]
+
+
 @pytest.fixture(scope="module")
-def sweep_run(link):
+def lora_base(link):
+    """A real base: the command the docs give (one epoch, to keep the test short)."""
+    import subprocess
+    import sys
+
+    path = link.workdir / "base.npz"
+    done = subprocess.run([sys.executable, "-m", "fl_app.pretrain", "--dataset", "digits",
+                           "--epochs", "1", "--out", str(path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "SHA-256" in done.stdout, done.stderr[-2000:]
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep_run(link, lora_base):
     sweep = link.workdir / "sweep.json"
     runs = [{"run-name": "twin-a", **TINY}, {"run-name": "twin-b", **TINY}]
     runs += [{"run-name": name, **TINY, "strategy": name} for name in OURS]
-    runs += EXTRA
+    runs += EXTRA + lora_runs(str(lora_base))
     sweep.write_text(json.dumps(runs))
     overrides = {"sweep-file": str(sweep), "results-dir": str(link.workdir / "results")}
     first = link.run(overrides, num_supernodes=4, timeout=900)
@@ -109,7 +133,7 @@ def test_resubmitted_sweep_skips_finished_runs(link, sweep_run):
     results, overrides, _ = sweep_run
     before = (results / "twin-a" / "summary.json").stat().st_mtime_ns
     again = link.run(overrides, num_supernodes=4, timeout=600)
-    assert again.stdout.count("already complete, skipped") == 2 + len(OURS) + len(EXTRA), \
+    assert again.stdout.count("already complete, skipped") == 2 + len(OURS) + len(EXTRA) + 3, \
         again.stdout[-2000:]
     assert (results / "twin-a" / "summary.json").stat().st_mtime_ns == before
 
@@ -124,6 +148,35 @@ def test_each_custom_strategy_learns_end_to_end(sweep_run, name):
     fedavg_upload = summary(results, "twin-a")["history"][-1]["upload_bytes_per_client"]
     factor = 2 if name == "scaffold" else 1  # SCAFFOLD uploads Delta c_i beside the model
     assert s["history"][-1]["upload_bytes_per_client"] == factor * fedavg_upload
+
+
+def test_fedlora_sends_only_adapters_and_saves_the_merged_model(sweep_run, lora_base):
+    """FedLoRA learns from the MNIST base; each client uploads the adapters and the head
+    (3,310 float32 values, against the 22,250 of the model FedAvg sends), also
+    under SecAgg+, whose masked vector is as short; the saved model is the merged one, a
+    plain CNN that scores what the run's last round scored; full fine-tuning of the same
+    base (FedAvg from init-from) starts where the base does."""
+    from fl_app.model import build_model
+    from fl_app.training import evaluate
+    from partitions import dataset_info, load_test_data
+    from strategies.fedlora import sha256_file
+
+    results, _, _ = sweep_run
+    s, fine = summary(results, "fedlora"), summary(results, "finetune")
+    assert s["status"] == "completed" and s["config"]["lora-base-sha256"] == sha256_file(lora_base)
+    assert s["history"][0]["test_accuracy"] == fine["history"][0]["test_accuracy"] > 0.3  # the base
+    assert s["final_test_accuracy"] > max(0.6, s["history"][0]["test_accuracy"])
+    lora_up = s["history"][-1]["upload_bytes_per_client"]
+    full_up = summary(results, "fedavg-all")["history"][-1]["upload_bytes_per_client"]
+    assert 3310 * 4 <= lora_up < 3310 * 4 * 1.1 and full_up >= 22250 * 4
+    secure = summary(results, "fedlora-secagg")
+    assert secure["status"] == "completed" and secure["history"][-1]["secagg_survivors"] == 4
+    assert abs(secure["final_test_accuracy"] - s["final_test_accuracy"]) <= 0.05
+    model = build_model(dataset_info("digits"), seed=0, kind="cnn")
+    model.load_state_dict({k: __import__("torch").from_numpy(v) for k, v in
+                           load_model(results / "fedlora" / "final_model.npz").items()})
+    _, accuracy = evaluate(model, load_test_data("digits"))
+    assert accuracy == pytest.approx(s["final_test_accuracy"], abs=1e-9)
 
 
 def test_scaffold_clients_commit_their_control_variates_in_a_real_run(sweep_run):
