@@ -27,6 +27,10 @@ from typing import Any
 from .credentials import TLSFiles
 
 REPO = Path(__file__).resolve().parent.parent
+# Flower 1.42's SuperExec reads its task-polling interval from this variable (default 1 s,
+# 0.01 to 60 allowed: flwr/supercore/superexec/run_superexec.py).
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = "0.2"
 
 
 def executable(name: str) -> str:
@@ -90,11 +94,21 @@ class LocalSuperLink:
     """A SuperLink of our own: ``with LocalSuperLink(workdir) as link: link.run(...)``."""
 
     def __init__(self, workdir: Path, log_path: Path | None = None, simulation: bool = True,
-                 tls: Path | None = None, node_auth: bool = False) -> None:
+                 tls: Path | None = None, node_auth: bool = False,
+                 extra_env: dict[str, str] | None = None,
+                 supernode_threads: int | None = 1) -> None:
         """``tls``: a credentials folder (``deploy/credentials.py``): the SuperLink serves
         TLS with its certificate, the CLI and the SuperNodes verify it with its CA.
         ``node_auth``: only SuperNodes whose public key was registered
-        (``register_node``) may connect (Flower requires TLS for it)."""
+        (``register_node``) may connect (Flower requires TLS for it). ``extra_env``: set
+        last in every process's environment (the SuperLink, the SuperNodes and their
+        ClientApp processes, ``flwr run``): a profiler's wrapper first on ``PATH``.
+        ``supernode_threads``: ``OMP_NUM_THREADS`` for the SuperNodes (so for PyTorch in
+        every ClientApp process they start) unless the environment sets it; 1 by default,
+        as each simulated client gets one CPU (``run``'s ``num_cpus``): SuperNodes sharing
+        this machine's cores, each with PyTorch's default of one thread per core,
+        oversubscribe them (docs/deployment.md, "What a message costs"). None: PyTorch's
+        default, or the app's node-config ``num-threads`` (fl_app/node_runtime.py)."""
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it without)")
         self.workdir = Path(workdir)
@@ -106,6 +120,8 @@ class LocalSuperLink:
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
         self.log_path = log_path or self.home / "superlink.log"
         self.process: subprocess.Popen | None = None
+        self.extra_env = dict(extra_env or {})
+        self.supernode_threads = supernode_threads
 
     @property
     def env(self) -> dict[str, str]:
@@ -121,6 +137,7 @@ class LocalSuperLink:
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             "FL_APP_WORKDIR": str(self.workdir),
         })
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 60.0) -> "LocalSuperLink":
@@ -168,6 +185,17 @@ class LocalSuperLink:
                                f"{proc.stdout[-2000:]} {proc.stderr[-2000:]}")
         return proc
 
+    def supernode_env(self) -> dict[str, str]:
+        """A SuperNode's environment (inherited by its SuperExec and ClientApp processes):
+        ``env``, with ``OMP_NUM_THREADS`` = ``supernode_threads`` unless already set, and
+        the SuperExec's task poll at ``SUPEREXEC_POLL_SECONDS`` unless already set (its
+        default, 1 s, is on average half a second of every message's latency)."""
+        env = self.env
+        if self.supernode_threads is not None and not env.get("OMP_NUM_THREADS"):
+            env["OMP_NUM_THREADS"] = str(int(self.supernode_threads))
+        env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
+        return env
+
     def supernode_log(self, index: int) -> Path:
         return self.home / f"supernode-{index}.log"
 
@@ -179,13 +207,14 @@ class LocalSuperLink:
             raise RuntimeError("SuperNodes are started by the simulation engine in simulation mode")
         config = node_config or f"partition-id={partition_id} num-partitions={num_partitions}"
         log = open(self.supernode_log(len(self.supernodes)), "ab")  # noqa: SIM115
+        env = self.supernode_env()
         security = (["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"])
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(private_key)]
         self.supernodes.append(subprocess.Popen(
             [executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
              "--port", str(free_port()), "--node-config", config],
-            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         ))
         return self.supernodes[-1]

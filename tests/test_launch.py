@@ -50,3 +50,25 @@ def test_sigterm_stops_the_superlink_a_script_started(tmp_path):
             os.killpg(superlink, signal.SIGKILL)
         except (ProcessLookupError, UnboundLocalError, PermissionError):
             pass
+
+
+def test_supernodes_get_one_thread_and_a_short_task_poll_unless_told_otherwise(tmp_path, monkeypatch):
+    """SuperNodes sharing this machine's cores: one PyTorch thread each by default (as a
+    simulated client gets one CPU), the environment's OMP_NUM_THREADS if set, none with
+    supernode_threads=None; the SuperExec's task poll 0.2 s unless the environment sets it."""
+    from deploy.launch import SUPEREXEC_POLL_ENV, LocalSuperLink
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(SUPEREXEC_POLL_ENV, raising=False)
+    env = LocalSuperLink(tmp_path, simulation=False).supernode_env()
+    assert env["OMP_NUM_THREADS"] == "1" and env[SUPEREXEC_POLL_ENV] == "0.2"
+    assert "OMP_NUM_THREADS" not in LocalSuperLink(tmp_path, simulation=False,
+                                                   supernode_threads=None).supernode_env()
+    assert LocalSuperLink(tmp_path, simulation=False,
+                          supernode_threads=2).supernode_env()["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv(SUPEREXEC_POLL_ENV, "1.0")
+    env = LocalSuperLink(tmp_path, simulation=False).supernode_env()
+    assert env["OMP_NUM_THREADS"] == "3" and env[SUPEREXEC_POLL_ENV] == "1.0"
+    env = LocalSuperLink(tmp_path, simulation=False, extra_env={"X_PROFILE": "1"}).supernode_env()
+    assert env["X_PROFILE"] == "1"
