@@ -99,7 +99,8 @@ def load_device_data(data_path: str, info: DatasetInfo, *, validation_fraction: 
 
 
 # ---------------------------------------------------------------------------- disk cache
-CACHE_VERSION = 1  # bump when the preprocessing changes: old entries are then ignored
+CACHE_VERSION = 2  # bump when the preprocessing or the format changes: old entries are ignored
+CACHE_ARRAYS = ("train_x", "train_y", "val_x", "val_y")
 
 
 def _source_stamp(location: str) -> str:
@@ -111,18 +112,33 @@ def _source_stamp(location: str) -> str:
     return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
+def _read_entry(folder: Path) -> ClientData:
+    """A cache entry's arrays, memory-mapped copy-on-write (``mmap_mode="c"``): nothing is
+    read or decoded until a batch touches it, the pages come from the OS's page cache
+    (shared by every message's process), and the arrays stay writable for PyTorch."""
+    x = {name: np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False)
+         for name in CACHE_ARRAYS}
+    if len(x["train_x"]) != len(x["train_y"]) or len(x["val_x"]) != len(x["val_y"]):
+        raise ValueError(f"{folder}: arrays of different lengths")
+    return ClientData(train=ImageArrays(x["train_x"], x["train_y"]),
+                      val=ImageArrays(x["val_x"], x["val_y"]))
+
+
 def cached_client_data(cache_dir: str, cfg, partition_id: int, num_partitions: int, load):
     """``load()`` (a benchmark partition's ClientData) through a cache on the node's disk.
 
     In deployment every message runs in a fresh ClientApp process, so the per-process
     cache is lost and each message would load the whole dataset and split it again; with
-    node config ``cache-dir`` the partition is written once (atomically: a temporary file,
-    then a rename) and read back by later messages. The key covers the source (path, size
-    and modification time of its files), every split setting, the partition and the cache
-    format, so a changed dataset or config is never served stale.
+    node config ``cache-dir`` the partition is written once as plain ``.npy`` arrays (a
+    folder per entry, written under a temporary name, then renamed: a reader never sees a
+    partial entry) and later messages memory-map them (``_read_entry``) instead of
+    decoding anything. The key covers the source (path, size and modification time of
+    its files), every split setting, the partition and the cache format, so a changed
+    dataset or config is never served stale.
     """
     import hashlib
     import json
+    import shutil
 
     from .sources import resolve_source
 
@@ -131,17 +147,22 @@ def cached_client_data(cache_dir: str, cfg, partition_id: int, num_partitions: i
                       "stamp": _source_stamp(spec.location), "cfg": repr(cfg),
                       "pid": partition_id, "num": num_partitions}, sort_keys=True)
     folder = Path(cache_dir).expanduser()
-    path = folder / f"partition-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-    if path.exists():
+    entry = folder / f"partition-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+    if entry.is_dir():
         try:
-            with np.load(path) as z:
-                return ClientData(train=ImageArrays(z["train_x"], z["train_y"]),
-                                  val=ImageArrays(z["val_x"], z["val_y"]))
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged entry is rebuilt below
+            return _read_entry(entry)
+        except (OSError, ValueError):
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry is rebuilt below
     data = load()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, train_x=data.train.x, train_y=data.train.y, val_x=data.val.x, val_y=data.val.y)
-    os.replace(tmp, path)
+    tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+    tmp.mkdir()
+    arrays = {"train_x": data.train.x, "train_y": data.train.y, "val_x": data.val.x,
+              "val_y": data.val.y}
+    for name in CACHE_ARRAYS:
+        np.save(tmp / f"{name}.npy", np.ascontiguousarray(arrays[name]), allow_pickle=False)
+    try:
+        os.rename(tmp, entry)
+    except OSError:  # another process wrote the same entry first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return data

@@ -126,13 +126,18 @@ def test_the_partition_cache_serves_later_messages_and_never_a_stale_entry(tmp_p
     first = cached_client_data(str(tmp_path), cfg, 1, 4, load)
     second = cached_client_data(str(tmp_path), cfg, 1, 4, load)  # a later process
     assert len(calls) == 1
+    # Later messages memory-map the entry (nothing decoded), writable for PyTorch.
+    assert isinstance(second.train.x, np.memmap) and second.train.x.flags.writeable
     np.testing.assert_array_equal(first.train.x, second.train.x)
     np.testing.assert_array_equal(first.val.y, second.val.y)
     other = make_config(seed=1).data  # another split: another entry
     cached_client_data(str(tmp_path), other, 1, 4, lambda: (calls.append(1), load_client_data(other, 1, 4))[1])
     assert len(calls) == 2
-    for entry in tmp_path.glob("partition-*.npz"):  # a damaged entry is rebuilt
+    entries = list(tmp_path.glob("partition-*/train_x.npy"))
+    assert len(entries) == 2
+    for entry in entries:  # a damaged entry is rebuilt
         entry.write_bytes(b"torn write")
     third = cached_client_data(str(tmp_path), cfg, 1, 4, load)
     assert len(calls) == 3 and len(third.train) == len(first.train)
-    assert not list(tmp_path.glob("*.tmp.npz"))
+    np.testing.assert_array_equal(third.train.x, first.train.x)
+    assert not list(tmp_path.glob("*.tmp"))
