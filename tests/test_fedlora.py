@@ -313,3 +313,26 @@ def test_the_mnist_source_is_resized_and_scaled_like_the_federations_data():
     assert data.x.shape == (5000, 1, 8, 8) and data.x.dtype == np.float32
     assert data.x.min() >= -1.0 and data.x.max() <= 1.0 and data.x.min() == -1.0
     assert np.bincount(data.y).tolist() == [500] * 10
+
+
+def test_init_from_starts_a_whole_model_strategy_from_the_base(make_config, base_file, tmp_path):
+    """Full fine-tuning, FedLoRA's comparison: FedAvg's initial model is the base, value
+    for value; a file of another model is refused naming the key; init-from with a
+    strategy that does not send the whole model is refused before training."""
+    from fl_app.server_app import start_from
+
+    cfg = make_config(**{"init-from": str(base_file)})
+    model = _model(cfg)
+    start_from(model, cfg.init_from)
+    state, _ = read_base(base_file)
+    assert all(np.array_equal(model.state_dict()[k].numpy(), v) for k, v in state.items())
+    assert cfg.resolved()["init-from-sha256"] == sha256_file(base_file)
+    other = tmp_path / "mlp.npz"
+    save_base(other, build_model(INFO, seed=0, kind="mlp").state_dict(), {})
+    with pytest.raises(BaseRefused, match="'init-from' = .* does not fit the run's model"):
+        start_from(_model(cfg), str(other))
+    for strategy in ("fedper", "fedlora"):
+        with pytest.raises(ValueError, match="'init-from' starts the whole model from a file"):
+            make_config(strategy=strategy, **{"init-from": str(base_file)})
+    with pytest.raises(ValueError, match="'init-from' = '/nonexistent' is not a file"):
+        make_config(**{"init-from": "/nonexistent"})
