@@ -408,3 +408,37 @@ def _lora_grid(name: str, dataset: str, base_file: str, rounds: int, seeds: tupl
 
 register(_lora_grid("fedlora-digits", "digits", "cnn-digits-mnist.npz", 20, (0, 1, 2), 0.9))
 register(_lora_grid("fedlora-fmnist", "fashion-mnist", "cnn-fmnist-mnist.npz", 20, (0, 1, 2), 0.8))
+
+register(Grid(
+    name="fedper-fmnist",
+    description="FedPer on Fashion-MNIST, 10 clients all sampled, 10 rounds, 1 local epoch: "
+                "FedAvg's global model, FedAvg with one epoch of local fine-tuning before each "
+                "client scores it (eval-finetune-epochs = 1), FedPer with 1 and 2 personal "
+                "layers; local training only is experiments/local_only.py (local-only.json). "
+                "Compare val_accuracy (each client's held-out data), not the central test.",
+    base={"dataset": "fashion-mnist", "num-server-rounds": 10, "local-epochs": 1},
+    strategies={"fedavg": {"strategy": "fedavg"},
+                "fedavg-ft": {"strategy": "fedavg", "eval-finetune-epochs": 1},
+                "fedper1": {"strategy": "fedper", "personal-layers": 1},
+                "fedper2": {"strategy": "fedper", "personal-layers": 2}},
+    splits=("path2", "dir0.1", "dir0.5", "iid"),
+    seeds=(0, 1, 2),
+    num_supernodes=10,
+    target_accuracy=0.8,
+))
+
+register(Grid(
+    name="fedper-digits-3s",
+    description="fedper-digits with FedAvg + local fine-tuning, Dirichlet splits and 3 seeds "
+                "(digits, 10 clients all sampled, 10 rounds); local training only in "
+                "local-only.json (experiments/local_only.py).",
+    base={"dataset": "digits", "num-server-rounds": 10, "local-epochs": 1},
+    strategies={"fedavg": {"strategy": "fedavg"},
+                "fedavg-ft": {"strategy": "fedavg", "eval-finetune-epochs": 1},
+                "fedper1": {"strategy": "fedper", "personal-layers": 1},
+                "fedper2": {"strategy": "fedper", "personal-layers": 2}},
+    splits=("path2", "dir0.1", "dir0.5", "iid"),
+    seeds=(0, 1, 2),
+    num_supernodes=10,
+    target_accuracy=0.9,
+))

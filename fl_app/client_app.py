@@ -37,6 +37,7 @@ from fl_common.randomness import derive_seed
 from .training import evaluate, resolve_device, train_local
 
 app = ClientApp()
+FINETUNE_TAG = 0xF17  # separates the evaluation fine-tuning's batches from training's
 
 
 @lru_cache(maxsize=8)
@@ -262,15 +263,20 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
             f"{wire.DP_POLICY_REFUSED}: federated evaluation under DP would send un-noised "
             "metrics of private validation data; it is off with dp = true"))
     try:
-        _, _, data, model = _setup(msg, context, state_dir(msg, context)[0])
+        cfg, pid, data, model = _setup(msg, context, state_dir(msg, context)[0])
     except BaseRefused as err:
         return _refused(msg, wire.BASE_ERROR_CODE, f"{wire.BASE_REFUSED}: {err}")
+    if cfg.eval_finetune_epochs:  # personalization baseline: fine-tune a copy, then score
+        server_round = int(msg.content[wire.CONFIG].get(wire.SERVER_ROUND, 0))
+        train_local(model, data.train, epochs=cfg.eval_finetune_epochs, batch_size=cfg.batch_size,
+                    lr=float(cfg.lr), momentum=float(cfg.momentum),
+                    seed=derive_seed(cfg.seed, FINETUNE_TAG, server_round, pid))
     loss, accuracy = evaluate(model, data.val)
     metrics = MetricRecord({
         wire.NUM_EXAMPLES: len(data.val),
         wire.VAL_LOSS: loss,
         wire.VAL_ACCURACY: accuracy,
     })
-    if strategies.spec(cfg.strategy).traits.personalized:  # the spread across clients
+    if strategies.spec(cfg.strategy).traits.personalized or cfg.eval_finetune_epochs:  # the spread
         metrics[wire.VAL_ACCURACY_SQ] = accuracy ** 2
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

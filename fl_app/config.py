@@ -71,6 +71,7 @@ class TrainingSection(Section):
     momentum: float
     seed: int
     max_num_examples: int
+    eval_finetune_epochs: int
 
     def __post_init__(self) -> None:
         _int("num-server-rounds", self.num_server_rounds, minimum=1)
@@ -86,6 +87,7 @@ class TrainingSection(Section):
         _fraction("momentum", self.momentum)
         _int("seed", self.seed, minimum=0)
         _int("max-num-examples", self.max_num_examples, minimum=1)
+        _int("eval-finetune-epochs", self.eval_finetune_epochs, minimum=0)
         if self.max_num_examples > MAX_NUM_EXAMPLES_LIMIT:
             raise ValueError(f"Run config 'max-num-examples' must be an integer in [1, "
                              f"{MAX_NUM_EXAMPLES_LIMIT}]; got {self.max_num_examples!r}")

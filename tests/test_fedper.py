@@ -232,3 +232,30 @@ def test_fedper_under_user_level_dp_clips_only_what_travels(make_config):
     assert sorted(arrays) == sorted(sent)
     norm = np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - sent[k]) ** 2)) for k in sent))
     assert norm == pytest.approx(0.01, rel=1e-3)
+
+
+def test_fedavg_with_local_fine_tuning_scores_the_fine_tuned_copy(make_config):
+    """The personalization baseline (eval-finetune-epochs = 1): an evaluating client
+    trains the received model one epoch on its own training data, then scores it; the
+    same steps by hand give the same loss, and the reply carries the square for the
+    spread. Nothing of the fine-tuning is kept: the next evaluation starts again."""
+    from fl_app.training import evaluate, train_local
+    from partitions import load_client_data
+
+    cfg = make_config(**{"eval-finetune-epochs": 1})
+    msg = _message(cfg, 3, kind="evaluate")
+    context = _context()
+    reply = client_app.evaluate_fn(msg, context)
+    model = _model(cfg)
+    data = load_client_data(cfg.data, 0, 4)
+    train_local(model, data.train, epochs=1, batch_size=cfg.batch_size, lr=float(cfg.lr),
+                momentum=float(cfg.momentum),
+                seed=derive_seed(cfg.seed, client_app.FINETUNE_TAG, 3, 0))
+    loss, accuracy = evaluate(model, data.val)
+    metrics = reply.content["metrics"]
+    assert metrics["val-loss"] == pytest.approx(loss, rel=1e-6)
+    assert metrics[wire.VAL_ACCURACY_SQ] == pytest.approx(accuracy ** 2)
+    plain = client_app.evaluate_fn(_message(make_config(), 3, kind="evaluate"), _context())
+    assert plain.content["metrics"]["val-loss"] > metrics["val-loss"]  # the untrained model
+    again = client_app.evaluate_fn(msg, context)
+    assert again.content["metrics"]["val-loss"] == metrics["val-loss"]
