@@ -26,7 +26,8 @@ and refuses (:class:`PairingError`, naming the runs) when it does not hold:
 * the recorded config equal in every key the grid does not vary between the two labels
   (bookkeeping such as the run name left out); a key recorded by one run only means the
   records come from different code versions;
-* the same initial model: round 0's test loss and accuracy equal;
+* the same initial model: round 0's test loss and accuracy equal (unless the comparison is
+  of the initial model itself: ``model``, ``init-from``, ``lora-base``);
 * where the two runs must start identically (SCAFFOLD with eta_g = 1 has c = 0 in round 1
   and is FedAvg's step; FedAvgM with server lr 1 has an empty momentum buffer; FedProx with
   mu = 0 and FedPer with 0 personal layers are FedAvg), round 1's test loss and accuracy equal.
@@ -54,7 +55,11 @@ LAST_ROUNDS = 10  # the "last 10 rounds" mean
 ALGORITHM_KEYS = frozenset({
     "strategy", "server-lr", "server-momentum", "proximal-mu", "scaffold-control-variate",
     "scaffold-weighting", "beta-1", "beta-2", "tau", "trim-fraction", "num-malicious",
-    "num-selected", "personal-layers", "lora-rank", "lora-alpha", "lora-train-head"})
+    "num-selected", "personal-layers", "lora-rank", "lora-alpha", "lora-train-head",
+    "lora-target-modules"})
+# Keys that change the initial model on purpose (a pretrained base, another architecture):
+# runs compared on them need not start from the same round 0 or have the same size.
+INITIAL_MODEL_KEYS = frozenset({"model", "init-from", "lora-base"})
 BOOKKEEPING_KEYS = frozenset({"run-name", "results-dir", "sweep-file", "resume-from"})
 LOSS_RTOL = 1e-6  # float32 sums in another order differ by ~1e-8 relative; a real change by >1e-5
 
@@ -294,7 +299,8 @@ def pair_problems(grid: Grid, label: str, reference: str,
                 "num_partitions", "num_nodes", "data_source"):
         if key in a and key in b and a[key] != b[key]:
             problems.append(f"different {key}")
-    if "model" not in compared and a.get("model_parameters") != b.get("model_parameters"):
+    new_start = bool(compared & INITIAL_MODEL_KEYS)
+    if not new_start and a.get("model_parameters") != b.get("model_parameters"):
         problems.append(f"model parameters {a.get('model_parameters')} vs {b.get('model_parameters')}")
     # the config apart from what is compared
     ca, cb = a.get("config", {}), b.get("config", {})
@@ -311,7 +317,7 @@ def pair_problems(grid: Grid, label: str, reference: str,
                                 for keys, run in ((only_a, a), (only_b, b)) if keys))
     # the initial model
     r0a, r0b = _round(a["history"], 0), _round(b["history"], 0)
-    if "model" not in compared and r0a and r0b and not (
+    if not new_start and r0a and r0b and not (
             _close(r0a["test_loss"], r0b["test_loss"])
             and _close(r0a["test_accuracy"], r0b["test_accuracy"])):
         problems.append(f"round 0 (the initial model) differs: test loss {r0a['test_loss']:.6f} "

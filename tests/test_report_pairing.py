@@ -242,3 +242,28 @@ def _load(runs_dir):
     from experiments.report import load_summaries
 
     return load_summaries(runs_dir)
+
+
+def test_a_comparison_of_starting_points_needs_no_common_round_0(tmp_path):
+    """FedLoRA's grid compares training from scratch with runs from a pretrained base
+    (init-from, lora-base): their round 0 differs by design, and the model's size with the
+    adapters; the same difference between two runs that do not vary the start is refused."""
+    from experiments.report import check_pairing
+
+    runs = tmp_path / "runs"
+    name = write_run(runs, "fedavg", 0, CURVES[("fedavg", 0)])
+    scratch = json.loads((runs / name / "summary.json").read_text())
+    scratch["config"]["init-from"] = ""
+    base = json.loads(json.dumps(scratch))
+    base["history"][0]["test_loss"], base["model_parameters"] = 0.9, 1500
+    base["config"]["init-from"] = "/b.npz"
+    grid = Grid("starts", "scratch against a base", {"dataset": "digits"},
+                {"scratch": {"strategy": "fedavg"},
+                 "finetune": {"strategy": "fedavg", "init-from": "/b.npz"}}, ("iid",), (0,))
+    records = {"scratch__iid__s0": scratch, "finetune__iid__s0": base}
+    assert check_pairing(grid, records)
+    base["config"]["init-from"] = ""
+    plain = Grid("same", "x", {}, {"scratch": {"strategy": "fedavg"},
+                                   "finetune": {"strategy": "fedavg", "lr": 0.05}}, ("iid",), (0,))
+    with pytest.raises(PairingError, match="round 0"):
+        check_pairing(plain, records)
