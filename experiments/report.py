@@ -305,6 +305,8 @@ def pair_problems(grid: Grid, label: str, reference: str,
     # the config apart from what is compared
     ca, cb = a.get("config", {}), b.get("config", {})
     ignore = compared | BOOKKEEPING_KEYS
+    if new_start:  # the checksums of the files the runs started from
+        ignore |= {"init-from-sha256", "lora-base-sha256"}
     differ = sorted(k for k in set(ca) & set(cb) - ignore if ca[k] != cb[k])
     if differ:
         problems.append("config differs in " + ", ".join(f"{k} ({ca[k]!r} vs {cb[k]!r})" for k in differ))

@@ -256,14 +256,16 @@ def test_a_comparison_of_starting_points_needs_no_common_round_0(tmp_path):
     scratch["config"]["init-from"] = ""
     base = json.loads(json.dumps(scratch))
     base["history"][0]["test_loss"], base["model_parameters"] = 0.9, 1500
-    base["config"]["init-from"] = "/b.npz"
+    base["config"]["init-from"], base["config"]["init-from-sha256"] = "/b.npz", "ab" * 32
     grid = Grid("starts", "scratch against a base", {"dataset": "digits"},
                 {"scratch": {"strategy": "fedavg"},
-                 "finetune": {"strategy": "fedavg", "init-from": "/b.npz"}}, ("iid",), (0,))
+                 "finetune": {"strategy": "fedavg", "init-from": "/b.npz"}}, ("iid",), (0,),
+                baseline="scratch")
     records = {"scratch__iid__s0": scratch, "finetune__iid__s0": base}
     assert check_pairing(grid, records)
     base["config"]["init-from"] = ""
     plain = Grid("same", "x", {}, {"scratch": {"strategy": "fedavg"},
-                                   "finetune": {"strategy": "fedavg", "lr": 0.05}}, ("iid",), (0,))
+                                   "finetune": {"strategy": "fedavg", "lr": 0.05}}, ("iid",), (0,),
+                 baseline="scratch")
     with pytest.raises(PairingError, match="round 0"):
         check_pairing(plain, records)
