@@ -1,0 +1,311 @@
+"""Profile deployed messages from ClientApp process start to reply, next to simulation.
+
+    python -m experiments.benchmark_message_profile                      # digits, 2 nodes
+    python -m experiments.benchmark_message_profile --dataset fashion-mnist --rounds 3
+    python -m experiments.benchmark_message_profile --label after --repeat 2
+
+Real Flower processes: a private SuperLink and ``--nodes`` ``flower-supernode`` processes
+(``deploy/launch.py``) on free ports. Each SuperNode's SuperExec starts
+``flwr-clientapp`` by name for every message; a wrapper of that name is put first on the
+SuperNodes' ``PATH``: it stamps the process's start (the kernel's start time of the
+process, before the interpreter runs), then runs Flower's own ``flwr-clientapp`` with
+timers around its steps and around the app's (``fl_app.client_app``): Flower's imports,
+pulling the task, installing the FAB, ``import torch``, ``import torch._dynamo`` (which
+``torch.optim``'s first ``step()`` would otherwise import inside the training loop:
+about 1.5 s), the rest of the app's imports,
+the node's data, the model build, the training (or evaluation) loop, the handler as a
+whole (mods included) and pushing the reply. One JSON record per process.
+
+Alternating in one invocation: the same run config in simulation (``flower-superlink
+--simulation``: ClientApps in long-lived Ray actors of one CPU each) and on the deployment
+runtime; ``--repeat`` pairs. Reported per deployment run: the median of each phase over
+the train messages of rounds 2.., the fixed part of a message (process start to reply,
+minus the training loop), and the training phase (``train_seconds``) against
+simulation's. Appends to docs/benchmarks/deployment_profile.jsonl: one ``run`` row per
+deployment run (with the simulated run it alternated with) and one ``message`` row per
+profiled process.
+
+``--node-config`` adds keys to every SuperNode's config (e.g. ``num-threads=1``),
+``--env`` sets variables in the SuperNodes' environment (e.g. ``OMP_NUM_THREADS=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from deploy.launch import LocalSuperLink
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "deployment_profile.jsonl"
+
+# The wrapper: runs as ``flwr-clientapp`` (first on PATH), times Flower's steps and the app's.
+CHILD = r'''
+import os, sys, time, json
+_T0 = time.time()
+
+
+def _process_start():
+    with open("/proc/self/stat") as handle:
+        ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as handle:
+        btime = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+REC = {"pid": os.getpid(), "t_exec": _process_start(), "t_wrapper": _T0, "phases": {}}
+PH = REC["phases"]
+
+
+def _timed(owner, name, label):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            PH[label] = PH.get(label, 0.0) + time.time() - start
+    setattr(owner, name, wrapper)
+    return original
+
+
+import flwr.supernode.runtime.run_clientapp as rc  # noqa: E402
+from flwr.clientapp.client_app import ClientApp  # noqa: E402
+
+PH["flwr_imports"] = time.time() - _T0
+_timed(rc, "install_from_fab", "install_fab")
+_pull = rc.pull_task_input
+
+
+def pull(client):
+    start = time.time()
+    message, context, run, fab = _pull(client)
+    PH["pull_task"] = time.time() - start
+    REC["message_type"] = str(message.metadata.message_type)
+    REC["group_id"] = str(message.metadata.group_id)
+    REC["node_config"] = {k: str(v) for k, v in context.node_config.items()}
+    config = message.content.get("config") if message.content is not None else None
+    if config is not None and "server-round" in config:
+        REC["server_round"] = int(config["server-round"])
+    if config is not None and "secaggplus_configs" in message.content:
+        REC["secagg"] = True
+    return message, context, run, fab
+
+
+rc.pull_task_input = pull
+_get_loader = rc.get_load_client_app_fn
+
+
+def get_loader(*args, **kwargs):
+    load = _get_loader(*args, **kwargs)
+
+    def loader(*a, **k):
+        start = time.time()
+        import torch  # noqa: F401 - timed on its own
+        PH["import_torch"] = time.time() - start
+        start = time.time()
+        import torch._dynamo  # noqa: F401 - the optimizer's first step imports it
+        PH["import_torch_dynamo"] = time.time() - start
+        start = time.time()
+        app = load(*a, **k)
+        PH["import_app"] = time.time() - start
+        try:
+            import fl_app.client_app as ca
+            for name, label in (("node_data", "data"), ("build_model", "model_build"),
+                                ("train_local", "train_loop"), ("evaluate", "eval_loop")):
+                _timed(ca, name, label)
+            original_train = ca.train_local
+
+            def train_local(*args, **kwargs):
+                REC["torch_threads"] = torch.get_num_threads()
+                return original_train(*args, **kwargs)
+            ca.train_local = train_local
+        except Exception as err:  # the profile must not break the message
+            REC["patch_error"] = repr(err)
+        return app
+    return loader
+
+
+rc.get_load_client_app_fn = get_loader
+_call = ClientApp.__call__
+
+
+def call(self, *args, **kwargs):
+    start = time.time()
+    try:
+        return _call(self, *args, **kwargs)
+    finally:
+        PH["handler"] = time.time() - start
+        try:
+            import torch
+            REC.setdefault("torch_threads", torch.get_num_threads())
+        except Exception:
+            pass
+
+
+ClientApp.__call__ = call
+_push = rc.push_message
+
+
+def push(*args, **kwargs):
+    start = time.time()
+    try:
+        return _push(*args, **kwargs)
+    finally:
+        end = time.time()
+        PH["push_reply"] = end - start
+        REC["t_replied"] = end
+        REC["affinity"] = len(os.sched_getaffinity(0))
+        REC["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+        folder = os.environ["FL_PROFILE_DIR"]
+        with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as handle:
+            json.dump(REC, handle)
+
+
+rc.push_message = push
+from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: E402
+
+sys.argv[0] = "flwr-clientapp"
+sys.exit(flwr_clientapp())
+'''
+
+PHASES = ("flwr_imports", "pull_task", "install_fab", "import_torch", "import_torch_dynamo",
+          "import_app", "data",
+          "model_build", "train_loop", "eval_loop", "handler", "push_reply")
+
+
+def write_wrapper(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "flwr-clientapp"
+    script.write_text(f"#!{sys.executable}\n{CHILD}")
+    script.chmod(0o755)
+    return folder
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per-phase medians over ``records``, the process's whole life (start to reply),
+    its time before the handler, and the fixed part (start to reply minus the loop)."""
+    out: dict = {"messages": len(records)}
+    for phase in PHASES:
+        values = [r["phases"][phase] for r in records if phase in r["phases"]]
+        if values:
+            out[phase] = statistics.median(values)
+    total = [r["t_replied"] - r["t_exec"] for r in records]
+    loop = [r["phases"].get("train_loop", r["phases"].get("eval_loop", 0.0)) for r in records]
+    out["interpreter_start"] = statistics.median(r["t_wrapper"] - r["t_exec"] for r in records)
+    out["start_to_reply"] = statistics.median(total)
+    out["fixed"] = statistics.median(t - x for t, x in zip(total, loop))
+    handler = [r["phases"].get("handler", 0.0) for r in records]
+    out["handler_minus_loop"] = statistics.median(h - x for h, x in zip(handler, loop))
+    return out
+
+
+def one_run(mode: str, args, workdir: Path, tag: str) -> dict:
+    name = f"{mode}-{tag}-{datetime.now().strftime('%H%M%S%f')}"
+    run = {"dataset": args.dataset, "num-server-rounds": args.rounds, "run-name": name,
+           "results-dir": str(workdir / "results"), "min-train-nodes": args.nodes,
+           "fraction-train": 1.0}
+    profile_dir = workdir / f"profile-{name}"
+    profile_dir.mkdir(parents=True)
+    env = dict(kv.split("=", 1) for kv in args.env)
+    if mode == "deployment":
+        wrapper = write_wrapper(workdir / "wrapper-bin")
+        path = f"{wrapper}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+        env.update({"PATH": path, "FL_PROFILE_DIR": str(profile_dir)})
+    started = time.monotonic()
+    if args.flower_defaults:  # what Flower does: PyTorch's threads, a 1 s task poll
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "1.0")
+    with LocalSuperLink(workdir / name, simulation=(mode == "simulation"),
+                        extra_env=env if mode == "deployment" else None,
+                        supernode_threads=None if args.flower_defaults else 1) as link:
+        if mode == "deployment":
+            for pid in range(args.nodes):
+                cache = f' cache-dir="{workdir / "cache"}"' if args.cache else ""
+                extra = "".join(f" {kv}" for kv in args.node_config)
+                link.add_supernode(pid, args.nodes, node_config=(
+                    f"partition-id={pid} num-partitions={args.nodes}{cache}{extra}"))
+            proc = link.run(run, timeout=3600)
+        else:
+            proc = link.run(run, num_supernodes=args.nodes, timeout=3600)
+    wall = time.monotonic() - started
+    path = workdir / "results" / name / "summary.json"
+    if not path.exists():
+        raise RuntimeError(f"{mode} run left no summary: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    summary = json.loads(path.read_text())
+    history = summary["history"][1:]
+    warm = [r for r in history if r["round"] >= 2]
+    out = {"mode": mode, "wall_s": wall, "status": summary["status"],
+           "train_s": statistics.median(r["train_seconds"] for r in warm),
+           "local_s": statistics.median(r["local_seconds"] for r in warm),
+           "train_s_rounds": [r["train_seconds"] for r in history],
+           "local_s_rounds": [r["local_seconds"] for r in history]}
+    if mode == "deployment":
+        records = [json.loads(p.read_text()) for p in sorted(profile_dir.glob("*.json"))]
+        out["records"] = records
+        train = [r for r in records if r.get("message_type") == "train"
+                 and r.get("server_round", 0) >= 2]
+        out["profile_train"] = summarize(train) if train else {}
+        evals = [r for r in records if r.get("message_type") == "evaluate"]
+        out["profile_evaluate"] = summarize(evals) if evals else {}
+        out["torch_threads"] = sorted({r.get("torch_threads") for r in records} - {None})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--label", default="", help="what this measures (recorded)")
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="no cache-dir in the node config (load and split every message)")
+    parser.add_argument("--node-config", action="append", default=[],
+                        help="key=value added to every SuperNode's node config")
+    parser.add_argument("--env", action="append", default=[],
+                        help="NAME=value in the SuperNodes' environment")
+    parser.add_argument("--flower-defaults", action="store_true",
+                        help="the SuperNodes as Flower starts them: no OMP_NUM_THREADS from "
+                             "the launcher, the SuperExec's 1 s task poll")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        for i in range(args.repeat):
+            sim = one_run("simulation", args, Path(tmp), f"r{i}")
+            dep = one_run("deployment", args, Path(tmp), f"r{i}")
+            when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            records = dep.pop("records")
+            row = {"kind": "run", "when": when, "label": args.label, "machine": platform.node(),
+                   "cores": os.cpu_count(), "dataset": args.dataset, "nodes": args.nodes,
+                   "rounds": args.rounds, "cache_dir": args.cache,
+                   "node_config": args.node_config, "env": args.env,
+                   "flower_defaults": args.flower_defaults,
+                   "simulation": sim, "deployment": dep,
+                   "deployment_over_simulation": dep["train_s"] / sim["train_s"],
+                   "loop_deployment_over_simulation": dep["local_s"] / sim["local_s"],
+                   "load_average": os.getloadavg()}
+            print(json.dumps(row, indent=1), flush=True)
+            rows.append(row)
+            rows += [{"kind": "message", "when": when, "label": args.label,
+                      "dataset": args.dataset, **{k: v for k, v in r.items()
+                                                  if k != "node_config"}} for r in records]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
