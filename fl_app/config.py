@@ -34,7 +34,7 @@ INIT_SHA = "init-from-sha256"  # the recorded config: the file the model started
 DP_MODES = ("sample", "user")
 DP_DEFAULTS = {"dp_mode": "sample", "dp_randomness": "secure", "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
                "dp_target_epsilon": 0.0, "dp_max_epsilon": 0.0}
-SECAGG_DEFAULTS = {"secagg_num_shares": 5, "secagg_reconstruction_threshold": 3,
+SECAGG_DEFAULTS = {"secagg_num_shares": "auto", "secagg_reconstruction_threshold": "auto",
                    "secagg_clipping_range": 8.0, "secagg_quantization_range": 2**22,
                    "secagg_max_weight": AUTO, "secagg_timeout": 600.0}
 # Largest accepted 'max-num-examples': with at most 2**31 examples per reply, a float64
@@ -274,8 +274,8 @@ class SecAggSection(Section):
     """Secure aggregation, SecAgg+ (docs/secure-aggregation.md)."""
 
     secagg: bool
-    secagg_num_shares: int
-    secagg_reconstruction_threshold: int
+    secagg_num_shares: int | str
+    secagg_reconstruction_threshold: int | str
     secagg_clipping_range: float
     secagg_quantization_range: int
     secagg_max_weight: float | str
@@ -293,8 +293,12 @@ class SecAggSection(Section):
             return
         if self.secagg_max_weight != AUTO:
             _positive("secagg-max-weight", self.secagg_max_weight, also=f'or the string "{AUTO}"')
-        _int("secagg-num-shares", self.secagg_num_shares, minimum=3)
-        _int("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, minimum=2)
+        if self.secagg_num_shares != AUTO:
+            _int("secagg-num-shares", self.secagg_num_shares, minimum=3,
+                 also=f'or the string "{AUTO}" (from the clients sampled)')
+        if self.secagg_reconstruction_threshold != AUTO:
+            _int("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold,
+                 minimum=2, also=f'or the string "{AUTO}" (more than half the shares)')
         _positive("secagg-clipping-range", self.secagg_clipping_range)
         _int("secagg-quantization-range", self.secagg_quantization_range, minimum=2)
         _positive("secagg-timeout", self.secagg_timeout)
@@ -474,13 +478,18 @@ class RunConfig:
         if problems:
             raise ValueError(problems[0])
 
-    def secagg_settings(self, max_weight: float):  # -> strategies.secagg.SecAggSettings
-        """The protocol's settings, ``max_weight`` resolving ``secagg-max-weight = "auto"``."""
-        from strategies.secagg import SecAggSettings
+    def secagg_settings(self, max_weight: float, sampled: int | None = None):
+        """The protocol's settings (strategies.secagg.SecAggSettings), ``max_weight``
+        resolving ``secagg-max-weight = "auto"`` and ``sampled`` (the clients of a round)
+        the shares and threshold (``strategies.secagg.auto_shares``); without ``sampled``
+        (checks before the federation is known) "auto" is their value for large rounds."""
+        from strategies.secagg import SecAggSettings, auto_shares
 
         weight = max_weight if self.secagg_max_weight == AUTO else float(self.secagg_max_weight)
-        return SecAggSettings(num_shares=self.secagg_num_shares,
-                     threshold=self.secagg_reconstruction_threshold,
+        shares, threshold = auto_shares(self.secagg_num_shares, self.secagg_reconstruction_threshold,
+                                        sampled)
+        return SecAggSettings(num_shares=shares,
+                     threshold=threshold,
                      clipping_range=float(self.secagg_clipping_range),
                      quantization_range=self.secagg_quantization_range,
                      max_weight=weight, timeout=float(self.secagg_timeout))

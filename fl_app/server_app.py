@@ -351,13 +351,14 @@ def secagg_settings(cfg: RunConfig, train_n: list[int], num_nodes: int) -> SecAg
                          "sizes, which they keep private here; set it to a number >= the "
                          "largest client's training examples")
     largest = max(train_n, default=0)
-    settings = cfg.secagg_settings(max_weight=float(largest or 1)).check()
+    sampled = min(strategies.sampled_per_round(cfg, num_nodes), num_nodes)
+    settings = cfg.secagg_settings(max_weight=float(largest or 1), sampled=sampled).check()
     if largest > settings.max_weight:
         raise ValueError(
             f"Run config 'secagg-max-weight' = {settings.max_weight:g} is below the largest "
             f"client's {largest} training examples: that client could never take part. "
             f"Set it >= {largest}, or \"auto\"")
-    settings.check_sampled(min(strategies.sampled_per_round(cfg, num_nodes), num_nodes))
+    settings.check_sampled(sampled)
     log(INFO, "SecAgg+: %d shares, threshold %d, clipping range %g, quantization range %d, "
               "max weight %g", settings.num_shares, settings.threshold, settings.clipping_range,
         settings.quantization_range, settings.max_weight)

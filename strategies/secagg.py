@@ -182,12 +182,19 @@ class SecAggSettings:
 
     def check_sampled(self, sampled: int) -> None:
         """Raise if a round of ``sampled`` clients can never complete the protocol."""
+        if sampled < 3:
+            raise ValueError(
+                f"SecAgg+ needs at least 3 clients sampled per round (each client's secrets "
+                f"are split among an odd neighbourhood of >= 3, itself included); {sampled} "
+                f"are sampled. Start more nodes or raise 'min-train-nodes' / 'fraction-train' "
+                f"to sample >= 3, or set secagg = false")
         if self.num_shares > sampled:
             raise ValueError(
                 f"Run config 'secagg-num-shares' = {self.num_shares} exceeds the {sampled} "
                 f"clients sampled per round: each client's secrets are split into one share "
                 f"per neighbour (itself included). Set 'secagg-num-shares' to an odd number "
-                f"<= {sampled}, or sample more clients ('fraction-train', 'min-train-nodes')")
+                f"<= {sampled} (or \"auto\"), or sample more clients ('fraction-train', "
+                f"'min-train-nodes')")
         if sampled < self.threshold:
             raise ValueError(
                 f"{sampled} clients sampled per round is below 'secagg-reconstruction-"
@@ -222,6 +229,24 @@ def threshold_problem(num_shares: object, threshold: object) -> str | None:
                 f"dropped and others that it did not can collect both its mask-seed shares "
                 f"and its pairwise-key shares, i.e. its individual update")
     return None
+
+
+AUTO_MAX_SHARES = 5  # "auto": a neighbourhood of up to 5 (SecAgg+'s k; Bell et al. use O(log n))
+
+
+def auto_shares(shares: int | str, threshold: int | str, sampled: int | None) -> tuple[int, int]:
+    """``secagg-num-shares`` and ``secagg-reconstruction-threshold`` with "auto" resolved
+    for rounds of ``sampled`` clients (None: not known yet, taken as large): shares = the
+    largest odd number <= min(5, sampled), at least 3 (below 3 clients SecAgg+ cannot
+    run: check_sampled says so); threshold = shares // 2 + 1, the fewest shares above
+    half (the rule that keeps a node's two secrets apart: threshold_problem), which lets
+    the most neighbours drop."""
+    if shares == "auto":
+        most = AUTO_MAX_SHARES if sampled is None else min(AUTO_MAX_SHARES, sampled)
+        shares = max(3, most if most % 2 else most - 1)
+    if threshold == "auto":
+        threshold = int(shares) // 2 + 1 if isinstance(shares, int) else threshold
+    return shares, threshold
 
 
 def settings_problems(s: SecAggSettings) -> list[str]:

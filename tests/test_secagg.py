@@ -359,3 +359,28 @@ def test_run_config_refuses_what_secagg_cannot_serve(make_config, overrides, fra
 def test_run_config_accepts_every_sum_based_strategy(make_config):
     for name in ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad", "scaffold"):
         assert make_config(secagg=True, strategy=name).secagg
+
+
+@pytest.mark.parametrize("sampled, expected", [(3, (3, 2)), (4, (3, 2)), (5, (5, 3)), (6, (5, 3)),
+                                               (50, (5, 3)), (None, (5, 3))])
+def test_auto_shares_fit_the_clients_sampled_within_the_security_rule(sampled, expected):
+    """The defaults ("auto") follow the round: the largest odd neighbourhood <= min(5,
+    sampled) and the fewest shares above half of it, so the guide's 3-node SecAgg+ run
+    works without settings; explicit values are kept."""
+    from strategies.secagg import auto_shares, threshold_problem
+
+    shares, threshold = auto_shares("auto", "auto", sampled)
+    assert (shares, threshold) == expected
+    assert threshold_problem(shares, threshold) is None and threshold < shares
+    assert auto_shares(7, 4, sampled) == (7, 4)
+
+
+def test_a_round_of_two_clients_is_refused_with_advice_that_can_be_followed(make_config):
+    from fl_app.server_app import secagg_settings
+
+    cfg = make_config(secagg=True, **{"min-train-nodes": 2})
+    with pytest.raises(ValueError, match="needs at least 3 clients sampled per round") as err:
+        secagg_settings(cfg, [100, 100], 2)
+    assert "odd number <= 2" not in str(err.value)
+    settings = secagg_settings(make_config(secagg=True, **{"min-train-nodes": 3}), [100] * 3, 3)
+    assert (settings.num_shares, settings.threshold) == (3, 2)
