@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         model = make_model(kind)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": platform.node(), "model": kind, "trainable": trainable,
+               "machine": platform.node(), "load_1min": os.getloadavg()[0],
+               "model": kind, "trainable": trainable,
                "samples": len(data.y), "batch_size": 32, "repeat": args.repeat,
                "plain_s": best[(kind, False)], "dp_s": best[(kind, True)],
                "dp_over_plain": best[(kind, True)] / best[(kind, False)],
