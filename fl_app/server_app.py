@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import traceback
+from contextlib import contextmanager
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -205,10 +207,11 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     """Train one run config to the end and record it; returns its summary. ``resume``:
     the checkpoint to continue from and its run folder (``resume_point(cfg)``)."""
     node_ids, num_partitions = connect(grid, cfg, nodes)
-    strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3, before training
-    check_test_facilities(cfg, grid, num_partitions)
-    check_dp_randomness(cfg, grid)
-    check_dp_deployment(cfg, grid, nodes, node_ids)
+    with refusal():
+        strategies.check_feasible(cfg, len(node_ids))  # e.g. Krum's n >= 2f + 3
+        check_test_facilities(cfg, grid, num_partitions)
+        check_dp_randomness(cfg, grid)
+        check_dp_deployment(cfg, grid, nodes, node_ids)
     info = dataset_info(cfg.dataset)
     split = the_split(cfg, nodes, node_ids, num_partitions, info.num_classes)
     spec = strategies.spec(cfg.strategy)
@@ -365,16 +368,36 @@ def secagg_settings(cfg: RunConfig, train_n: list[int], num_nodes: int) -> SecAg
     return settings
 
 
+class RunRefused(ValueError):
+    """A run config refused before training: the reason alone, no traceback chain."""
+
+
+@contextmanager
+def refusal():
+    """Checks before training: a ValueError becomes one ERROR line with the reason, first
+    (the traceback that led to it goes to the DEBUG log, not the console), and a short
+    RunRefused, so that Flower's own report of the failure ends with the same reason."""
+    try:
+        yield
+    except RunRefused:
+        raise
+    except ValueError as err:
+        log(ERROR, "Run refused before training: %s", err)
+        log(DEBUG, "Where the refusal came from:\n%s", traceback.format_exc())
+        raise RunRefused(str(err)) from None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    base = RunConfig.from_mapping(context.run_config)
-    runs = load_sweep(base)  # every entry validated before the first run starts
-    resumes = []
-    for cfg in runs:  # before any node is asked anything
-        check_results_dir(cfg.results_dir)
-        resolve_device(cfg.device)  # 'cuda' on a server without a GPU fails here
-        resumes.append(resume_point(cfg))  # a missing or bad checkpoint, or another config
-        preflight(cfg.data)
+    with refusal():
+        base = RunConfig.from_mapping(context.run_config)
+        runs = load_sweep(base)  # every entry validated before the first run starts
+        resumes = []
+        for cfg in runs:  # before any node is asked anything
+            check_results_dir(cfg.results_dir)
+            resolve_device(cfg.device)  # 'cuda' on a server without a GPU fails here
+            resumes.append(resume_point(cfg))  # a missing or bad checkpoint, or another config
+            preflight(cfg.data)
     # What own-data nodes report of their data: nothing private under DP.
     stats = ("none" if any(c.dp and c.dp_mode == "user" for c in runs) else
              "size" if any(c.dp for c in runs) else "all")
@@ -384,8 +407,9 @@ def main(grid: Grid, context: Context) -> None:
     # Impossible splits, for every entry before the first run; the benchmark split is
     # drawn only if some node holds a benchmark partition (not its own data-path).
     draw = len(nodes.own_data_of) < num_partitions
-    for data in dict.fromkeys(cfg.data for cfg in runs):
-        preflight(data, num_partitions, draw=draw)
+    with refusal():
+        for data in dict.fromkeys(cfg.data for cfg in runs):
+            preflight(data, num_partitions, draw=draw)
     timestamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for i, (cfg, resume) in enumerate(zip(runs, resumes), start=1):
         name = cfg.run_name or cfg.default_run_name(timestamp)

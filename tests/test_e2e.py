@@ -347,6 +347,10 @@ def test_bad_config_fails_before_training_naming_the_key(link):
                     timeout=600)
     output = proc.stdout + proc.stderr
     assert "Run config 'alpha' must be a number > 0; got -0.5" in output
+    # the reason first, alone; the validation's frames stay out of the console
+    first = output.index("Run refused before training: Run config 'alpha' must be a number > 0")
+    assert "Traceback" not in output[:first]
+    assert 'fl_app/config.py", line' not in output and "During handling" not in output
     assert "[ROUND 1" not in output
     assert not (link.workdir / "bad").exists()
 
