@@ -18,6 +18,8 @@ gets a ``cache-dir`` (its partition, kept between messages) and a ``state-dir`` 
 spend, kept across restarts) under ``<workdir>/node-<i>/``; the folder also holds the
 SuperLink's and SuperNodes' logs (``--workdir``, default
 ``deployment/<time>``), and the run's results go to ``<workdir>/results/<run-name>``.
+The SuperNodes share this machine's cores, so each runs PyTorch on one thread
+(``OMP_NUM_THREADS=1`` unless the environment sets it; ``deploy/launch.py``).
 For SuperNodes on other machines, see docs/deployment.md.
 """
 

@@ -97,7 +97,8 @@ def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path
     simulation: every protocol stage a fresh ClientApp process whose protocol state lives
     in the SuperNode's Context.state (3 shares, threshold 2)."""
     summary, refused = deploy(tmp_path, 3, "deployed-secure", secure=True, **{
-        "secagg": True, "secagg-num-shares": 3, "secagg-reconstruction-threshold": 2})
+        "secagg": True, "secagg-num-shares": 3, "secagg-reconstruction-threshold": 2,
+        "fraction-evaluate": 0.0})  # federated evaluation is not what this test is about
     assert summary["status"] == "completed", summary.get("error")
     assert summary["num_nodes"] == 3  # the intruder never joined
     assert refused["returncode"] != 0 and "Failed to activate SuperNode" in refused["log"]
@@ -285,7 +286,8 @@ def test_a_serverapp_failure_is_in_the_summary_and_the_launcher_exits_non_zero(t
     from deploy import local
 
     code = local.main(["--nodes", "2", "--workdir", str(tmp_path), "-c",
-                       'num-server-rounds=2 fail-after-round=1 run-name="fails"'])
+                       'num-server-rounds=2 fail-after-round=1 fraction-evaluate=0.0 '
+                       'run-name="fails"'])
     assert code == 1
     summary = json.loads((tmp_path / "results" / "fails" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds_completed"] == 1
