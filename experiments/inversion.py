@@ -53,6 +53,7 @@ import copy
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -532,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="", help="file stem (default: DATASET-MODEL)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     attack = AttackConfig(iterations=args.iterations, restarts=args.restarts, tv=args.tv,
@@ -540,9 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     started, cpu = time.perf_counter(), time.process_time()
     result = run_cases(setting, args.cases)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.dataset}-{args.model}"
+    stem = args.name or f"{args.dataset}-{args.model}"
     record = {
-        "command": "python -m experiments.inversion " + " ".join(argv if argv is not None else []),
+        "command": " ".join(["python -m experiments.inversion",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "setting": {**asdict(setting), "dp_epsilons": list(setting.dp_epsilons)},
         "torch": torch.__version__, "python": platform.python_version(),
