@@ -28,6 +28,7 @@ from . import privacy_policy
 from .privacy_policy import NodePolicy
 from .user_dp_client import central_dp_gate
 from .faults import fault_mod
+from .node_runtime import node_runtime_mod
 from .config import RunConfig
 from .secagg_client import secagg_gate
 from .model import INIT_SEED_TAG, build_model
@@ -167,9 +168,9 @@ def _refused(msg: Message, code: int, reason: str) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
-# Mods listed first wrap outermost: SecAgg+ masks what user-level DP's clipping left of
-# what a (simulated) faulty client replied.
-@app.train(mods=[secagg_gate, central_dp_gate, fault_mod])
+# Mods listed first wrap outermost: the node's threads are set first (fl_app/node_runtime.py);
+# SecAgg+ masks what user-level DP's clipping left of what a (simulated) faulty client replied.
+@app.train(mods=[node_runtime_mod, secagg_gate, central_dp_gate, fault_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     # The node's own rules first, before its data is touched (fl_app/privacy_policy.py).
@@ -252,7 +253,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[node_runtime_mod])
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Loss and accuracy on this node's validation data. Under DP (either mode) refused:
     those metrics are computed on private data without noise, outside the guarantee

@@ -11,13 +11,10 @@
 
 from __future__ import annotations
 
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 # NIID-Bench and flwr-datasets use 10; the Dirichlet draw is repeated until it holds.
@@ -34,7 +31,16 @@ def build_partitioner(
     shards_per_partition: int,
     seed: int,
 ) -> Partitioner:
-    """A fresh, unassigned flwr-datasets partitioner for ``name``."""
+    """A fresh, unassigned flwr-datasets partitioner for ``name``. flwr-datasets (and the
+    Hugging Face ``datasets`` it pulls in, seconds of imports) is imported here, not with
+    the module: a deployed node reading its partition from its cache never needs it."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
+
     if num_partitions < 1:
         raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")
     if name == "iid":
