@@ -96,7 +96,7 @@ class LocalSuperLink:
     def __init__(self, workdir: Path, log_path: Path | None = None, simulation: bool = True,
                  tls: Path | None = None, node_auth: bool = False,
                  extra_env: dict[str, str] | None = None,
-                 supernode_threads: int | None = 1) -> None:
+                 supernode_threads: int | None = 1, database: Path | None = None) -> None:
         """``tls``: a credentials folder (``deploy/credentials.py``): the SuperLink serves
         TLS with its certificate, the CLI and the SuperNodes verify it with its CA.
         ``node_auth``: only SuperNodes whose public key was registered
@@ -108,7 +108,9 @@ class LocalSuperLink:
         as each simulated client gets one CPU (``run``'s ``num_cpus``): SuperNodes sharing
         this machine's cores, each with PyTorch's default of one thread per core,
         oversubscribe them (docs/deployment.md, "What a message costs"). None: PyTorch's
-        default, or the app's node-config ``num-threads`` (fl_app/node_runtime.py)."""
+        default, or the app's node-config ``num-threads`` (fl_app/node_runtime.py).
+        ``database``: the SuperLink keeps its state (registered SuperNode keys, runs) in
+        this SQLite file (``--database``), so that ``restart()`` keeps the federation."""
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it without)")
         self.workdir = Path(workdir)
@@ -122,6 +124,7 @@ class LocalSuperLink:
         self.process: subprocess.Popen | None = None
         self.extra_env = dict(extra_env or {})
         self.supernode_threads = supernode_threads
+        self.database = Path(database) if database is not None else None
 
     @property
     def env(self) -> dict[str, str]:
@@ -158,6 +161,8 @@ class LocalSuperLink:
             mode += ["--insecure"]
         if self.node_auth:
             mode += ["--enable-supernode-auth"]
+        if self.database is not None:
+            mode += ["--database", str(self.database)]
         self.process = subprocess.Popen(
             [executable("flower-superlink"), *mode,
              "--disable-runtime-dependency-installation", "--port", str(self.port)],
@@ -248,6 +253,13 @@ class LocalSuperLink:
         with open(output, "a") as handle:  # append: a grid completed over several sittings keeps every log
             return subprocess.run(cmd, env=self.env, cwd=self.workdir, stdout=handle,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+    def restart(self, timeout: float = 60.0) -> "LocalSuperLink":
+        """Stop the SuperLink process only (its SuperNodes keep running) and start it again
+        on the same port, with the same ``database``."""
+        if self.process is not None:
+            _terminate_group(self.process)
+        return self.start(timeout)
 
     def stop(self) -> None:
         for node in self.supernodes:

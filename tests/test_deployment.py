@@ -95,9 +95,11 @@ def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path
     """TLS (a development CA), SuperNode authentication (3 registered keys; a 4th node with
     an unregistered key is refused and exits), and SecAgg+ with the same code path as in
     simulation: every protocol stage a fresh ClientApp process whose protocol state lives
-    in the SuperNode's Context.state (3 shares, threshold 2)."""
+    in the SuperNode's Context.state. The run config is docs/deployment.md's step 6
+    (`min-train-nodes=3 secagg=true`, nothing else of SecAgg+): its "auto" shares and
+    threshold are 3 and 2 with 3 nodes."""
     summary, refused = deploy(tmp_path, 3, "deployed-secure", secure=True, **{
-        "secagg": True, "secagg-num-shares": 3, "secagg-reconstruction-threshold": 2,
+        "min-train-nodes": 3, "secagg": True,
         "fraction-evaluate": 0.0})  # federated evaluation is not what this test is about
     assert summary["status"] == "completed", summary.get("error")
     assert summary["num_nodes"] == 3  # the intruder never joined
@@ -105,6 +107,35 @@ def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path
     rounds = summary["history"][1:]
     assert all(r["secagg_survivors"] == 3 and r["round_aggregated"] == 1 for r in rounds)
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_a_superlink_restarted_with_its_database_keeps_the_authenticated_federation(tmp_path):
+    """docs/deployment.md's --database: a SuperLink with TLS and SuperNode authentication
+    keeps the registered keys in its SQLite file; restarted on the same port and file, the
+    same two SuperNode processes (never restarted) reconnect and a second run completes
+    with both. (Without a database the keys are forgotten and the nodes die with a 401.)"""
+    files = make_all(tmp_path / "credentials", nodes=2)
+    link = LocalSuperLink(tmp_path, simulation=False, tls=files.root, node_auth=True,
+                          database=tmp_path / "superlink.db").start()
+    try:
+        for pid in range(2):
+            link.register_node(files.node_public_key(pid))
+            link.add_supernode(pid, 2, private_key=files.node_key(pid))
+        run = {"num-server-rounds": 1, "fraction-evaluate": 0.0,
+               "results-dir": str(tmp_path / "results")}
+        for name in ("before-restart", "after-restart"):
+            proc = link.run({**run, "run-name": name}, timeout=900)
+            path = tmp_path / "results" / name / "summary.json"
+            assert path.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
+            summary = json.loads(path.read_text())
+            assert summary["status"] == "completed" and summary["num_nodes"] == 2, summary
+            if name == "before-restart":
+                link.restart()
+        assert all(node.poll() is None for node in link.supernodes)  # never died
+    finally:
+        processes = [link.process, *link.supernodes]
+        link.stop()
+    assert all(p.poll() is not None for p in processes)
 
 
 def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
