@@ -8,9 +8,10 @@ the server alone decides what a round means (a sweep changes it between runs).
 
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,9 @@ from fl_common.randomness import derive_seed
 from .training import evaluate, resolve_device, train_local
 
 app = ClientApp()
+# Environment variable (set where `ray start` runs): log which Ray node trains each message
+# (simulation on a Ray cluster; docs/deployment.md)
+LOG_PLACEMENT = "FL_APP_LOG_PLACEMENT"
 FINETUNE_TAG = 0xF17  # separates the evaluation fine-tuning's batches from training's
 
 
@@ -192,6 +196,8 @@ def train(msg: Message, context: Context) -> Message:
     except BaseRefused as err:  # FedLoRA: no base here, or another one
         return _refused(msg, wire.BASE_ERROR_CODE, f"{wire.BASE_REFUSED}: {err}")
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    if os.environ.get(LOG_PLACEMENT) and (node := privacy_policy.ray_node_id()) is not None:
+        log(INFO, "placement: ray-node=%s partition=%d round=%d", node, pid, server_round)
     spec = strategies.spec(cfg.strategy)
     payload = spec.payload(cfg)
     half = spec.client_half(strategies.ClientInputs(

@@ -57,6 +57,15 @@ def in_simulation() -> bool:
         return False
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this simulated ClientApp runs on (None outside a Ray actor)."""
+    if not in_simulation():
+        return None
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def _flag(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
