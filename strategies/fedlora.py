@@ -100,18 +100,27 @@ def save_base(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, 
 
 def read_base(path: str | Path, key: str = BASE_KEY) -> tuple[dict[str, np.ndarray], dict]:
     """(the base's state_dict as arrays, its metadata); BaseRefused naming ``key``."""
+    state, meta, _ = read_base_checked(path, key)
+    return state, meta
+
+
+def read_base_checked(path: str | Path, key: str = BASE_KEY
+                      ) -> tuple[dict[str, np.ndarray], dict, str]:
+    """(state, metadata, SHA-256) from one read of the file: the checksum is of the very
+    bytes whose weights are loaded (a file replaced in between cannot slip through)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise BaseRefused(f"'{key}' = {str(path)!r} is not a file; make a base with "
                           f"`{PRETRAIN_COMMAND}` and name it in '{key}'")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        raw = path.read_bytes()
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"]))
             state = {name[2:]: data[name] for name in data.files if name.startswith("w/")}
     except (OSError, ValueError, KeyError) as err:
         raise BaseRefused(f"'{key}' = {str(path)!r} is not a base made by fl_app.pretrain "
                           f"({err})") from None
-    return state, meta
+    return state, meta, hashlib.sha256(raw).hexdigest()
 
 
 def check_base_fits(model: nn.Module, state: dict[str, np.ndarray], path: str,
@@ -201,12 +210,11 @@ class LoRAAdapters:
         With ``expected_sha``, a base with another checksum is refused."""
         if model.__dict__.get(_SHA_ATTR) is not None:
             return
-        sha = sha256_file(path) if Path(path).expanduser().is_file() else None
-        if expected_sha is not None and sha is not None and sha != expected_sha:
+        state, _, sha = read_base_checked(path, key)
+        if expected_sha is not None and sha != expected_sha:
             raise BaseRefused(f"this node's '{key}' = {path!r} has SHA-256 {sha[:16]}..., but "
                               f"the run's base has {expected_sha[:16]}...: adapters trained on "
                               "another base do not apply; give the node the run's base file")
-        state, _ = read_base(path, key)
         check_base_fits(model, state, path, key)
         config = self.lora_config(model)  # before the weights change: names checked first
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
