@@ -76,18 +76,53 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
 
-def _terminate_group(process: subprocess.Popen) -> None:
-    """SIGTERM a process and its session (its children), SIGKILL after 20 s."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (a zombie, which only its parent
+    can reap, does not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: any member, zombies included
         try:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+def _terminate_group(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM a process's session (it and every child that stayed in its group) and wait
+    for the whole group, not only its leader; SIGKILL what is left after ``grace`` s. (A
+    child that outlives its leader, e.g. the SuperLink's flwr-simulation and its Ray
+    processes, was left running when only the leader was waited for.)"""
+    pgid = process.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        process.poll()
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(pgid):
+        process.poll()  # reap the leader
+        time.sleep(0.1)
+    if time.monotonic() >= deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    try:  # the leader is reaped before this returns (a SIGKILL takes a moment)
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
 
 
 class LocalSuperLink:

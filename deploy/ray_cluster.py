@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .launch import executable, free_port
+from .launch import _terminate_group, executable, free_port
 
 
 class RayCluster:
@@ -96,15 +95,7 @@ class RayCluster:
 
     def stop(self) -> None:
         for process in reversed(self.processes):  # workers first, the head last
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait(timeout=30)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            _terminate_group(process, grace=30.0)
 
     def __enter__(self) -> "RayCluster":
         return self.start()

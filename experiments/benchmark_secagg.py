@@ -81,9 +81,9 @@ def make_model(kind: str) -> nn.Module:
 def travelling(model: nn.Module) -> dict[str, np.ndarray]:
     """What a reply carries: every trainable parameter (the whole model, or FedLoRA's
     adapters and head)."""
-    return {k: p.detach().numpy().copy() for k, p in model.named_parameters() if p.requires_grad} \
-        if any(not p.requires_grad for p in model.parameters()) else \
-        {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    if all(p.requires_grad for p in model.parameters()):
+        return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return {k: p.detach().numpy().copy() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def epoch_seconds(kind: str, n_clients: int) -> float:

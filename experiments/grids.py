@@ -409,6 +409,13 @@ def _lora_grid(name: str, dataset: str, base_file: str, rounds: int, seeds: tupl
 register(_lora_grid("fedlora-digits", "digits", "cnn-digits-mnist.npz", 20, (0, 1, 2), 0.9))
 register(_lora_grid("fedlora-fmnist", "fashion-mnist", "cnn-fmnist-mnist.npz", 20, (0, 1, 2), 0.8))
 
+# FedPer against the global model, the global model fine-tuned one epoch by each client,
+# and 1 or 2 personal layers (local training only: experiments/local_only.py)
+FEDPER_COMPARED = {"fedavg": {"strategy": "fedavg"},
+                   "fedavg-ft": {"strategy": "fedavg", "eval-finetune-epochs": 1},
+                   "fedper1": {"strategy": "fedper", "personal-layers": 1},
+                   "fedper2": {"strategy": "fedper", "personal-layers": 2}}
+
 register(Grid(
     name="fedper-fmnist",
     description="FedPer on Fashion-MNIST, 10 clients all sampled, 10 rounds, 1 local epoch: "
@@ -417,10 +424,7 @@ register(Grid(
                 "layers; local training only is experiments/local_only.py (local-only.json). "
                 "Compare val_accuracy (each client's held-out data), not the central test.",
     base={"dataset": "fashion-mnist", "num-server-rounds": 10, "local-epochs": 1},
-    strategies={"fedavg": {"strategy": "fedavg"},
-                "fedavg-ft": {"strategy": "fedavg", "eval-finetune-epochs": 1},
-                "fedper1": {"strategy": "fedper", "personal-layers": 1},
-                "fedper2": {"strategy": "fedper", "personal-layers": 2}},
+    strategies=FEDPER_COMPARED,
     splits=("path2", "dir0.1", "dir0.5", "iid"),
     seeds=(0, 1, 2),
     num_supernodes=10,
@@ -433,10 +437,7 @@ register(Grid(
                 "(digits, 10 clients all sampled, 10 rounds); local training only in "
                 "local-only.json (experiments/local_only.py).",
     base={"dataset": "digits", "num-server-rounds": 10, "local-epochs": 1},
-    strategies={"fedavg": {"strategy": "fedavg"},
-                "fedavg-ft": {"strategy": "fedavg", "eval-finetune-epochs": 1},
-                "fedper1": {"strategy": "fedper", "personal-layers": 1},
-                "fedper2": {"strategy": "fedper", "personal-layers": 2}},
+    strategies=FEDPER_COMPARED,
     splits=("path2", "dir0.1", "dir0.5", "iid"),
     seeds=(0, 1, 2),
     num_supernodes=10,

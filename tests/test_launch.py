@@ -72,3 +72,24 @@ def test_supernodes_get_one_thread_and_a_short_task_poll_unless_told_otherwise(t
     assert env["OMP_NUM_THREADS"] == "3" and env[SUPEREXEC_POLL_ENV] == "1.0"
     env = LocalSuperLink(tmp_path, simulation=False, extra_env={"X_PROFILE": "1"}).supernode_env()
     assert env["X_PROFILE"] == "1"
+
+
+def test_stopping_a_group_also_stops_a_child_that_outlives_its_leader():
+    """The leader exits on SIGTERM at once; its child, in the same session, ignores
+    SIGTERM (as a slow-to-exit flwr-simulation did after its SuperLink): waiting for the
+    leader alone left the child running; the whole group is waited for, then killed."""
+    from deploy.launch import _group_alive, _terminate_group
+
+    child = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             "time.sleep(300)")
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); print(p.pid, flush=True); "
+         "time.sleep(300)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child_pid = int(leader.stdout.readline())
+    time.sleep(0.5)  # the child has set its handler
+    started = time.monotonic()
+    _terminate_group(leader, grace=2.0)
+    assert 2.0 <= time.monotonic() - started < 10  # it waited for the child, then killed it
+    assert leader.poll() is not None and not _group_alive(leader.pid)
+    assert not _alive(child_pid)
