@@ -118,6 +118,12 @@ def _terminate_group(process: subprocess.Popen, grace: float = 20.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        # a SIGKILLed process takes a moment to exit: return only once the group is gone
+        # (seen on CI: the child was still running just after the SIGKILL)
+        killed_by = time.monotonic() + 10
+        while time.monotonic() < killed_by and _group_alive(pgid):
+            process.poll()
+            time.sleep(0.05)
     try:  # the leader is reaped before this returns (a SIGKILL takes a moment)
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
