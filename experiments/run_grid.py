@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="subset of the grid's seeds")
     parser.add_argument("--only", nargs="+", metavar="LABEL",
                         help="subset of the grid's strategy labels (e.g. fedavg-logreg)")
+    parser.add_argument("--splits", nargs="+", metavar="SPLIT",
+                        help="subset of the grid's splits (e.g. path2 dir0.5)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="root of grid outputs")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--list", action="store_true", help="list the grids")
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 parser.error(f"unknown label(s) {unknown}; grid {grid.name} has {sorted(grid.strategies)}")
             runs = [r for r in runs if grid.parse_run_name(r["run-name"])[0] in args.only]
+        if args.splits:
+            unknown = sorted(set(args.splits) - set(grid.splits))
+            if unknown:
+                parser.error(f"unknown split(s) {unknown}; grid {grid.name} has {list(grid.splits)}")
+            runs = [r for r in runs if grid.parse_run_name(r["run-name"])[1] in args.splits]
         pending = [r for r in runs if not is_complete(runs_dir / r["run-name"])]
         print(f"grid {grid.name}: {len(runs) - len(pending)} of {len(runs)} runs complete, "
               f"{len(pending)} to run", flush=True)

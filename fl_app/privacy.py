@@ -297,6 +297,16 @@ class PrivateTraining:
                 after_privatize(self.model)
             self.optimizer.original_optimizer.step()
 
+    def empty_step(self, after_privatize=None) -> None:
+        """The step of an empty Poisson batch, without a forward or backward pass: every
+        trainable parameter gets an empty (0, *shape) per-sample gradient, so Opacus's own
+        ``pre_step`` sums nothing and adds the noise alone, scaled by the expected batch
+        size, and its accountant hook counts the step (as the analysis assumes). A
+        forward pass of zero examples fails in the "ew" and "functorch" modes."""
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.step(after_privatize)
+
     def close(self) -> None:
         """Remove Opacus's hooks and per-parameter attributes from ``model``."""
         self.module._close()

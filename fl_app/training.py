@@ -134,18 +134,21 @@ def train_local(
             loss_sum, correct, seen = 0.0, 0, 0
             for idx in update.batches():
                 idx = torch.as_tensor(idx, dtype=torch.long)
-                inputs, targets = x[idx].to(device), y[idx].to(device)
                 update.zero_grad()
+                if not len(idx):  # an empty Poisson batch: its step is the noise alone
+                    update.empty_step(hooks.after_backward)
+                    steps += 1
+                    continue
+                inputs, targets = x[idx].to(device), y[idx].to(device)
                 logits = update.module(inputs)
                 loss = criterion(logits, targets)
                 total = loss + hooks.penalty(model) if hooks.penalty is not None else loss
                 total.backward()
                 update.step(hooks.after_backward)
                 steps += 1
-                if len(idx):  # a Poisson batch can be empty (its step is pure noise)
-                    loss_sum += float(loss.detach()) * len(idx)
-                    correct += int((logits.detach().argmax(1) == targets).sum())
-                    seen += len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.detach().argmax(1) == targets).sum())
+                seen += len(idx)
     finally:
         update.close()
     seen = max(seen, 1)
