@@ -55,6 +55,25 @@ def test_epsilon_lower_bound_by_hand():
                                  for a, f in zip(*k)])
 
 
+def test_exact_gaussian_epsilon():
+    from scipy.stats import norm
+
+    # at eps = 0 the curve's delta is the total variation 2 Phi(mu / 2) - 1
+    tv = 2 * norm.cdf(0.5) - 1
+    assert au.gaussian_epsilon(1.0, tv + 1e-9) == 0.0
+    assert 0 < au.gaussian_epsilon(1.0, tv - 1e-3) < 0.05
+    # against dp-accounting's privacy loss distribution of the Gaussian mechanism
+    # (sensitivity 1, std sigma), an independent implementation
+    pld = pytest.importorskip("dp_accounting.pld.privacy_loss_distribution")
+    for sigma in (0.638, 1.0, 2.158):
+        want = pld.from_gaussian_mechanism(standard_deviation=sigma,
+                                           value_discretization_interval=1e-4)
+        assert au.gaussian_epsilon(1 / sigma, 1e-5) == pytest.approx(
+            want.get_epsilon_for_delta(1e-5), rel=1e-4)
+    # the RDP accountant's claim is looser than the exact value (eps 2 at one step)
+    assert au.gaussian_epsilon(1 / 2.158, 1e-5) == pytest.approx(1.831, abs=1e-3)
+
+
 def test_rule_chosen_on_one_half_evaluated_on_the_other():
     rng = np.random.default_rng(0)
     same = au.audit_scores(rng.normal(size=400), rng.normal(size=400), delta=1e-5)
@@ -111,5 +130,7 @@ def test_audit_stays_within_the_accountants_claim(threads):
     assert r["sigma_applied"] == r["sigma_claimed"]
     assert r["accountant_histories_seen"] == [[[pytest.approx(r["sigma_claimed"]), 1.0, 1]]]
     assert r["epsilon_lower_bound"] <= r["epsilon_accountant"]
+    # nor even the exact epsilon of the Gaussian mechanism the attacker observes (1.83)
+    assert r["epsilon_lower_bound"] <= au.gaussian_epsilon(r["gaussian_mu"], 1e-5)
     # and the attack is doing something: the canary moves the score by about C = 1
     assert r["score_mean_in"] - r["score_mean_out"] == pytest.approx(1.0, abs=0.6)
