@@ -6,7 +6,8 @@ canary, set beside the accountant's epsilon.
     python -m experiments.audit --configs full-1step-eps2 miscalibrated-x10 --trials 200
 
 Method (Jagielski, Ullman, Oprea, "Auditing Differentially Private Machine Learning: How
-Private is Private SGD?", NeurIPS 2020, Algorithm 2 with Clopper-Pearson intervals): if a
+Private is Private SGD?", NeurIPS 2020: a Monte Carlo estimate of the attack's rates with
+Clopper-Pearson intervals; ``--table-only`` rebuilds table.md from the records): if a
 mechanism M is (epsilon, delta)-DP then for neighbouring datasets D0, D1 = D0 + canary and
 any set S of outputs, P[M(D1) in S] <= e^epsilon P[M(D0) in S] + delta (and with D0 and D1
 swapped). Run M many times on each, threshold an attack's score at t, and with TPR the
@@ -190,7 +191,8 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     are N(0, 1) and N(mu, 1) (mu = sensitivity / noise std: mu = sqrt(T) / sigma for T
     full-batch steps observed through their sum): the eps solving
     delta = Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2) (Balle and Wang, ICML
-    2018, Theorem 8; Dong, Roth, Su 2022, Corollary 2.13). Tighter than RDP's conversion."""
+    2018, the analytic Gaussian mechanism; Dong, Roth, Su, JRSS-B 2022, Gaussian DP; the
+    theorem numbers not re-checked). Tighter than RDP's conversion."""
     from scipy.optimize import brentq
     from scipy.stats import norm
 
