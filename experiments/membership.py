@@ -18,7 +18,8 @@ Attacks (written here; docs/privacy.md says what was looked at first):
 
 - **loss threshold** (Yeom, Giacomelli, Fredrikson, Jha, "Privacy Risk in Machine
   Learning: Analyzing the Connection to Overfitting", IEEE CSF 2018): score = -loss of
-  the target model on the example; no shadow models.
+  the target model on the example (ranked through phi below, which orders the examples
+  exactly as -loss = -softplus(-phi) does but does not underflow); no shadow models.
 - **LiRA** (Carlini et al. 2022): the logit-scaled confidence phi = log(p_y / (1 - p_y))
   of the target model on (x, y), compared with the same statistic of the shadow models
   that did not train on the example (offline: score = (phi - mu_out) / sigma_out, one-sided)
@@ -31,7 +32,8 @@ Metrics: ROC-AUC with a bootstrap 95% interval (resampling the pooled trials; th
 one model share it, so the interval is somewhat optimistic), and TPR at FPR 1e-3 and 1e-2
 (the threshold at the largest score whose false positives stay within the rate), with the
 TPR's two-sided 95% Clopper-Pearson interval given that threshold (the threshold is chosen
-on the same trials: the interval ignores that choice).
+on the same trials: the interval ignores that choice). Scores tied at the threshold are all
+left out, so ties can only lower the TPR reported.
 
 Simulation only; nothing in the app imports this module.
 """
@@ -224,7 +226,10 @@ def run_config(cfg: MIConfig, log=print) -> dict:
         info["test_accuracy"] = float(evaluate(model, test)[1])
         models_info.append(info)
     labels = masks.flatten()
-    loss_scores = -losses.flatten()
+    # the loss attack thresholds the loss; loss = softplus(-phi) is strictly decreasing in
+    # phi, so phi ranks exactly as -loss does, without the loss's underflow to 0.0 (a DP
+    # model's large logits tie many examples at loss 0 in float64)
+    loss_scores = conf.flatten()
     offline, online = zip(*(lira_scores(conf, masks, m) for m in range(cfg.models)))
     attacks = {
         "loss": summarize(loss_scores, labels, cfg.seed),
@@ -239,6 +244,8 @@ def run_config(cfg: MIConfig, log=print) -> dict:
         "epsilon_max": max((i.get("epsilon", 0.0) for i in models_info), default=0.0) or None,
         "attacks": attacks, "seconds": time.perf_counter() - started,
     }
+    # main() writes them to NAME.arrays.npz: (models, pool) membership, loss and confidence
+    record["arrays"] = {"masks": masks, "losses": losses, "confidences": conf}
     log(f"{cfg.name}: train acc {record['train_accuracy_mean']:.3f}, test "
         f"{record['test_accuracy_mean']:.3f}, eps {record['epsilon_max']}; " + "; ".join(
             f"{a} AUC {r['auc']:.3f} TPR@1e-3 {r['tpr_at_fpr_0.001']['tpr']:.4f} TPR@1e-2 "
@@ -251,6 +258,10 @@ CONFIGS = {
     "nodp": MIConfig("nodp"),
     "dp-eps8": MIConfig("dp-eps8", 8.0),
     "dp-eps1": MIConfig("dp-eps1", 1.0),
+    # a smaller pool (about 100 training examples per model): more overfitting
+    "small-nodp": MIConfig("small-nodp", pool=200),
+    "small-dp-eps8": MIConfig("small-dp-eps8", 8.0, pool=200),
+    "small-dp-eps1": MIConfig("small-dp-eps1", 1.0, pool=200),
 }
 
 
@@ -290,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs:
         cfg = MIConfig(**{**asdict(CONFIGS[name]), "seed": args.seed, **overrides})
         record = run_config(cfg)
+        np.savez_compressed(args.out / f"{name}.arrays.npz", **record.pop("arrays"))
+        record["arrays_file"] = f"{name}.arrays.npz"
         record.update({"command": command, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                        "torch": torch.__version__, "python": platform.python_version(),
                        "threads": args.threads})

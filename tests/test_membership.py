@@ -38,6 +38,21 @@ def test_tpr_at_fpr_by_hand():
     r = mi.tpr_at_fpr(scores, labels, 1e-3)  # one allowed: 999
     assert r["false_positives"] == 1 and r["true_positives"] == 0
     assert r["tpr_ci95"] == [0.0, pytest.approx(1 - 0.025 ** (1 / 4))]
+    # ties at the top: no threshold keeps 1 of 5 tied non-members, so none is flagged
+    tied = np.concatenate([np.arange(95.0), [100.0] * 5, [100.0, 99.5]])
+    r = mi.tpr_at_fpr(tied, np.arange(102) >= 100, 1e-2)
+    assert (r["false_positives"], r["true_positives"]) == (0, 0)
+
+
+def test_loss_attack_ranks_as_the_loss():
+    """phi (what the loss attack thresholds) orders examples exactly as -loss does."""
+    rng = np.random.default_rng(2)
+    logits = torch.from_numpy(rng.normal(0, 3, (200, 10)))
+    y = torch.from_numpy(rng.integers(0, 10, 200))
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+    phi = mi.logit_confidence(logits, y)
+    assert np.array_equal(np.argsort(phi), np.argsort(-loss))
+    assert loss == pytest.approx(np.log1p(np.exp(-phi)))
 
 
 def test_logit_confidence():
