@@ -65,10 +65,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 STATE_HISTORY = "dp-history"  # Context.state: the accountant's history and its run tag
 NOISE_TAG = 0xD9  # separates the noise seed from every other use of `seed`
-# How Opacus computes per-sample gradients: "hooks" (its default, used here), "functorch"
-# or "ew" (expanded weights). experiments/benchmark_dp.py measures them: "ew" was ~10%
-# faster but fails on an empty Poisson batch ("Batch size must be positive"), which
-# Poisson sampling produces; "functorch" was slower (docs/benchmarks.md).
+# How Opacus computes per-sample gradients: "hooks", "functorch" or "ew" (PyTorch's
+# expanded weights). Each is checked against gradients computed by hand
+# (tests/test_dp_modes.py); an empty Poisson batch takes its step without a forward pass
+# (PrivateTraining.empty_step), which "ew" and "functorch" could not run. "ew", the
+# default, measured 10-16 % faster than "hooks" at batches 32-256 for the CNN
+# (docs/benchmarks/dp_overhead.jsonl); "functorch" was slower than both.
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 
 
@@ -82,7 +84,7 @@ class DPSettings:
     randomness: str = "secure"  # "secure": CSPRNG-keyed generators; "seeded": the seeds below
     noise_seed: int | None = None  # "seeded" only: the noise generator's seed
     sampler_seed: int | None = None  # "seeded" only: the Poisson sampler's seed
-    grad_sample_mode: str = "hooks"  # Opacus's per-sample gradient mode (GRAD_SAMPLE_MODES)
+    grad_sample_mode: str = "ew"  # Opacus's per-sample gradient mode (GRAD_SAMPLE_MODES)
 
     def __post_init__(self) -> None:
         if self.randomness not in RANDOMNESS_MODES:
