@@ -217,6 +217,25 @@ def expected_bound(mu: float, n_in: int, n_out: int, *, delta: float, alpha: flo
     return float(_bounds(tp, n_in, fp, n_out, delta, alpha).max())
 
 
+def expected_bound_poisson(sigma: float, rate: float, steps: int, n_in: int, n_out: int, *,
+                           delta: float, alpha: float = 0.05) -> float:
+    """``expected_bound`` for the sum of ``steps`` Poisson-sampled steps the orthogonal
+    canary's score is: K + N(0, steps sigma^2) with K ~ Binomial(steps, rate) against
+    N(0, steps sigma^2). Its likelihood ratio increases with the sum, so a threshold on
+    the sum is the best test of it."""
+    from scipy.stats import binom, norm
+
+    sd = sigma * math.sqrt(steps)
+    t = np.linspace(-6.0 * sd, steps + 6.0 * sd, 4001)
+    k = np.arange(steps + 1)
+    sf_in = (binom.pmf(k, steps, rate)[None, :] * norm.sf((t[:, None] - k[None, :]) / sd)).sum(1)
+    tp = np.rint(n_in * sf_in).astype(int)
+    fp = np.rint(n_out * norm.sf(t / sd)).astype(int)
+    high = _bounds(tp, n_in, fp, n_out, delta, alpha)
+    low = _bounds(n_out - fp, n_out, n_in - tp, n_in, delta, alpha)
+    return float(max(high.max(), low.max()))
+
+
 # ------------------------------------------------------------------ the mechanism and the canary
 @dataclass
 class AuditConfig:
@@ -356,8 +375,8 @@ CONFIGS = {
 
 def table(records: list[dict]) -> str:
     """One row per record; for full-batch (q = 1) configurations also the exact epsilon of
-    the mechanism (with the noise applied) and, for the orthogonal canary, the ideal test's
-    expected bound."""
+    the mechanism (with the noise applied); for the orthogonal canary, the ideal test's
+    expected bound (of the sum of the steps, for Poisson sampling)."""
     lines = ["| configuration | model, canary | q | steps | sigma claimed / applied | "
              "accountant eps | exact eps, q = 1 | lower bound (95%) | ideal test's bound | "
              "TPR / FPR (eval half) | trials per world | verdict |",
@@ -371,8 +390,11 @@ def table(records: list[dict]) -> str:
         # that worst case, so the ideal test's reach is known for it
         mu = r.get("gaussian_mu")
         exact = f"{gaussian_epsilon(mu, c['delta']):.3f}" if mu else "–"
-        ideal = (f"{expected_bound(mu, e['trials_in'], e['trials_out'], delta=c['delta']):.3f}"
-                 if mu and c["canary"] == "orthogonal" else "–")
+        ideal = "–"
+        if c["canary"] == "orthogonal" and mu:
+            ideal = f"{expected_bound(mu, e['trials_in'], e['trials_out'], delta=c['delta']):.3f}"
+        elif c["canary"] == "orthogonal" and r["sigma_applied"] > 0:
+            ideal = f"{expected_bound_poisson(r['sigma_applied'], r['sample_rate'], r['steps'], e['trials_in'], e['trials_out'], delta=c['delta']):.3f}"
         lines.append(
             f"| {c['name']} | {c['model']}, {c['canary']} | {r['sample_rate']:.4g} | {r['steps']} | "
             f"{r['sigma_claimed']:.3f} / {r['sigma_applied']:.3f} | {r['epsilon_accountant']:.3f} | "
@@ -415,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         "delta 1e-5, C = 1; one-sided 95% Clopper-Pearson lower bounds, the rule chosen on "
         "half the trials and evaluated on the other half. Exact eps: the Gaussian mechanism "
         "the attacker observes with q = 1 (mu = sqrt(steps) / sigma applied); ideal test's "
-        "bound: the bound at the expected counts of the best threshold, same trials.\n\n"
+        "bound: the bound at the expected counts of the best threshold on the score's exact "
+        "distributions (Gaussian, or for Poisson sampling Binomial + Gaussian), same trials.\n\n"
         + table(records))
     print(f"wrote {args.out}")
     return 0

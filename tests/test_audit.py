@@ -74,6 +74,15 @@ def test_exact_gaussian_epsilon():
     assert au.gaussian_epsilon(1 / 2.158, 1e-5) == pytest.approx(1.831, abs=1e-3)
 
 
+def test_ideal_test_reach():
+    # with q = 1 the Poisson mixture is the Gaussian pair: the two agree
+    assert au.expected_bound_poisson(1.0, 1.0, 1, 2500, 2500, delta=1e-5) == pytest.approx(
+        au.expected_bound(1.0, 2500, 2500, delta=1e-5), abs=0.01)
+    # more trials reach further; no signal reaches nothing
+    assert au.expected_bound(1.0, 2500, 2500, delta=1e-5) > au.expected_bound(1.0, 100, 100, delta=1e-5)
+    assert au.expected_bound(1e-6, 2500, 2500, delta=1e-5) == 0.0
+
+
 def test_rule_chosen_on_one_half_evaluated_on_the_other():
     rng = np.random.default_rng(0)
     same = au.audit_scores(rng.normal(size=400), rng.normal(size=400), delta=1e-5)
