@@ -77,6 +77,9 @@ from torch import nn
 
 from fl_app.model import build_model
 from fl_app.privacy import DPSGD, DPSettings, noise_for_target, sample_rate, steps_per_epoch
+
+# Opacus's per-sample gradient mode: the app's default unless a configuration names one
+APP_GRAD_SAMPLE_MODE = DPSettings.__dataclass_fields__["grad_sample_mode"].default
 from fl_app.training import train_local
 from partitions import DataConfig, ImageArrays, dataset_info, load_client_data, load_test_data
 
@@ -257,6 +260,7 @@ class AuditConfig:
     partition: int = 0
     num_partitions: int = 10
     seed: int = 0
+    grad_sample_mode: str = APP_GRAD_SAMPLE_MODE
 
 
 def make_canary(kind: str, info, dataset: str) -> ImageArrays:
@@ -324,7 +328,8 @@ def run_config(cfg: AuditConfig, log=print) -> dict:
         for w_index, w in enumerate(("out", "in")):
             noise_seed = cfg.seed * 10**6 + 2 * i + w_index
             settings = DPSettings(sigma_applied, cfg.max_grad_norm, cfg.delta, randomness="seeded",
-                                  noise_seed=noise_seed, sampler_seed=noise_seed + 5 * 10**5)
+                                  noise_seed=noise_seed, sampler_seed=noise_seed + 5 * 10**5,
+                                  grad_sample_mode=cfg.grad_sample_mode)
             update, accountant = flat_update(model, worlds[w], cfg, settings)
             histories.add(tuple(tuple(h) for h in accountant.history))
             scale = rates[w] * len(worlds[w]) / (cfg.lr * cfg.max_grad_norm)

@@ -59,6 +59,9 @@ from torch import nn
 
 from fl_app.model import build_model
 from fl_app.privacy import DPSGD, DPSettings, noise_for_target, sample_rate, steps_per_epoch
+
+# Opacus's per-sample gradient mode: the app's default unless a configuration names one
+APP_GRAD_SAMPLE_MODE = DPSettings.__dataclass_fields__["grad_sample_mode"].default
 from fl_app.training import evaluate, train_local
 from partitions import DataConfig, ImageArrays, load_client_data, load_test_data
 
@@ -174,6 +177,7 @@ class MIConfig:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     seed: int = 0
+    grad_sample_mode: str = APP_GRAD_SAMPLE_MODE
 
 
 def load_pool(size: int, seed: int) -> ImageArrays:
@@ -201,7 +205,8 @@ def train_one(cfg: MIConfig, data: ImageArrays, index: int) -> tuple[nn.Module, 
         seed = cfg.seed * 10**6 + index
         accountant = RDPAccountant()
         dp = DPSGD(DPSettings(sigma, cfg.max_grad_norm, cfg.delta, randomness="seeded",
-                              noise_seed=seed, sampler_seed=seed + 5 * 10**5), accountant)
+                              noise_seed=seed, sampler_seed=seed + 5 * 10**5,
+                              grad_sample_mode=cfg.grad_sample_mode), accountant)
         info.update(sigma=sigma, sample_rate=q, steps=steps)
     train_local(model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                 momentum=cfg.momentum, seed=cfg.seed * 1000 + index, dp=dp)
