@@ -4,7 +4,7 @@ Each SuperNode holds one partition through its node config; every message starts
 fresh ClientApp process, as on real devices. One deployment is insecure and its nodes
 read their own data; one holds benchmark partitions over TLS, with SuperNode
 authentication and SecAgg+; in one, with DP-SGD, a SuperNode is stopped mid-run and
-restarted; in one, under SecAgg+, a SuperNode is killed between share keys and its upload. Slow (minutes): each ClientApp process imports PyTorch.
+restarted; in one, under SecAgg+, a SuperNode is killed between share keys and its upload; in one, FedPer and FedLoRA keep their personal layers and their base on the nodes. Slow (minutes): each ClientApp process imports PyTorch.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploy.credentials import make_all
@@ -325,3 +326,84 @@ def test_a_serverapp_failure_is_in_the_summary_and_the_launcher_exits_non_zero(t
     assert summary["error"] == ("SimulatedFailure: fail-after-round = 1: a simulated ServerApp "
                                 "failure (test facility)")
     assert "The run did not complete" in capsys.readouterr().err
+
+
+def test_fedper_and_fedlora_keep_their_state_and_their_base_on_the_nodes(tmp_path):
+    """Two SuperNodes, each with a state folder and its own copy of the base. FedPer, 2
+    rounds: each node's personal layer (the head) is on its own disk, committed, trained and
+    unlike the other node's; the server's saved model holds the base layers only, and the
+    upload is their bytes alone. FedLoRA, 1 round on the same nodes: each node loads the base
+    from its own node config, only the adapters and the head travel (3,310 values), and the
+    server's merged model scores the run's final accuracy. (FedLoRA refusing a node with
+    another base, deployed: experiments/fedlora_deployed.py.)"""
+    import shutil
+
+    import torch
+
+    from fl_app.model import build_model
+    from fl_app.results import load_model
+    from fl_app.training import evaluate
+    from partitions import dataset_info, load_test_data
+    from strategies.fedlora import sha256_file
+    from strategies.fedper import _read_disk, split_keys
+
+    base_file = Path(__file__).resolve().parent.parent / "bases" / "cnn-digits-mnist.npz"
+    link = LocalSuperLink(tmp_path, simulation=False).start()
+    try:
+        for pid in range(2):
+            node = tmp_path / f"node-{pid}"
+            node.mkdir()
+            shutil.copyfile(base_file, node / "base.npz")
+            link.add_supernode(pid, 2, node_config=(
+                f'partition-id={pid} num-partitions=2 state-dir="{node / "state"}" '
+                f'lora-base="{node / "base.npz"}"'))
+        results = tmp_path / "results"
+        common = {"results-dir": str(results), "min-train-nodes": 2}
+        ran = {name: link.run({**common, **overrides, "run-name": name}, timeout=900)
+               for name, overrides in [  # FedPer commits a round's layers in the next round
+                   ("fedper", {"strategy": "fedper", "personal-layers": 1, "num-server-rounds": 2}),
+                   ("fedlora", {"strategy": "fedlora", "lora-base": str(base_file),
+                                "num-server-rounds": 1})]}
+        processes = [link.process, *link.supernodes]
+    finally:
+        link.stop()
+    assert all(p.poll() is not None for p in processes)
+    summaries = {}
+    for name, proc in ran.items():
+        path = results / name / "summary.json"
+        assert path.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
+        summaries[name] = json.loads(path.read_text())
+        assert summaries[name]["status"] == "completed", summaries[name].get("error")
+
+    fedper = summaries["fedper"]
+    model = build_model(dataset_info("digits"), seed=0)
+    base_keys, personal_keys = split_keys(model, 1)
+    state = model.state_dict()
+    base_values = sum(state[k].numel() for k in base_keys)
+    personal_values = sum(state[k].numel() for k in personal_keys)
+    upload = fedper["history"][-1]["upload_bytes_per_client"]
+    assert 4 * base_values <= upload < 4 * (base_values + personal_values)  # the head stays
+    server_model = load_model(results / "fedper" / "final_model.npz")
+    assert sorted(server_model) == sorted(base_keys)  # the server never held a head
+    initial_head = {k: state[k].numpy() for k in personal_keys}
+    heads = []
+    for pid in range(2):
+        files = list((tmp_path / f"node-{pid}" / "state").glob("fedper-*.npz"))
+        assert len(files) == 1, files
+        meta, slots = _read_disk(files[0])
+        assert meta["committed"] >= 1 and sorted(slots["committed"]) == sorted(personal_keys)
+        heads.append(slots["committed"])
+    for key in personal_keys:
+        assert not np.allclose(heads[0][key], heads[1][key])  # personal, not averaged
+        assert all(not np.allclose(h[key], initial_head[key]) for h in heads)  # trained
+    assert fedper["history"][-1]["val_accuracy"] > 0.5  # each node's own layers on its data
+
+    fedlora = summaries["fedlora"]
+    assert fedlora["config"]["lora-base-sha256"] == sha256_file(base_file)
+    upload = fedlora["history"][-1]["upload_bytes_per_client"]
+    assert 3310 * 4 <= upload < 3310 * 4 * 1.1
+    merged = build_model(dataset_info("digits"), seed=0)
+    merged.load_state_dict({k: torch.from_numpy(v) for k, v in
+                            load_model(results / "fedlora" / "final_model.npz").items()})
+    _, accuracy = evaluate(merged, load_test_data("digits"))
+    assert accuracy == pytest.approx(fedlora["final_test_accuracy"], abs=1e-9)
