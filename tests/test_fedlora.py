@@ -292,6 +292,43 @@ def test_dp_sgd_trains_the_adapters_only_and_accounts_every_step(lora_config):
     assert reply.content["metrics"][wire.DP_EPSILON] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_an_empty_poisson_batch_on_the_adapters_is_the_noise_alone(lora_config, mode):
+    """The step of an empty batch (no forward pass) on the peft model, in each of Opacus's
+    modes: the adapters and the head get the noise, scaled by the expected batch size;
+    the frozen base gets nothing and is unchanged; the step is counted."""
+    from opacus.accountants import RDPAccountant
+
+    from fl_app import privacy
+
+    cfg = lora_config()
+    model = _model(cfg)
+    _payload(cfg).prepare(model, cfg.lora_base)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trainable and frozen
+    accountant = RDPAccountant()
+    settings = privacy.DPSettings(1.0, 0.5, 1e-5, randomness="seeded", noise_seed=3,
+                                  sampler_seed=4, grad_sample_mode=mode)
+    private = privacy.PrivateTraining(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                      settings, num_examples=50, batch_size=5,
+                                      accountant=accountant)
+    private.zero_grad()
+    private.empty_step()
+    grads = [p.grad.clone() for p in trainable]
+    private.close()
+    g = torch.Generator().manual_seed(3)
+    for p, grad in zip(trainable, grads):
+        noise = torch.normal(0.0, 0.5, p.shape, generator=g)
+        assert torch.allclose(grad, noise / (private.rate * 50), rtol=1e-6, atol=1e-8)
+    assert all(p.grad is None for p in frozen)
+    assert accountant.history == [(1.0, private.rate, 1)]
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("lora_" in k or "modules_to_save" in k for k in changed), changed
+
+
 def test_user_level_dp_clips_the_adapter_update(lora_config):
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
