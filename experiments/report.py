@@ -488,16 +488,103 @@ def plot_curves(grid: Grid, summaries: dict[str, dict[str, Any]], path: Path) ->
     plt.close(fig)
 
 
+def personalized_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
+                          local_only: dict[str, Any] | None = None) -> str:
+    """The personalization table: each client's accuracy on its own held-out data after
+    the last round (``val_accuracy``: example-weighted over clients; what FedPer, and
+    FedAvg with local fine-tuning, are judged by), mean ± std over seeds, with the mean
+    spread across clients (``val_accuracy_std``) in brackets; beside it local training
+    only (``local-only.json``, experiments/local_only.py) where it was run. Empty when
+    no run records ``val_accuracy`` or the grid compares no personalized method (FedPer,
+    or local fine-tuning before scoring)."""
+    if not any(over.get("strategy") == "fedper" or over.get("eval-finetune-epochs")
+               for over in grid.strategies.values()):
+        return ""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for name, summary in summaries.items():
+        label, split, _seed = Grid.parse_run_name(name)
+        last = summary["history"][-1] if summary.get("history") else {}
+        if "val_accuracy" in last:
+            cells[(label, split)].append(last)
+    if not cells:
+        return ""
+    local: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for key, cell in (local_only or {}).items():
+        split, seed = key.rsplit("__s", 1)
+        if int(seed) in grid.seeds:
+            local[split].append(cell)
+    labels = list(grid.strategies) + (["local only"] if local else [])
+
+    def cell_text(values: list[float], spreads: list[float | None]) -> str:
+        if not values:
+            return "—"
+        mean, std = _mean_std(values)
+        spread = ("" if None in spreads  # one global model: no spread was recorded
+                  else f" [{100 * statistics.fmean(spreads):.1f}]")
+        return f"{100 * mean:.1f} ± {100 * std:.1f} ({len(values)}){spread}"
+
+    lines = ["Personalized accuracy after the last round, % (each client's own held-out data, "
+             "weighted by its size): mean ± std over seeds (number of seeds) [mean spread "
+             "across clients].\n",
+             "| split | " + " | ".join(labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for split in grid.splits:
+        row = []
+        for label in grid.strategies:
+            runs = cells.get((label, split), [])
+            row.append(cell_text([r["val_accuracy"] for r in runs],
+                                 [r.get("val_accuracy_std") for r in runs]))
+        if local:
+            row.append(cell_text([c["val_accuracy"] for c in local.get(split, [])],
+                                 [c["val_accuracy_std"] for c in local.get(split, [])]))
+        lines.append(f"| {split} | " + " | ".join(row) + " |")
+    # paired by seed against FedAvg with local fine-tuning, the baseline FedPer must beat
+    reference = next((label for label, over in grid.strategies.items()
+                      if over.get("eval-finetune-epochs")), None)
+    if reference is None:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"Paired differences in personalized accuracy against `{reference}`, "
+              "percentage points, seed by seed (95 % t-interval; p: paired t-test):\n",
+              "| split | strategy − " + reference + " | seeds | difference | 95 % interval "
+              "| p | per seed |", "|---|---|---|---|---|---|---|"]
+    by_seed = {Grid.parse_run_name(name): s["history"][-1].get("val_accuracy")
+               for name, s in summaries.items() if s.get("history")}
+    for split in grid.splits:
+        for label in grid.strategies:
+            if label == reference:
+                continue
+            diffs = [by_seed[(label, split, seed)] - by_seed[(reference, split, seed)]
+                     for seed in grid.seeds
+                     if by_seed.get((label, split, seed)) is not None
+                     and by_seed.get((reference, split, seed)) is not None]
+            if not diffs:
+                continue
+            mean, low, high, p = _t_summary(diffs)
+            interval = "—" if math.isnan(low) else f"[{_pp(low)}, {_pp(high)}]"
+            lines.append(f"| {split} | {label} − {reference} | {len(diffs)} | {_pp(mean)} | "
+                         f"{interval} | {'—' if math.isnan(p) else f'{p:.3f}'} | "
+                         + ", ".join(f"{100 * d:+.1f}" for d in diffs) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
-                    rows: list[dict[str, Any]], paired: list[dict[str, Any]]) -> str:
+                    rows: list[dict[str, Any]], paired: list[dict[str, Any]],
+                    local_only: dict[str, Any] | None = None) -> str:
+    personalized = personalized_markdown(grid, summaries, local_only)
     return (
         f"# Grid `{grid.name}`\n\n{grid.description}\n\n"
         f"Settings: {json.dumps(grid.base)}; {grid.num_supernodes} clients; seeds "
         f"{list(grid.seeds)}; {len(summaries)} of {len(grid.runs())} runs complete.\n\n"
         + markdown_table(grid, rows)
+        + (f"\n{personalized}" if personalized else "")
         + (f"\n{paired_markdown(paired)}" if paired else "")
         + "".join(f"\n{note}\n" for note in grid.notes)
     )
+
+
+def read_local_only(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "local-only.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_report(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
@@ -509,7 +596,8 @@ def write_report(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
     write_csv(rows, out_dir / "table.csv")
     write_csv([{k: v for k, v in r.items() if not k.endswith("_diffs")} for r in paired],
               out_dir / "paired.csv")
-    (out_dir / "table.md").write_text(report_markdown(grid, summaries, rows, paired))
+    (out_dir / "table.md").write_text(report_markdown(grid, summaries, rows, paired,
+                                                      read_local_only(out_dir)))
     plot_curves(grid, summaries, out_dir / "curves.png")
     return rows
 
@@ -534,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     except PairingError as error:
         print(error, file=sys.stderr)
         return 2
-    print(report_markdown(grid, summaries, aggregate(grid, summaries), paired))
+    print(report_markdown(grid, summaries, aggregate(grid, summaries), paired,
+                          read_local_only(args.out / grid.name)))
     return 0
 
 

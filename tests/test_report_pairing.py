@@ -269,3 +269,34 @@ def test_a_comparison_of_starting_points_needs_no_common_round_0(tmp_path):
                  baseline="scratch")
     with pytest.raises(PairingError, match="round 0"):
         check_pairing(plain, records)
+
+
+def test_the_personalization_table_has_seed_means_spreads_local_only_and_paired_differences():
+    """val_accuracy after the last round, by hand: FedAvg + FT 0.80 / 0.82 / 0.84, FedPer
+    0.85 / 0.86 / 0.90 (differences +5, +4, +6 points: mean +5, sd 1, t-interval
+    +5 ± 4.303 * 1 / sqrt(3) = [+2.52, +7.48], p = 0.0132), FedAvg's global model without
+    a spread; local only from its own record, seed 7 (not the grid's) left out."""
+    from experiments.report import personalized_markdown
+
+    grid = Grid("pers", "FedPer", {"dataset": "digits"},
+                {"fedavg": {"strategy": "fedavg"},
+                 "fedavg-ft": {"strategy": "fedavg", "eval-finetune-epochs": 1},
+                 "fedper1": {"strategy": "fedper", "personal-layers": 1}},
+                ("dir0.1",), (0, 1, 2))
+    val = {"fedavg": [0.70, 0.72, 0.74], "fedavg-ft": [0.80, 0.82, 0.84],
+           "fedper1": [0.85, 0.86, 0.90]}
+    summaries = {}
+    for label, values in val.items():
+        for seed, v in enumerate(values):
+            last = {"round": 10, "val_accuracy": v}
+            if label != "fedavg":
+                last["val_accuracy_std"] = 0.05 + 0.01 * seed
+            summaries[f"{label}__dir0.1__s{seed}"] = {"history": [{"round": 0}, last]}
+    local = {f"dir0.1__s{s}": {"val_accuracy": v, "val_accuracy_std": 0.1}
+             for s, v in [(0, 0.6), (1, 0.7), (2, 0.8), (7, 0.0)]}
+    text = personalized_markdown(grid, summaries, local)
+    assert "| dir0.1 | 72.0 ± 2.0 (3) | 82.0 ± 2.0 (3) [6.0] | 87.0 ± 2.6 (3) [6.0] | " \
+           "70.0 ± 10.0 (3) [10.0] |" in text
+    assert "| dir0.1 | fedper1 − fedavg-ft | 3 | +5.00 | [+2.52, +7.48] | 0.013 | " \
+           "+5.0, +4.0, +6.0 |" in text
+    assert personalized_markdown(grid, {k: {"history": [{"round": 10}]} for k in summaries}) == ""
