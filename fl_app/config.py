@@ -370,6 +370,14 @@ SECTIONS: dict[str, type[Section]] = {
 _SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}
 
 
+def _largest_f(min_replies, sampled: int) -> int:
+    """The largest number of attackers a robust rule tolerates with ``sampled`` replies."""
+    f = 0
+    while min_replies(f + 1) <= sampled:
+        f += 1
+    return f
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every run-config key of the app (kebab-case in TOML, snake_case here), in
@@ -433,7 +441,10 @@ class RunConfig:
                     f"Strategy {self.strategy!r} with 'num-malicious' = {self.num_malicious} "
                     f"needs at least {need} valid replies per round; 'min-train-nodes' = "
                     f"{self.min_train_nodes} would let rounds with fewer through. Set "
-                    f"'min-train-nodes' >= {need}"
+                    f"'min-train-nodes' >= {need}, which needs {need} or more clients sampled "
+                    f"a round; with fewer, lower 'num-malicious' (at most "
+                    + ", ".join(f"{_largest_f(traits.min_replies, n)} for {n}" for n in (10, 20))
+                    + " clients sampled)"
                 )
         if self.dp and self.dp_mode == "user" and not traits.user_dp:  # dp x strategy
             raise ValueError(

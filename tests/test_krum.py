@@ -167,6 +167,21 @@ def test_min_train_nodes_below_the_requirement_is_refused(make_config, strategy,
     make_config(strategy=strategy, **{"num-malicious": f, "min-train-nodes": need})
 
 
+def test_the_refusal_names_the_largest_f_a_federation_allows():
+    """num-malicious = 5 of 10 clients (the deployment review's probe): the advice
+    'min-train-nodes >= 13' alone was refused by the next check; the message also names the
+    largest f for 10 and 20 clients sampled, by hand: Krum n >= 2f + 3 gives 3 and 8,
+    Bulyan n >= 4f + 3 gives 1 and 4."""
+    from fl_app.config import RunConfig, default_run_config
+
+    for strategy, largest in [("krum", "at most 3 for 10, 8 for 20"),
+                              ("bulyan", "at most 1 for 10, 4 for 20")]:
+        with pytest.raises(ValueError) as err:
+            RunConfig.from_mapping({**default_run_config(), "strategy": strategy,
+                                    "num-malicious": 5})
+        assert largest in str(err.value)
+
+
 def test_distances_leave_the_input_alone_unless_told():
     updates = np.array([[1.0, 2.0], [3.0, 5.0], [0.0, 0.0]])
     before = updates.copy()
