@@ -432,6 +432,22 @@ register(Grid(
 ))
 
 register(Grid(
+    name="fedper-fmnist-100c",
+    description="FedPer across 100 Fashion-MNIST clients (540 training examples each), 10 % "
+                "sampled to train and 20 % to evaluate each round, 20 rounds of 1 local epoch: "
+                "each client trains about twice (12 % never do, and score with the initial "
+                "personal layers), the cross-device regime FedPer's paper does not test. Same "
+                "four methods as fedper-fmnist; local training only in local-only.json.",
+    base={"dataset": "fashion-mnist", "num-server-rounds": 20, "local-epochs": 1,
+          "fraction-train": 0.1, "fraction-evaluate": 0.2},
+    strategies=FEDPER_COMPARED,
+    splits=("path2", "dir0.1", "dir0.5", "iid"),
+    seeds=(0, 1, 2),
+    num_supernodes=100,
+    target_accuracy=0.8,
+))
+
+register(Grid(
     name="fedper-digits-3s",
     description="fedper-digits with FedAvg + local fine-tuning, Dirichlet splits and 3 seeds "
                 "(digits, 10 clients all sampled, 10 rounds); local training only in "
