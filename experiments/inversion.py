@@ -364,6 +364,8 @@ class Setting:
     model_seed: int = 0  # the round-1 global model: build_model(info, seed)
     partition: int = 0  # the attacked client: partition 0 of 10, IID, seed 0
     num_partitions: int = 10
+    partitioner: str = "iid"  # or "dirichlet" (alpha below): a client with skewed labels
+    alpha: float = 0.5
     lr: float = 0.05
     momentum: float = 0.9  # the app's default; irrelevant for one step (the first buffer is g)
     batch_size: int = 32
@@ -395,7 +397,7 @@ def run_cases(setting: Setting, cases: list[str] | None = None, log=print) -> di
     info = dataset_info(setting.dataset)
     shape = tuple(info.image_shape)
     model = build_model(info, setting.model_seed, kind=setting.model)
-    cfg = DataConfig(setting.dataset, "iid", 0.5, 2, 2, 0.1, 0)
+    cfg = DataConfig(setting.dataset, setting.partitioner, setting.alpha, 2, 2, 0.1, 0)
     client = load_client_data(cfg, setting.partition, setting.num_partitions).train
     test_x = load_test_data(setting.dataset).x
     probs = mean_softmax(model, test_x)
@@ -455,26 +457,66 @@ def run_cases(setting: Setting, cases: list[str] | None = None, log=print) -> di
         one_step(m, summed, "secagg",
                  f"SecAgg+ round: the quantized sum of {m} clients' one-step updates (batch 1 each), "
                  f"attacked as one batch of {m}")
-    if "default-epoch" in wanted:
+    def default_epoch(label: str, target_epsilon: float = 0.0) -> None:
+        """The app's default round (one epoch of batches), plain or under DP-SGD at
+        ``target_epsilon`` for the round (Poisson batches of expected size batch_size,
+        sigma from the app's noise_for_target, seeded); the attacker unrolls the plain
+        epoch it would expect (it cannot know the Poisson batches) and counts labels."""
+        from opacus.accountants import RDPAccountant
+
         n = len(client)
-        update = client_update(model, client, epochs=1, batch_size=setting.batch_size, lr=lr,
-                               momentum=setting.momentum, seed=0)
         steps = math.ceil(n / setting.batch_size)
+        dp, extra = None, {}
+        if target_epsilon > 0:
+            from fl_app.privacy import sample_rate
+
+            q = sample_rate(n, setting.batch_size)
+            sigma = noise_for_target(target_epsilon, setting.dp_delta, q, steps)
+            accountant = RDPAccountant()
+            dp = DPSGD(DPSettings(sigma, setting.dp_max_grad_norm, setting.dp_delta,
+                                  randomness="seeded", noise_seed=11, sampler_seed=12),
+                       accountant)
+        update = client_update(model, client, epochs=1, batch_size=setting.batch_size, lr=lr,
+                               momentum=setting.momentum, seed=0, dp=dp)
+        if dp is not None:
+            extra = {"sigma": sigma, "sample_rate": q, "max_grad_norm": setting.dp_max_grad_norm,
+                     "delta": setting.dp_delta, "target_epsilon": target_epsilon,
+                     "epsilon": float(accountant.get_epsilon(setting.dp_delta))}
         labels = recover_labels(model, update, n=n, lr=lr, steps=steps,
                                 momentum=setting.momentum, mean_probs=probs)
         labels = labels[torch.randperm(n, generator=torch.Generator().manual_seed(attack.seed))]
         rec = invert(model, update, labels, image_shape=shape, lr=lr, momentum=setting.momentum,
                      batch_size=setting.batch_size, epochs=1, config=attack)
         s = score(rec, client.x, client.y)
-        arrays["default-epoch"] = to_unit(rec.images)[s["perm"][:k]]
-        record["default-epoch"] = {
+        arrays[label] = to_unit(rec.images)[s["perm"][:k]]
+        how = (f"DP-SGD at epsilon {target_epsilon:g} for the round (Poisson batches, q = "
+               f"{extra['sample_rate']:.3g}, sigma {extra['sigma']:.3g}, C "
+               f"{setting.dp_max_grad_norm:g})" if dp is not None else "plain SGD")
+        record[label] = {
             "note": (f"the app's default round: one epoch of train_local over the client's {n} "
                      f"examples (batch {setting.batch_size}, lr {lr}, momentum {setting.momentum}, "
-                     f"{steps} steps), attacked by unrolling the same {steps} steps on {n} dummies"),
-            "num_examples": n, "steps": steps, **_summary([s]), "per_attack": [s]}
-        log(f"default-epoch: PSNR {record['default-epoch']['psnr_mean']:.1f} dB, SSIM "
-            f"{record['default-epoch']['ssim_mean']:.2f}, labels "
-            f"{record['default-epoch']['label_recovery']:.2f} ({s['seconds']:.0f} s)")
+                     f"{steps} steps), {how}, attacked by unrolling {steps} plain steps on {n} "
+                     "dummies"),
+            "num_examples": n, "steps": steps, **extra, **_summary([s]), "per_attack": [s]}
+        log(f"{label}: PSNR {record[label]['psnr_mean']:.1f} dB, SSIM "
+            f"{record[label]['ssim_mean']:.2f}, labels "
+            f"{record[label]['label_recovery']:.2f} ({s['seconds']:.0f} s)")
+
+    if "default-epoch" in wanted:
+        default_epoch("default-epoch")
+    for eps in setting.dp_epsilons:
+        if f"default-epoch-dp{eps:g}" in wanted:
+            default_epoch(f"default-epoch-dp{eps:g}", eps)
+    # what the server guesses of the labels with no update at all: the counts n * (its
+    # model's mean softmax on its own test split), the label attack's prior; on an IID
+    # client this alone recovers most labels, so the attack's rate is read against it
+    n_all = len(client)
+    guess = label_counts(torch.zeros(info.num_classes), probs, n_all)
+    record["prior-label-counts"] = {
+        "note": "no attack: the label counts n * mean softmax of the global model on the "
+                "server's test split, scored like a recovery",
+        "num_examples": n_all,
+        "label_recovery": label_recovery_rate(np.repeat(np.arange(len(guess)), guess), client.y)}
     # the level of no leak at all: the server's own mean image, scored like a reconstruction
     prior = np.repeat(to_unit(test_x).mean(0, keepdims=True), k, axis=0)
     record["prior-mean-image"] = {
@@ -486,11 +528,12 @@ def run_cases(setting: Setting, cases: list[str] | None = None, log=print) -> di
 
 
 CASES = ("plain-b1", "plain-b4", "plain-b8", "secagg", "dp-clip-only", "dp-eps8", "dp-eps1",
-         "default-epoch")
+         "default-epoch", "default-epoch-dp8", "default-epoch-dp1")
 ROW_TITLES = {"true": "true", "plain-b1": "plain, batch 1", "plain-b4": "plain, batch 4",
               "plain-b8": "plain, batch 8", "secagg": "SecAgg+ sum of 4",
               "dp-clip-only": "DP clip only", "dp-eps8": "DP eps 8", "dp-eps1": "DP eps 1",
-              "default-epoch": "plain, 1 epoch"}
+              "default-epoch": "plain, 1 epoch", "default-epoch-dp8": "DP eps 8, 1 epoch",
+              "default-epoch-dp1": "DP eps 1, 1 epoch"}
 
 
 def plot(arrays: dict[str, np.ndarray], record: dict, path: Path) -> None:
@@ -511,7 +554,7 @@ def plot(arrays: dict[str, np.ndarray], record: dict, path: Path) -> None:
             ax.set_xticks([]), ax.set_yticks([])
             if row != "true" and row in record:
                 per = [p for a in record[row]["per_attack"] for p in a["psnr"]]
-                if row != "default-epoch":
+                if not row.startswith("default-epoch"):
                     ax.set_title(f"{per[j]:.0f} dB", fontsize=7, pad=2)
         title = ROW_TITLES.get(row, row)
         if row in record:
@@ -533,12 +576,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--partitioner", default="iid", choices=["iid", "dirichlet"],
+                        help="how the attacked client's data was split (dirichlet: --alpha)")
+    parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--name", default="", help="file stem (default: DATASET-MODEL)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     attack = AttackConfig(iterations=args.iterations, restarts=args.restarts, tv=args.tv,
                           seed=args.seed)
-    setting = Setting(dataset=args.dataset, model=args.model, attack=attack)
+    setting = Setting(dataset=args.dataset, model=args.model, attack=attack,
+                      partitioner=args.partitioner, alpha=args.alpha)
     started, cpu = time.perf_counter(), time.process_time()
     result = run_cases(setting, args.cases)
     args.out.mkdir(parents=True, exist_ok=True)
