@@ -2,7 +2,8 @@
 
 One ``flwr run`` executes one run, or, with ``sweep-file``, a list of runs one after
 another on the same nodes (the simulation's start-up is paid once). Before any training:
-the config is validated, the nodes are asked which partition they hold, and the split is
+the config is validated, the nodes are asked which partition they hold (in simulation
+none is asked: the server assigns the partitions, fl_app/nodes.py), and the split is
 computed and checked (every partition at least 2 samples); any problem raises here.
 """
 
@@ -35,7 +36,7 @@ from . import checkpoint as ckpt
 from .assembly import Split, assemble, the_split
 from .config import RunConfig, load_sweep
 from .model import INIT_SEED_TAG, build_model, num_parameters
-from .nodes import NodeDirectory
+from .nodes import AssigningGrid, NodeDirectory
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
 from .training import evaluate, resolve_device
 
@@ -49,6 +50,7 @@ CLIENT_STATE = "client-state"  # in simulation: the clients' state folder, in th
 NODE_WAIT_TIMEOUT = 600.0
 ALL_NODES_GRACE = 60.0  # seconds a deployment waits for every partition's node
 SIMULATION_NODE_GRACE = 10.0  # seconds for the simulation engine to register its nodes
+SIMULATION_SETTLE = 0.3  # seconds the simulation's node count must stay put before assigning
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT) -> list[int]:
@@ -75,6 +77,24 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT)
             )
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
         time.sleep(1.0)
+    if simulation:  # the engine registers its nodes while the ServerApp starts: all of them
+        nodes = settled_nodes(grid, nodes)
+    return nodes
+
+
+def settled_nodes(grid: Grid, nodes: list[int], settle: float | None = None,
+                  limit: float = SIMULATION_NODE_GRACE) -> list[int]:
+    """Simulation: the node ids once their count has not changed for ``settle`` seconds
+    (Flower registers ``num-supernodes`` nodes in one loop, in a thread that starts with
+    the ServerApp's), so that partitions are assigned over the whole federation."""
+    settle = SIMULATION_SETTLE if settle is None else settle
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(settle)
+        again = list(grid.get_node_ids())
+        if len(again) == len(nodes):
+            return again
+        nodes = again
     return nodes
 
 
@@ -230,7 +250,9 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     model.to(resolve_device(cfg.device))  # the server's evaluation runs there
     secagg = secagg_settings(cfg, split.known_train, len(node_ids)) if cfg.secagg else None
     check_privacy(cfg, split, model, num_partitions)
-    assembly = assemble(cfg, grid, nodes, split, num_partitions=num_partitions,
+    # simulation: every message carries the node's assigned partition (fl_app/nodes.py)
+    assembly = assemble(cfg, AssigningGrid(grid, nodes) if nodes.assign else grid, nodes, split,
+                        num_partitions=num_partitions,
                         num_nodes=len(node_ids), secagg=secagg)
     strategy, run_grid = assembly.strategy, assembly.grid
     first_round = 1
@@ -401,7 +423,7 @@ def main(grid: Grid, context: Context) -> None:
     # What own-data nodes report of their data: nothing private under DP.
     stats = ("none" if any(c.dp and c.dp_mode == "user" for c in runs) else
              "size" if any(c.dp for c in runs) else "all")
-    nodes = NodeDirectory(grid, data_stats=stats)
+    nodes = NodeDirectory(grid, data_stats=stats, assign=is_simulation(grid))
     node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))
     num_partitions = nodes.num_partitions(node_ids)
     # Impossible splits, for every entry before the first run; the benchmark split is
