@@ -8,8 +8,9 @@ carries a server-assigned partition (``wire.ASSIGNED``) is refused
 (``AssignmentRefused``), whatever it says.
 
 Simulation: asking 10,000 simulated nodes costs as much as a training round each
-(Flower 1.42's in-memory delivery loop), so the server asks none. Every node there can
-load every benchmark partition (one machine, the same data), so the server assigns them
+(Flower 1.42's in-memory delivery loop), so the server asks one node only (for the
+federation's size). Every node there can load every benchmark partition (one machine,
+the same data), so the server assigns them
 itself (node ids sorted, partition = rank; ``NodeDirectory(assign=True)``) and every
 message it sends carries the assignment (``AssigningGrid``). The engine's own
 ``partition-id`` (the node's creation index) is then not used: every reader of the

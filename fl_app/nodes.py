@@ -1,13 +1,16 @@
 """Which partition each node holds, and what it says of its own data: one query per node
-in deployment; in simulation the server assigns them and asks no node.
+in deployment; in simulation the server assigns them and asks one node only, for the
+federation's size.
 
 Simulation (``NodeDirectory(assign=True)``): one query per node costs as much as a
 training message in Flower 1.42's in-memory delivery loop (minutes at 10,000 nodes), and
 a simulated node's answer says nothing the server cannot know: every node can load every
 benchmark partition (one machine, the same data), the engine's ``partition-id`` is just
 the node's creation index, and node ids are random per run. So the server assigns them
-itself: node ids sorted, partition = rank, num-partitions = number of nodes, keeps-state
-true (the server-sent client-state folder is honoured in simulation), no own data.
+itself: node ids sorted, partition = rank, num-partitions = the federation's size (one
+query to one node, whose node config Flower sets to it; the server then waits until that
+many nodes are registered), keeps-state true (the server-sent client-state folder is
+honoured in simulation), no own data.
 ``AssigningGrid`` adds each node's assignment to every message sent to it
 (``wire.ASSIGNED``); the ClientApp takes it only inside the simulation engine
 (fl_app/assignment.py). Sampling stays in partition space (strategies/sampling.py), so
@@ -36,6 +39,7 @@ from fl_common import wire
 
 QUERY_TIMEOUT = 120.0
 QUERY_BATCH = 1000  # query messages in flight at once (see NodeDirectory.discover)
+REGISTER_GRACE = 60.0  # seconds for the simulation engine to register all its nodes
 
 
 def _integer(metrics, key: str) -> int:
@@ -87,7 +91,7 @@ class NodeDirectory:
             raise ValueError(f"data_stats must be one of {list(wire.DATA_STATS_LEVELS)}")
         self.grid = grid
         self.data_stats = data_stats
-        self.assign = assign  # simulation: assign partitions, ask no node (module doc)
+        self.assign = assign  # simulation: assign partitions, one size query (module doc)
         self.queries_sent = 0
         self.partition: dict[int, tuple[int, int]] = {}
         self.keeps_state: dict[int, bool] = {}
@@ -126,12 +130,40 @@ class NodeDirectory:
                 sorted(unknown)[:10])
             self.malformed.update({n: "joined after the assignment" for n in unknown})
             return
-        everyone = sorted(set(self.grid.get_node_ids()) | set(unknown))
+        total = self._federation_size(unknown)
+        everyone = self._all_registered(total, set(unknown))
+        if len(everyone) < total:
+            log(WARNING, "Simulation: %d of %d nodes registered after %.0f s; partitions "
+                         "assigned to those (the others' partitions are not sampled)",
+                len(everyone), total, REGISTER_GRACE)
         for rank, node in enumerate(everyone):
-            self.partition[node] = (rank, len(everyone))
+            self.partition[node] = (rank, total)
             self.keeps_state[node] = True
-        log(INFO, "Simulation: %d partitions assigned to the %d nodes by node id (no "
-                  "query sent)", len(everyone), len(everyone))
+        log(INFO, "Simulation: %d partitions assigned to the %d nodes by node id (one "
+                  "query sent, for the federation's size)", total, len(everyone))
+
+    def _federation_size(self, candidates: list[int]) -> int:
+        """num-supernodes, from one node's query reply (its node config's num-partitions,
+        which Flower sets to the federation's size); a few nodes are tried if a reply is
+        missing or malformed. The node count seen so far is not enough: Flower registers
+        the simulated nodes in a thread that runs alongside the ServerApp's."""
+        for node in candidates[:3]:
+            self._query([node])
+            if node in self.partition:
+                total = self.partition.pop(node)[1]
+                self.keeps_state.pop(node, None)
+                self.own_data_of.pop(node, None)
+                return total
+        raise RuntimeError("No simulated node answered a query (see the ClientApp logs)")
+
+    def _all_registered(self, total: int, seen: set[int]) -> list[int]:
+        """The sorted node ids once ``total`` are registered (at most REGISTER_GRACE s)."""
+        deadline = time.monotonic() + REGISTER_GRACE
+        while True:
+            everyone = sorted(set(self.grid.get_node_ids()) | seen)
+            if len(everyone) >= total or time.monotonic() > deadline:
+                return everyone
+            time.sleep(0.05)
 
     def assignment(self, node_id: int) -> tuple[int, int] | None:
         """The (partition, num partitions) assigned to ``node_id``; None when not assigning."""

@@ -50,7 +50,6 @@ CLIENT_STATE = "client-state"  # in simulation: the clients' state folder, in th
 NODE_WAIT_TIMEOUT = 600.0
 ALL_NODES_GRACE = 60.0  # seconds a deployment waits for every partition's node
 SIMULATION_NODE_GRACE = 10.0  # seconds for the simulation engine to register its nodes
-SIMULATION_SETTLE = 0.3  # seconds the simulation's node count must stay put before assigning
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT) -> list[int]:
@@ -77,24 +76,6 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_TIMEOUT)
             )
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
         time.sleep(1.0)
-    if simulation:  # the engine registers its nodes while the ServerApp starts: all of them
-        nodes = settled_nodes(grid, nodes)
-    return nodes
-
-
-def settled_nodes(grid: Grid, nodes: list[int], settle: float | None = None,
-                  limit: float = SIMULATION_NODE_GRACE) -> list[int]:
-    """Simulation: the node ids once their count has not changed for ``settle`` seconds
-    (Flower registers ``num-supernodes`` nodes in one loop, in a thread that starts with
-    the ServerApp's), so that partitions are assigned over the whole federation."""
-    settle = SIMULATION_SETTLE if settle is None else settle
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        time.sleep(settle)
-        again = list(grid.get_node_ids())
-        if len(again) == len(nodes):
-            return again
-        nodes = again
     return nodes
 
 

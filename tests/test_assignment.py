@@ -46,16 +46,16 @@ def random_node_ids(n: int, seed: int) -> list[int]:
     return random.Random(seed).sample(range(1, 2**63), n)  # as Flower draws them: random
 
 
-def test_in_simulation_no_node_is_asked_and_partitions_follow_the_sorted_node_ids():
+def test_in_simulation_one_node_is_asked_and_partitions_follow_the_sorted_node_ids():
     ids = random_node_ids(50, 1)
     grid = CountingGrid(ids)
     nodes = NodeDirectory(grid, assign=True)
     assert nodes.num_partitions(ids) == 50
     assert nodes.discover(ids) == {n: rank for rank, n in enumerate(sorted(ids))}
     assert nodes.without_state(ids) == [] and nodes.own_data(ids, 50, 10) == {}
-    assert grid.sent == 0 and nodes.queries_sent == 0
+    assert grid.sent == 1 and nodes.queries_sent == 1  # one node, for the federation's size
     asked = NodeDirectory(grid)  # deployment: one query per node, as before
-    assert asked.num_partitions(ids) == 50 and grid.sent == 50
+    assert asked.num_partitions(ids) == 50 and grid.sent == 1 + 50
 
 
 def sampled_partitions(nodes: NodeDirectory, ids: list[int], seed: int, rounds=5, k=7):
@@ -85,7 +85,10 @@ def test_every_message_carries_its_own_nodes_assignment_and_the_shared_content_i
             return ["m"] * len(self.pushed)
 
         def send_and_receive(self, messages, *, timeout=None):
-            self.received = list(messages)
+            messages = list(messages)
+            if all(m.metadata.message_type == "query" for m in messages):
+                return super().send_and_receive(messages)  # the one size query
+            self.received = messages
             return []
 
     inner = Recording(ids)
@@ -199,9 +202,12 @@ def test_scaffold_state_is_keyed_by_the_assigned_partition(make_config, tmp_path
                    num_rounds=1, timeout=600.0, train_config=config,
                    evaluate_config=ConfigRecord(config), evaluate_fn=lambda r, a: None)
     assert sampler.partition_of == {10: 0, 20: 1, 30: 2, 40: 3}
-    trained = [m.metadata.dst_node_id for m in inner.seen]
+    queries = [m for m in inner.seen if m.metadata.message_type == "query"]
+    seen = [m for m in inner.seen if m.metadata.message_type != "query"]
+    assert len(queries) == 1  # one node, for the federation's size
+    trained = [m.metadata.dst_node_id for m in seen]
     assert len(trained) == 2 and all(m.content[wire.ASSIGNED][wire.PARTITION_ID] == sampler.partition_of[
-        m.metadata.dst_node_id] for m in inner.seen)
+        m.metadata.dst_node_id] for m in seen)
     assigned = {sampler.partition_of[n] for n in trained}
     engine = {ids.index(n) for n in trained}
     assert assigned != engine  # the test tells the two apart
@@ -236,19 +242,26 @@ def test_the_fault_draw_uses_the_assigned_partition(make_config):
         assert (kind is not None) == faults.is_faulty(cfg.seed, 1, pid, 0.5)
 
 
-def test_the_simulated_node_set_is_taken_once_it_stops_growing(monkeypatch):
+def test_the_partitions_are_assigned_over_the_whole_federation_while_it_registers():
     """Flower registers the simulated nodes in a thread started with the ServerApp's: the
-    server assigns partitions over all of them, not over the first few it saw."""
-    from fl_app import server_app
+    server learns the federation's size from one node (its node config's num-partitions)
+    and assigns over all of its nodes, not over the first few it saw, however slowly
+    they appear."""
+    ids = random_node_ids(10, 4)
 
-    class Growing:
+    class Growing(CountingGrid):
         def __init__(self):
+            super().__init__(ids)
             self.calls = 0
 
         def get_node_ids(self):
             self.calls += 1
-            return list(range(min(self.calls * 3, 10)))
+            return list(self.node_ids[:min(self.calls, 10)])  # one more each look
 
-    started = time.monotonic()
-    assert server_app.settled_nodes(Growing(), [0, 1], settle=0.01) == list(range(10))
-    assert time.monotonic() - started < 5
+    grid = Growing()
+    nodes = NodeDirectory(grid, assign=True)
+    seen = grid.get_node_ids()
+    assert len(seen) == 1
+    assert nodes.num_partitions(seen) == 10
+    assert nodes.discover(ids) == {n: rank for rank, n in enumerate(sorted(ids))}
+    assert grid.sent == 1
