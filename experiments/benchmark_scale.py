@@ -26,9 +26,10 @@ With ``--py-spy S``, at the start of round 2 (warm) it records S seconds of py-s
 samples (``--format raw``: collapsed stacks) of the simulation process and of every Ray
 actor, and prints the heaviest frames per process (experiments/scale/stacks.py reads them).
 
-The app's code is snapshotted (pyproject.toml, fl_app/, strategies/, partitions/) into
-a temporary folder before the first run, so that edits in the working tree during the
-benchmark do not change what is measured; ``PYTHONPATH`` points at the snapshot, so the
+The app's code is snapshotted (pyproject.toml, fl_app/, strategies/, partitions/,
+fl_common/) into a temporary folder before the first run (``--code-from REV``: as commit
+REV has it, e.g. to measure the code before a change with the same script), so that
+edits in the working tree during the benchmark do not change what is measured; ``PYTHONPATH`` points at the snapshot, so the
 minimal app's ``import partitions`` reads the same code.
 
 Results are appended as JSON lines to docs/benchmarks/scale.jsonl.
@@ -359,23 +360,34 @@ def run_app(kind: str, strategy: str | None, args, workdir: Path, app_dir: Path,
 
 
 # ------------------------------------------------------------------ snapshot, main
-def snapshot(dest: Path) -> Path:
-    """A copy of the app as the working tree has it now."""
+SNAPSHOT_PACKAGES = ("fl_app", "strategies", "partitions", "fl_common")
+
+
+def snapshot(dest: Path, code_from: str = "") -> Path:
+    """A copy of the app as the working tree has it now, or as commit ``code_from`` had
+    it (``--code-from``: e.g. the code before a change, measured by the same script)."""
     dest.mkdir(parents=True)
+    if code_from:
+        archive = subprocess.run(["git", "archive", code_from, "pyproject.toml",
+                                  *SNAPSHOT_PACKAGES], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+        return dest
     shutil.copy2(REPO / "pyproject.toml", dest / "pyproject.toml")
-    for package in ("fl_app", "strategies", "partitions"):
+    for package in SNAPSHOT_PACKAGES:
         shutil.copytree(REPO / package, dest / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
 
 
-def git_state() -> dict:
+def git_state(code_from: str = "") -> dict:
     def git(*cmd: str) -> str:
         try:
             return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
                                   timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
+    if code_from:
+        return {"commit": git("rev-parse", code_from), "code_from": code_from, "dirty_files": []}
     return {"commit": git("rev-parse", "HEAD"),
             "dirty_files": [l[3:] for l in git("status", "--porcelain").splitlines()
                             if l[3:].startswith(("fl_app", "strategies", "partitions", "pyproject"))]}
@@ -417,12 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not append to scale.jsonl")
     parser.add_argument("--no-snapshot", action="store_true",
                         help="run the working tree as it is (edits during the run count)")
+    parser.add_argument("--code-from", default="",
+                        help="snapshot the app as this commit has it (e.g. HEAD~1: the code "
+                             "before a change), not the working tree")
     args = parser.parse_args(argv)
+    if args.code_from and args.no_snapshot:
+        parser.error("--code-from needs the snapshot")
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    git_at_snapshot = git_state()  # what the snapshot holds (HEAD may move during a long sitting)
-    app_dir = REPO if args.no_snapshot else snapshot(workdir / "app-snapshot")
+    git_at_snapshot = git_state(args.code_from)  # what the snapshot holds (HEAD may move)
+    app_dir = REPO if args.no_snapshot else snapshot(workdir / "app-snapshot", args.code_from)
     if not args.no_snapshot:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             [str(app_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])

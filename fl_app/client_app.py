@@ -1,7 +1,8 @@
 """ClientApp: trains and evaluates on this node's partition.
 
 The node's partition comes from its node config (``partition-id``, ``num-partitions``:
-set by the simulation engine, or by ``flower-supernode --node-config`` in deployment).
+``flower-supernode --node-config`` in deployment), or, inside Flower's simulation engine
+only, from the server's assignment that every message carries (fl_app/assignment.py).
 The run config comes with every message (``wire.RUN_CONFIG``), validated again here, so
 the server alone decides what a round means (a sweep changes it between runs).
 """
@@ -24,6 +25,7 @@ from partitions import DatasetInfo, dataset_info, load_client_data
 from partitions.device import cached_client_data, load_device_data, read_device_data
 
 from fl_common import wire
+from .assignment import AssignmentRefused, node_partition
 from .attacks import client_attack
 from . import privacy_policy
 from .privacy_policy import NodePolicy
@@ -48,21 +50,6 @@ FINETUNE_TAG = 0xF17  # separates the evaluation fine-tuning's batches from trai
 @lru_cache(maxsize=8)
 def _run_config(text: str) -> RunConfig:
     return RunConfig.from_json(text)
-
-
-def node_partition(context: Context) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from the node config, checked."""
-    try:
-        pid = int(context.node_config[wire.PARTITION_ID])
-        num = int(context.node_config[wire.NUM_PARTITIONS])
-    except KeyError as err:
-        raise ValueError(
-            f"Node config lacks {err}; start each SuperNode with --node-config "
-            "'partition-id=<i> num-partitions=<n>'"
-        ) from None
-    if not 0 <= pid < num:
-        raise ValueError(f"Node config partition-id={pid} is not in [0, num-partitions={num})")
-    return pid, num
 
 
 def _info(msg: Message, cfg: RunConfig) -> DatasetInfo:
@@ -93,13 +80,13 @@ def _setup(msg: Message, context: Context, folder: str | None):
     message carried loaded by the strategy's payload (and, for a payload that keeps
     layers on the client, this client's own)."""
     cfg = _run_config(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
-    pid, num = node_partition(context)
+    pid, num = node_partition(context, msg)
     info = _info(msg, cfg)
     data = node_data(cfg, info, context, pid, num)
     model = build_model(info, seed=derive_seed(cfg.seed, INIT_SEED_TAG), kind=cfg.model)
     payload = strategies.spec(cfg.strategy).payload(cfg)
     payload.load(model, msg.content[wire.ARRAYS], _local(msg, context, pid, folder))
-    return cfg, pid, data, model.to(resolve_device(cfg.device))
+    return cfg, pid, num, data, model.to(resolve_device(cfg.device))
 
 
 def _local(msg: Message, context: Context, pid: int, folder: str | None) -> strategies.ClientLocal:
@@ -192,9 +179,11 @@ def train(msg: Message, context: Context) -> Message:
             f"'{wire.NODE_STATE_DIR}', so that its spend survives a restart and composes "
             "across runs"))
     try:
-        cfg, pid, data, model = _setup(msg, context, folder)
+        cfg, pid, num, data, model = _setup(msg, context, folder)
     except BaseRefused as err:  # FedLoRA: no base here, or another one
         return _refused(msg, wire.BASE_ERROR_CODE, f"{wire.BASE_REFUSED}: {err}")
+    except AssignmentRefused as err:  # a deployed node is never told its partition
+        return _refused(msg, wire.ASSIGNMENT_ERROR_CODE, str(err))
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     if os.environ.get(LOG_PLACEMENT) and (node := privacy_policy.ray_node_id()) is not None:
         log(INFO, "placement: ray-node=%s partition=%d round=%d", node, pid, server_round)
@@ -204,7 +193,7 @@ def train(msg: Message, context: Context) -> Message:
         model, msg.content, context.state, float(cfg.lr), pid, folder,
         local=_local(msg, context, pid, folder), payload=payload))
     # Simulated Byzantine client (test facility, off by default): see fl_app/attacks.py.
-    attack = client_attack(cfg, pid, node_partition(context)[1], server_round)
+    attack = client_attack(cfg, pid, num, server_round)
     train_data = attack.data(data.train, _info(msg, cfg).num_classes) if attack else data.train
     user_dp = cfg.dp and cfg.dp_mode == "user"  # the update is clipped by central_dp_gate
     dp_round = None
@@ -270,9 +259,11 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
             f"{wire.DP_POLICY_REFUSED}: federated evaluation under DP would send un-noised "
             "metrics of private validation data; it is off with dp = true"))
     try:
-        cfg, pid, data, model = _setup(msg, context, state_dir(msg, context)[0])
+        cfg, pid, _, data, model = _setup(msg, context, state_dir(msg, context)[0])
     except BaseRefused as err:
         return _refused(msg, wire.BASE_ERROR_CODE, f"{wire.BASE_REFUSED}: {err}")
+    except AssignmentRefused as err:
+        return _refused(msg, wire.ASSIGNMENT_ERROR_CODE, str(err))
     if cfg.eval_finetune_epochs:  # personalization baseline: fine-tune a copy, then score
         server_round = int(msg.content[wire.CONFIG].get(wire.SERVER_ROUND, 0))
         train_local(model, data.train, epochs=cfg.eval_finetune_epochs, batch_size=cfg.batch_size,

@@ -33,6 +33,8 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fl_common import wire
 
+from .assignment import AssignmentRefused, partition_id as node_partition_id
+
 FAULT_KINDS = ("none", "exception", "timeout", "nan", "shapes", "huge-examples")
 FAULT_TAG = 0xFA17  # separates the fault draw from every other use of `seed`
 HUGE_NUM_EXAMPLES = 10**9
@@ -72,7 +74,10 @@ def _fault_of(msg: Message, context: Context) -> tuple[str | None, dict]:
     kind, rate = run.get("fault-kind", "none"), float(run.get("fault-rate", 0.0))
     if kind == "none" or rate <= 0:
         return None, run
-    pid = int(context.node_config.get(wire.PARTITION_ID, 0))
+    try:  # the handler's partition (in simulation the server's assignment)
+        pid = node_partition_id(context, msg)
+    except AssignmentRefused:
+        return None, run  # outside simulation: the handler refuses the message
     faulty = is_faulty(int(run["seed"]), int(config[wire.SERVER_ROUND]), pid, rate)
     return (kind if faulty else None), run
 
@@ -84,7 +89,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         return call_next(msg, context)
     if kind == "exception":
         raise InjectedFault(f"fault-kind = exception (test facility): partition "
-                            f"{context.node_config.get(wire.PARTITION_ID)} fails in round "
+                            f"{node_partition_id(context, msg)} fails in round "
                             f"{msg.content[wire.CONFIG][wire.SERVER_ROUND]}")
     reply = call_next(msg, context)
     if reply.has_error():

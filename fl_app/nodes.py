@@ -1,4 +1,21 @@
-"""Which partition each node holds, and what it says of its own data: one query per node.
+"""Which partition each node holds, and what it says of its own data: one query per node
+in deployment; in simulation the server assigns them and asks one node only, for the
+federation's size.
+
+Simulation (``NodeDirectory(assign=True)``): one query per node costs as much as a
+training message in Flower 1.42's in-memory delivery loop (minutes at 10,000 nodes), and
+a simulated node's answer says nothing the server cannot know: every node can load every
+benchmark partition (one machine, the same data), the engine's ``partition-id`` is just
+the node's creation index, and node ids are random per run. So the server assigns them
+itself: node ids sorted, partition = rank, num-partitions = the federation's size (one
+query to one node, whose node config Flower sets to it; the server then waits until that
+many nodes are registered), keeps-state true (the server-sent client-state folder is
+honoured in simulation), no own data.
+``AssigningGrid`` adds each node's assignment to every message sent to it
+(``wire.ASSIGNED``); the ClientApp takes it only inside the simulation engine
+(fl_app/assignment.py). Sampling stays in partition space (strategies/sampling.py), so
+the same seed samples the same partitions for any set of node ids, and client state,
+keyed by partition, is found again on resume.
 
 Every reply is parsed defensively: a node whose reply lacks a field, has one of the
 wrong type, or names a partition outside [0, num-partitions) is left out of the run with
@@ -12,6 +29,8 @@ import math
 import time
 from logging import INFO, WARNING
 
+from collections.abc import Iterable
+
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -20,6 +39,7 @@ from fl_common import wire
 
 QUERY_TIMEOUT = 120.0
 QUERY_BATCH = 1000  # query messages in flight at once (see NodeDirectory.discover)
+REGISTER_GRACE = 60.0  # seconds for the simulation engine to register all its nodes
 
 
 def _integer(metrics, key: str) -> int:
@@ -66,11 +86,13 @@ class NodeDirectory:
     user, where a client's size is private).
     """
 
-    def __init__(self, grid: Grid, data_stats: str = "all") -> None:
+    def __init__(self, grid: Grid, data_stats: str = "all", assign: bool = False) -> None:
         if data_stats not in wire.DATA_STATS_LEVELS:
             raise ValueError(f"data_stats must be one of {list(wire.DATA_STATS_LEVELS)}")
         self.grid = grid
         self.data_stats = data_stats
+        self.assign = assign  # simulation: assign partitions, one size query (module doc)
+        self.queries_sent = 0
         self.partition: dict[int, tuple[int, int]] = {}
         self.keeps_state: dict[int, bool] = {}
         # node -> (size, label counts); either None where the node did not report it
@@ -84,6 +106,10 @@ class NodeDirectory:
         get_message_ins), so 10,000 queries at once are slow enough to time out, and a
         query whose reply is never pulled stays stored, slowing every later round."""
         unknown = [n for n in node_ids if n not in self.partition and n not in self.malformed]
+        if self.assign:
+            self._assign(unknown)
+            wanted = set(node_ids)
+            return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
         started = time.perf_counter()
         for start in range(0, len(unknown), QUERY_BATCH):
             self._query(unknown[start:start + QUERY_BATCH])
@@ -94,9 +120,59 @@ class NodeDirectory:
         wanted = set(node_ids)  # in the order the nodes answered: the first claim wins
         return {n: pid for n, (pid, _) in self.partition.items() if n in wanted}
 
+    def _assign(self, unknown: list[int]) -> None:
+        """Simulation: partition = rank of the node id among the federation's nodes,
+        fixed the first time (the engine's node set does not change during a run)."""
+        if not unknown:
+            return
+        if self.partition:  # a node that was not there when the partitions were assigned
+            log(WARNING, "Node(s) %s joined after the partitions were assigned: not sampled",
+                sorted(unknown)[:10])
+            self.malformed.update({n: "joined after the assignment" for n in unknown})
+            return
+        total = self._federation_size(unknown)
+        everyone = self._all_registered(total, set(unknown))
+        if len(everyone) < total:
+            log(WARNING, "Simulation: %d of %d nodes registered after %.0f s; partitions "
+                         "assigned to those (the others' partitions are not sampled)",
+                len(everyone), total, REGISTER_GRACE)
+        for rank, node in enumerate(everyone):
+            self.partition[node] = (rank, total)
+            self.keeps_state[node] = True
+        log(INFO, "Simulation: %d partitions assigned to the %d nodes by node id (one "
+                  "query sent, for the federation's size)", total, len(everyone))
+
+    def _federation_size(self, candidates: list[int]) -> int:
+        """num-supernodes, from one node's query reply (its node config's num-partitions,
+        which Flower sets to the federation's size); a few nodes are tried if a reply is
+        missing or malformed. The node count seen so far is not enough: Flower registers
+        the simulated nodes in a thread that runs alongside the ServerApp's."""
+        for node in candidates[:3]:
+            self._query([node])
+            if node in self.partition:
+                total = self.partition.pop(node)[1]
+                self.keeps_state.pop(node, None)
+                self.own_data_of.pop(node, None)
+                return total
+        raise RuntimeError("No simulated node answered a query (see the ClientApp logs)")
+
+    def _all_registered(self, total: int, seen: set[int]) -> list[int]:
+        """The sorted node ids once ``total`` are registered (at most REGISTER_GRACE s)."""
+        deadline = time.monotonic() + REGISTER_GRACE
+        while True:
+            everyone = sorted(set(self.grid.get_node_ids()) | seen)
+            if len(everyone) >= total or time.monotonic() > deadline:
+                return everyone
+            time.sleep(0.05)
+
+    def assignment(self, node_id: int) -> tuple[int, int] | None:
+        """The (partition, num partitions) assigned to ``node_id``; None when not assigning."""
+        return self.partition.get(node_id) if self.assign else None
+
     def _query(self, unknown: list[int]) -> None:
         if not unknown:
             return
+        self.queries_sent += len(unknown)
         messages = [
             Message(RecordDict({wire.CONFIG: ConfigRecord({wire.DATA_STATS: self.data_stats})}),
                     dst_node_id=n, message_type=MessageType.QUERY)
@@ -161,3 +237,59 @@ class NodeDirectory:
         """The partitions of ``node_ids`` whose node keeps no state across restarts."""
         known = self.discover(node_ids)
         return sorted(pid for node, pid in known.items() if not self.keeps_state.get(node, False))
+
+
+class AssigningGrid(Grid):
+    """A ``Grid`` that adds each node's assigned partition (``wire.ASSIGNED``) to every
+    message sent to it (simulation only: ``NodeDirectory(assign=True)``).
+
+    Flower's strategies give one RecordDict to all the messages of a round; each message
+    here gets its own shallow copy (the records themselves are shared, not copied) with
+    the one small ConfigRecord added. Everything else is delegated.
+    """
+
+    def __init__(self, grid: Grid, nodes: NodeDirectory) -> None:
+        if not nodes.assign:
+            raise ValueError("AssigningGrid needs a NodeDirectory that assigns partitions")
+        self.grid = grid
+        self.nodes = nodes
+
+    def _stamped(self, messages: Iterable[Message]) -> list[Message]:
+        out = []
+        for msg in messages:
+            assigned = self.nodes.assignment(msg.metadata.dst_node_id)
+            if assigned is not None and msg.has_content():
+                content = RecordDict(dict(msg.content))
+                content[wire.ASSIGNED] = ConfigRecord(
+                    {wire.PARTITION_ID: assigned[0], wire.NUM_PARTITIONS: assigned[1]})
+                msg.content = content
+            out.append(msg)
+        return out
+
+    # ---- plain delegation
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return self.grid.get_nodes()
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    # ---- what it adds
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(self._stamped(messages))
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(self._stamped(messages), timeout=timeout)

@@ -245,7 +245,11 @@ def _seed_quantization(request: Message, context: Context) -> None:
 
     config = request.content[wire.CONFIG]
     seed = int(json.loads(str(config[wire.RUN_CONFIG]))["seed"])
-    partition = int(context.node_config.get(wire.PARTITION_ID, 0))
+    from .assignment import partition_id
+
+    # the handler's partition: in simulation the server's assignment, which the stage
+    # message carries (it travels through fl_app.nodes.AssigningGrid) and Context.state keeps
+    partition = partition_id(context, request)
     np.random.seed(derive_seed(seed, int(config[wire.SERVER_ROUND]), partition, QUANTIZATION_TAG))
 
 

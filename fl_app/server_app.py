@@ -2,7 +2,8 @@
 
 One ``flwr run`` executes one run, or, with ``sweep-file``, a list of runs one after
 another on the same nodes (the simulation's start-up is paid once). Before any training:
-the config is validated, the nodes are asked which partition they hold, and the split is
+the config is validated, the nodes are asked which partition they hold (in simulation
+none is asked: the server assigns the partitions, fl_app/nodes.py), and the split is
 computed and checked (every partition at least 2 samples); any problem raises here.
 """
 
@@ -35,7 +36,7 @@ from . import checkpoint as ckpt
 from .assembly import Split, assemble, the_split
 from .config import RunConfig, load_sweep
 from .model import INIT_SEED_TAG, build_model, num_parameters
-from .nodes import NodeDirectory
+from .nodes import AssigningGrid, NodeDirectory
 from .results import RunRecorder, fresh_run_dir, is_complete, resolve_results_dir
 from .training import evaluate, resolve_device
 
@@ -230,7 +231,9 @@ def run_one(grid: Grid, cfg: RunConfig, nodes: NodeDirectory, run_dir_name: str,
     model.to(resolve_device(cfg.device))  # the server's evaluation runs there
     secagg = secagg_settings(cfg, split.known_train, len(node_ids)) if cfg.secagg else None
     check_privacy(cfg, split, model, num_partitions)
-    assembly = assemble(cfg, grid, nodes, split, num_partitions=num_partitions,
+    # simulation: every message carries the node's assigned partition (fl_app/nodes.py)
+    assembly = assemble(cfg, AssigningGrid(grid, nodes) if nodes.assign else grid, nodes, split,
+                        num_partitions=num_partitions,
                         num_nodes=len(node_ids), secagg=secagg)
     strategy, run_grid = assembly.strategy, assembly.grid
     first_round = 1
@@ -401,7 +404,7 @@ def main(grid: Grid, context: Context) -> None:
     # What own-data nodes report of their data: nothing private under DP.
     stats = ("none" if any(c.dp and c.dp_mode == "user" for c in runs) else
              "size" if any(c.dp for c in runs) else "all")
-    nodes = NodeDirectory(grid, data_stats=stats)
+    nodes = NodeDirectory(grid, data_stats=stats, assign=is_simulation(grid))
     node_ids = wait_for_nodes(grid, min(cfg.min_train_nodes for cfg in runs))
     num_partitions = nodes.num_partitions(node_ids)
     # Impossible splits, for every entry before the first run; the benchmark split is

@@ -52,6 +52,13 @@ OWN_DATA = "own-data"  # 1 if the node trains on its own data (node config DATA_
 DATA_SIZE = "data-size"  # its number of samples (training + validation)
 LABEL_COUNTS = "label-counts"  # samples of each label
 KEEPS_STATE = "keeps-state"  # 1 if the node keeps state across restarts (node config state-dir)
+# Simulation only: no query; the server assigns each node its partition (node ids sorted,
+# partition = rank) and every message it sends carries this ConfigRecord (PARTITION_ID,
+# NUM_PARTITIONS). A ClientApp honours it only inside Flower's simulation engine and
+# refuses a message that carries it anywhere else (fl_app/assignment.py).
+ASSIGNED = "assigned-partition"
+ASSIGNMENT_REFUSED = "assignment-refused"  # error reason prefix: a deployed node was sent one
+ASSIGNMENT_ERROR_CODE = 4274
 # Query message config: which of its own data's statistics the server asks a node for:
 # "all" (size and label counts, runs without DP), "size" (sample-level DP, where the size
 # of a client's data is public as the sample rate and weights reveal it), "none" (dp-mode
