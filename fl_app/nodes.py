@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import math
 import time
-from logging import INFO, WARNING
-
 from collections.abc import Iterable
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fl_common import wire
+from strategies.grid_wrapper import DelegatingGrid
 
 QUERY_TIMEOUT = 120.0
 QUERY_BATCH = 1000  # query messages in flight at once (see NodeDirectory.discover)
@@ -239,7 +239,7 @@ class NodeDirectory:
         return sorted(pid for node, pid in known.items() if not self.keeps_state.get(node, False))
 
 
-class AssigningGrid(Grid):
+class AssigningGrid(DelegatingGrid):
     """A ``Grid`` that adds each node's assigned partition (``wire.ASSIGNED``) to every
     message sent to it (simulation only: ``NodeDirectory(assign=True)``).
 
@@ -251,7 +251,7 @@ class AssigningGrid(Grid):
     def __init__(self, grid: Grid, nodes: NodeDirectory) -> None:
         if not nodes.assign:
             raise ValueError("AssigningGrid needs a NodeDirectory that assigns partitions")
-        self.grid = grid
+        super().__init__(grid)
         self.nodes = nodes
 
     def _stamped(self, messages: Iterable[Message]) -> list[Message]:
@@ -265,26 +265,6 @@ class AssigningGrid(Grid):
                 msg.content = content
             out.append(msg)
         return out
-
-    # ---- plain delegation
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):  # type: ignore[no-untyped-def]
-        return self.grid.get_nodes()
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     # ---- what it adds
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

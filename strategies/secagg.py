@@ -119,6 +119,7 @@ from flwr.supercore.primitives.asymmetric import (
 from fl_common import wire
 from fl_common.arrays import ArrayList
 
+from .grid_wrapper import DelegatingGrid
 from .secagg_prg import mask_arrays
 from .validation import ArraySpec
 
@@ -621,7 +622,7 @@ def read_unmask(reply: Message, expected: set[int]) -> dict[int, bytes]:
 
 
 # ------------------------------------------------------------------ the grid wrapper
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(DelegatingGrid):
     """A ``Grid`` that runs every train ``send_and_receive`` as a SecAgg+ round.
 
     ``reply_spec(arrays)`` gives the key -> (shape, dtype) layout of one client's reply
@@ -632,33 +633,10 @@ class SecureAggregationGrid(Grid):
     def __init__(self, grid: Grid, settings: SecAggSettings,
                  reply_spec: Callable[[ArrayRecord], dict[str, ArraySpec]],
                  rng: random.Random | None = None) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.settings = settings.check()
         self.reply_spec = reply_spec
         self.rng = rng or random.SystemRandom()
-
-    # ---- plain delegation
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):  # type: ignore[no-untyped-def]
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

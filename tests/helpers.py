@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from unittest.mock import Mock
 
 import numpy as np
@@ -68,6 +69,37 @@ class Node:
 def wire_roundtrip(message: Message) -> Message:
     """What the other side receives: serialized and parsed again."""
     return message_from_proto(message_to_proto(message))
+
+
+class ClientAppGrid:
+    """Delivers each message, serialized both ways, to the real ClientApp (its mods
+    included) of the node's ``Context`` in ``contexts``; an exception becomes an error
+    reply (as Flower sends it) and a reply slower than ``timeout`` is missing. ``seen``:
+    every message delivered."""
+
+    def __init__(self, contexts: dict[int, Context]) -> None:
+        self.contexts = contexts
+        self.seen: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from fl_app import client_app
+
+        replies = []
+        for msg in messages:
+            msg = wire_roundtrip(msg)
+            self.seen.append(msg)
+            started = time.monotonic()
+            try:
+                reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as err:  # noqa: BLE001 - as a ClientApp reports it
+                reply = Message(error=Error(code=0, reason=repr(err)), reply_to=msg)
+            if timeout is not None and time.monotonic() - started > timeout:
+                continue  # the server stopped waiting
+            replies.append(wire_roundtrip(reply))
+        return replies
 
 
 class LoopbackGrid:

@@ -5,11 +5,10 @@ ClientApp takes it (fl_app/nodes.py, fl_app/assignment.py)."""
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 import strategies
 from fl_app import client_app
@@ -20,7 +19,7 @@ from fl_common import wire
 from partitions import dataset_info
 from strategies.sampling import PartitionSampler
 from strategies.scaffold import scaffold_file
-from tests.helpers import wire_roundtrip
+from tests.helpers import ClientAppGrid, wire_roundtrip
 
 
 class CountingGrid:
@@ -158,28 +157,10 @@ def test_a_deployed_client_refuses_a_server_assigned_partition(make_config):
 N = 4
 
 
-class InProcessGrid:
-    """Delivers messages to the ClientApp (its mods included); the nodes' node-config
-    partition-ids are the engine's creation indices, which the assignment does not use."""
-
-    def __init__(self, node_ids):
-        self.contexts = {n: _context(pid=i, num=N) for i, n in enumerate(node_ids)}
-        self.seen: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg = wire_roundtrip(msg)
-            self.seen.append(msg)
-            try:
-                reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as err:  # noqa: BLE001 - as a ClientApp reports it
-                reply = Message(error=Error(code=0, reason=repr(err)), reply_to=msg)
-            replies.append(wire_roundtrip(reply))
-        return replies
+def in_process_grid(node_ids) -> ClientAppGrid:
+    """The ClientApp in this process; the nodes' node-config partition-ids are the
+    engine's creation indices, which the assignment does not use."""
+    return ClientAppGrid({n: _context(pid=i, num=N) for i, n in enumerate(node_ids)})
 
 
 def test_scaffold_state_is_keyed_by_the_assigned_partition(make_config, tmp_path):
@@ -190,7 +171,7 @@ def test_scaffold_state_is_keyed_by_the_assigned_partition(make_config, tmp_path
     cfg = make_config(strategy="scaffold", **{"min-train-nodes": 2, "fraction-train": 0.5,
                                               "fraction-evaluate": 0.0,
                                               "scaffold-weighting": "uniform"})
-    inner = InProcessGrid(ids)
+    inner = in_process_grid(ids)
     nodes = NodeDirectory(inner, assign=True)
     sampler = PartitionSampler(cfg.seed, nodes.discover)
     strategy = strategies.guarded(cfg.strategy, strategies.build(cfg, N, total_examples=1000),

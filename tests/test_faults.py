@@ -8,50 +8,27 @@ model is the initial one."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 import strategies
-from fl_app import client_app
 from fl_common import wire
 from fl_app.faults import FAULT_KINDS, corrupt_arrays, is_faulty
 from fl_app.model import build_model
 from partitions import dataset_info
 from strategies.sampling import PartitionSampler
-from tests.helpers import wire_roundtrip
+from tests.helpers import ClientAppGrid
 
 N = 6
 
 
-class InProcessGrid:
-    """Delivers train/evaluate messages to the ClientApp's handlers; an exception becomes
-    an error reply (as Flower sends it), and a reply slower than ``timeout`` is missing."""
-
-    def __init__(self) -> None:
-        self.contexts = {100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(),
-                                          node_config={wire.PARTITION_ID: p,
-                                                       wire.NUM_PARTITIONS: N}, run_config={})
-                         for p in range(N)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg = wire_roundtrip(msg)
-            started = time.monotonic()
-            try:  # the ClientApp as Flower calls it: the handler behind its mods
-                reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as err:  # noqa: BLE001 - as a ClientApp reports it
-                reply = Message(error=Error(code=0, reason=repr(err)), reply_to=msg)
-            if timeout is not None and time.monotonic() - started > timeout:
-                continue  # the server stopped waiting
-            replies.append(wire_roundtrip(reply))
-        return replies
+def _grid() -> ClientAppGrid:
+    """N nodes (ids 100 + p) holding partitions p of N."""
+    return ClientAppGrid({100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(),
+                                           node_config={wire.PARTITION_ID: p,
+                                                        wire.NUM_PARTITIONS: N}, run_config={})
+                          for p in range(N)})
 
 
 def run(cfg, rounds=2):
@@ -67,7 +44,7 @@ def run(cfg, rounds=2):
             history.append((dict(strategy.last_train_metrics), arrays))
 
     config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), wire.RUN_TAG: "faults"})
-    strategy.start(InProcessGrid(), initial, num_rounds=rounds, timeout=float(cfg.round_timeout),
+    strategy.start(_grid(), initial, num_rounds=rounds, timeout=float(cfg.round_timeout),
                    train_config=config, evaluate_config=ConfigRecord(config),
                    evaluate_fn=record)
     return initial, history
