@@ -29,6 +29,7 @@ import strategies
 from fl_common import wire
 from fl_common.randomness import derive_seed
 from partitions import dataset_info, load_test_data, plot_label_distribution, preflight
+from strategies.grid_wrapper import PromptPollingGrid
 from strategies.secagg import SecAggSettings
 from strategies.state import capture, restore
 
@@ -392,6 +393,8 @@ def refusal():
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if not is_simulation(grid):  # Flower's deployment grid pulls replies every 3 s
+        grid = PromptPollingGrid(grid)
     with refusal():
         base = RunConfig.from_mapping(context.run_config)
         runs = load_sweep(base)  # every entry validated before the first run starts

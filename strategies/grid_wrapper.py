@@ -1,10 +1,11 @@
 """A ``Grid`` around another that delegates everything: subclasses override only what
 they add (SecAgg+ rounds, strategies/secagg.py; the simulation's partition assignment,
-fl_app/nodes.py)."""
+fl_app/nodes.py; prompt reply polling on the deployment runtime, below)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -41,3 +42,49 @@ class DelegatingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptPollingGrid(DelegatingGrid):
+    """``send_and_receive`` that looks for replies soon after they arrive.
+
+    Flower 1.42's deployment grid (``flwr/superlink/grid/http_grid.py``,
+    ``HttpGrid.send_and_receive``) pushes the messages, then pulls replies and sleeps a
+    fixed 3 s between pulls: every stage of a deployed round (query, train, evaluate,
+    each of SecAgg+'s four stages) waits 1.5 s on average, up to 3 s, after its last
+    reply has reached the SuperLink. This one pulls ``first`` s after the push and
+    doubles the pause up to ``longest`` (0.05, 0.1, ... 0.8 s by default): a reply is
+    seen at most ``longest`` after it arrives, at about one cheap pull a second in a
+    long training phase. Everything else is Flower's: the same push, the same pulls,
+    the same replies and the same ``timeout`` rule (None waits for every reply; the
+    replies pulled before the deadline are returned).
+    """
+
+    def __init__(self, grid, *, first: float = 0.05, longest: float = 0.8,  # type: ignore[no-untyped-def]
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not 0 < first <= longest:
+            raise ValueError(f"PromptPollingGrid needs 0 < first <= longest; got first={first}, "
+                             f"longest={longest}")
+        super().__init__(grid)
+        self.first, self.longest = first, longest
+        self._clock, self._sleep = clock, sleep
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        waiting = set(self.grid.push_messages(messages))
+        del messages
+        end = self._clock() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        pause = self.first
+        while timeout is None or self._clock() < end:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+            if not waiting:
+                break
+            if timeout is not None:  # never sleep past the deadline Flower would keep
+                self._sleep(max(0.0, min(pause, end - self._clock())))
+            else:
+                self._sleep(pause)
+            pause = min(2 * pause, self.longest)
+        return replies
