@@ -401,7 +401,7 @@ def paired_differences(grid: Grid, summaries: dict[str, dict[str, Any]]) -> list
     rows = []
     for split in grid.splits:
         for label, reference in comparisons(grid):
-            seeds = [seed for seed in grid.seeds
+            seeds = [seed for seed in grid.seeds_for(split)
                      if (label, split, seed) in runs and (reference, split, seed) in runs]
             if not seeds:
                 continue
@@ -511,7 +511,7 @@ def personalized_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
     local: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for key, cell in (local_only or {}).items():
         split, seed = key.rsplit("__s", 1)
-        if int(seed) in grid.seeds:
+        if split in grid.splits and int(seed) in grid.seeds_for(split):
             local[split].append(cell)
     labels = list(grid.strategies) + (["local only"] if local else [])
 
@@ -554,7 +554,7 @@ def personalized_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
             if label == reference:
                 continue
             diffs = [by_seed[(label, split, seed)] - by_seed[(reference, split, seed)]
-                     for seed in grid.seeds
+                     for seed in grid.seeds_for(split)
                      if by_seed.get((label, split, seed)) is not None
                      and by_seed.get((reference, split, seed)) is not None]
             if not diffs:
@@ -574,7 +574,9 @@ def report_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
     return (
         f"# Grid `{grid.name}`\n\n{grid.description}\n\n"
         f"Settings: {json.dumps(grid.base)}; {grid.num_supernodes} clients; seeds "
-        f"{list(grid.seeds)}; {len(summaries)} of {len(grid.runs())} runs complete.\n\n"
+        f"{list(grid.seeds)}"
+        + "".join(f" ({split}: seeds {list(seeds)})" for split, seeds in grid.split_seeds.items())
+        + f"; {len(summaries)} of {len(grid.runs())} runs complete.\n\n"
         + markdown_table(grid, rows)
         + (f"\n{personalized}" if personalized else "")
         + (f"\n{paired_markdown(paired)}" if paired else "")

@@ -140,9 +140,10 @@ def test_every_grid_run_has_a_unique_parsable_name_and_a_valid_config(name):
     assert set(grid.splits) <= set(SPLITS)
     runs = grid.runs()
     names = [run["run-name"] for run in runs]
-    assert len(names) == len(set(names)) == len(grid.seeds) * len(grid.splits) * len(grid.strategies)
-    expected = {f"{label}__{split}__s{seed}" for seed in grid.seeds for split in grid.splits
-                for label in grid.strategies}
+    assert len(names) == len(set(names)) == sum(
+        len(grid.seeds_for(split)) for split in grid.splits) * len(grid.strategies)
+    expected = {f"{label}__{split}__s{seed}" for split in grid.splits
+                for seed in grid.seeds_for(split) for label in grid.strategies}
     assert set(names) == expected
     for run in runs:
         label, split, seed = Grid.parse_run_name(run["run-name"])
@@ -156,6 +157,22 @@ def test_every_grid_run_has_a_unique_parsable_name_and_a_valid_config(name):
         assert cfg.num_attackers <= grid.num_supernodes
     # a subset of the seeds keeps the names
     assert {r["run-name"] for r in grid.runs(grid.seeds[:1])} <= set(names)
+
+
+def test_a_split_with_its_own_seeds_runs_every_strategy_on_those_and_only_those():
+    """fedper-fmnist-100c's Dirichlet(0.1) split cannot be drawn with seed 2 at 100
+    clients: that split runs on seeds 0, 1, 3, every strategy on the same three."""
+    from experiments.grids import GRIDS
+
+    grid = GRIDS["fedper-fmnist-100c"]
+    names = {run["run-name"] for run in grid.runs()}
+    for label in grid.strategies:
+        assert {f"{label}__dir0.1__s{s}" for s in (0, 1, 3)} <= names
+        assert f"{label}__dir0.1__s2" not in names
+        assert f"{label}__iid__s2" in names and f"{label}__iid__s3" not in names
+    assert len(names) == 4 * 4 * 3
+    assert {r["run-name"] for r in grid.runs((3,))} == {
+        f"{label}__dir0.1__s3" for label in grid.strategies}
 
 
 def _write_summary(runs_dir, name, final, accuracies, seconds, upload, complete=True):
