@@ -3,6 +3,7 @@ DP-SGD (issue 22, second attack).
 
     python -m experiments.membership --out docs/results/membership/
     python -m experiments.membership --configs nodp --models 8 --pool 400
+    python -m experiments.membership --configs fed-nodp fed-dp-eps8 fed-dp-eps1
 
 Setup (Carlini, Chien, Nasr, Song, Terzis, Tramer, "Membership Inference Attacks From First
 Principles", IEEE S&P 2022, its evaluation protocol): M models are trained, each on an
@@ -13,6 +14,16 @@ a known answer: M x pool trials, half members. Every model is trained by
 ``fl_app.training.train_local`` (plain SGD, or Opacus DP-SGD through ``fl_app.privacy.DPSGD``
 with sigma from the app's ``noise_for_target`` for the run's steps and sample rate), i.e.
 as one client trains its local model; the attacker sees the trained model's outputs.
+
+Federated (``clients`` > 1, the ``fed-*`` configurations): each of the M trainings is a
+FedAvg federation whose client 0 holds the model's random half of the pool and whose other
+clients hold fixed data outside it; every client trains ``epochs`` local epochs a round
+with ``train_local`` from the global model, the server takes the example-weighted mean,
+for ``rounds`` rounds (DP-SGD on every client, epsilon spent over all the rounds). Two
+targets are attacked, each with the same leave-one-out shadows: the final global model
+(what anyone who receives the model sees, and all that a SecAgg+ server sees of client 0)
+and client 0's model after its last local training, i.e. the last global model plus
+client 0's update (what a plain FedAvg server receives).
 
 Attacks (written here; docs/privacy.md says what was looked at first):
 
@@ -178,17 +189,47 @@ class MIConfig:
     delta: float = 1e-5
     seed: int = 0
     grad_sample_mode: str = APP_GRAD_SAMPLE_MODE
+    # federated (clients > 1): the target is client 0 of a FedAvg federation; ``epochs``
+    # local epochs per round, ``rounds`` rounds, the other clients' data fixed
+    clients: int = 1
+    rounds: int = 1
+
+    @property
+    def federated(self) -> bool:
+        return self.clients > 1
 
 
-def load_pool(size: int, seed: int) -> ImageArrays:
-    """``size`` examples of digits' training split (all of it: one partition), shuffled by seed."""
+def digits_examples() -> ImageArrays:
+    """Every example of digits' training split (one partition: train and validation)."""
     data = load_client_data(DataConfig("digits", "iid", 0.5, 2, 2, 0.1, 0), 0, 1)
-    x = np.concatenate([data.train.x, data.val.x])
-    y = np.concatenate([data.train.y, data.val.y])
-    if size > len(y):
-        raise ValueError(f"the pool has at most {len(y)} examples")
-    idx = np.random.default_rng(seed).permutation(len(y))[:size]
-    return ImageArrays(x[idx], y[idx])
+    return ImageArrays(np.concatenate([data.train.x, data.val.x]),
+                       np.concatenate([data.train.y, data.val.y]))
+
+
+def load_pool(size: int, seed: int, others: int = 0) -> ImageArrays | tuple[ImageArrays, ImageArrays]:
+    """``size`` examples of digits' training split, shuffled by seed; with ``others``, also
+    that many further examples, disjoint from the pool (the other clients' data)."""
+    data = digits_examples()
+    if size + others > len(data.y):
+        raise ValueError(f"the pool and the other clients' data have at most {len(data.y)} "
+                         f"examples; got {size} + {others}")
+    idx = np.random.default_rng(seed).permutation(len(data.y))
+    pool = ImageArrays(data.x[idx[:size]], data.y[idx[:size]])
+    if not others:
+        return pool
+    rest = idx[size:size + others]
+    return pool, ImageArrays(data.x[rest], data.y[rest])
+
+
+def _dp_for(cfg: MIConfig, n: int, steps: int, seed: int) -> tuple[DPSGD, dict]:
+    """DP-SGD for a client of ``n`` examples whose ``steps`` steps (all its rounds) must
+    spend ``cfg.target_epsilon``: sigma from the app's ``noise_for_target``."""
+    q = sample_rate(n, cfg.batch_size)
+    sigma = noise_for_target(cfg.target_epsilon, cfg.delta, q, steps)
+    dp = DPSGD(DPSettings(sigma, cfg.max_grad_norm, cfg.delta, randomness="seeded",
+                          noise_seed=seed, sampler_seed=seed + 5 * 10**5,
+                          grad_sample_mode=cfg.grad_sample_mode), RDPAccountant())
+    return dp, {"sigma": sigma, "sample_rate": q, "steps": steps}
 
 
 def train_one(cfg: MIConfig, data: ImageArrays, index: int) -> tuple[nn.Module, dict]:
@@ -199,15 +240,9 @@ def train_one(cfg: MIConfig, data: ImageArrays, index: int) -> tuple[nn.Module, 
     info: dict = {"num_examples": len(data)}
     dp = None
     if cfg.target_epsilon > 0:
-        q = sample_rate(len(data), cfg.batch_size)
         steps = cfg.epochs * steps_per_epoch(len(data), cfg.batch_size)
-        sigma = noise_for_target(cfg.target_epsilon, cfg.delta, q, steps)
-        seed = cfg.seed * 10**6 + index
-        accountant = RDPAccountant()
-        dp = DPSGD(DPSettings(sigma, cfg.max_grad_norm, cfg.delta, randomness="seeded",
-                              noise_seed=seed, sampler_seed=seed + 5 * 10**5,
-                              grad_sample_mode=cfg.grad_sample_mode), accountant)
-        info.update(sigma=sigma, sample_rate=q, steps=steps)
+        dp, dp_info = _dp_for(cfg, len(data), steps, cfg.seed * 10**6 + index)
+        info.update(dp_info)
     train_local(model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                 momentum=cfg.momentum, seed=cfg.seed * 1000 + index, dp=dp)
     if dp is not None:
@@ -215,32 +250,93 @@ def train_one(cfg: MIConfig, data: ImageArrays, index: int) -> tuple[nn.Module, 
     return model, info
 
 
-def run_config(cfg: MIConfig, log=print) -> dict:
-    started = time.perf_counter()
-    pool = load_pool(cfg.pool, cfg.seed)
-    test = load_test_data("digits")
-    masks = np.random.default_rng(cfg.seed + 1).random((cfg.models, cfg.pool)) < 0.5
-    losses = np.zeros((cfg.models, cfg.pool))
-    conf = np.zeros((cfg.models, cfg.pool))
-    models_info = []
-    for m in range(cfg.models):
-        idx = np.flatnonzero(masks[m])
-        model, info = train_one(cfg, ImageArrays(pool.x[idx], pool.y[idx]), m)
-        losses[m], conf[m] = outputs(model, pool)
-        info["train_accuracy"] = float(evaluate(model, ImageArrays(pool.x[idx], pool.y[idx]))[1])
-        info["test_accuracy"] = float(evaluate(model, test)[1])
-        models_info.append(info)
+def train_federation(cfg: MIConfig, target_data: ImageArrays, others: list[ImageArrays],
+                     index: int) -> tuple[nn.Module, nn.Module, dict]:
+    """FedAvg over client 0 (``target_data``) and ``others``, every client trained each
+    round by the app's ``train_local`` from the global model (DP-SGD on every client when
+    the config has a target epsilon: one accountant per client across the rounds, as a
+    node keeps its ledger). Returns (the final global model, client 0's model after its
+    last local training: the global model plus the update the server receives in
+    plaintext without SecAgg+, info)."""
+    from partitions import dataset_info
+
+    data = [target_data, *others]
+    model = build_model(dataset_info("digits"), cfg.seed * 1000 + index, kind=cfg.model)
+    dps: list[DPSGD | None] = [None] * len(data)
+    info: dict = {"num_examples": len(target_data)}
+    if cfg.target_epsilon > 0:
+        for c, d in enumerate(data):
+            steps = cfg.rounds * cfg.epochs * steps_per_epoch(len(d), cfg.batch_size)
+            dps[c], dp_info = _dp_for(cfg, len(d), steps, cfg.seed * 10**6 + index * 100 + c)
+            if c == 0:
+                info.update(dp_info)
+    weights = np.array([len(d) for d in data], float) / sum(len(d) for d in data)
+    target_model = None
+    for rnd in range(cfg.rounds):
+        start = copy.deepcopy(model.state_dict())
+        states = []
+        for c, d in enumerate(data):
+            local = copy.deepcopy(model)
+            local.load_state_dict(start)
+            train_local(local, d, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                        momentum=cfg.momentum, seed=(cfg.seed * 1000 + index) * 1000 + rnd * 10 + c,
+                        dp=dps[c])
+            if c == 0:
+                target_model = local
+            states.append(local.state_dict())
+        model.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states))
+                               for k in start})  # FedAvg: the example-weighted mean
+    if dps[0] is not None:
+        info["epsilon"] = float(dps[0].accountant.get_epsilon(cfg.delta))
+    return model, target_model, info
+
+
+def _attacks(conf: np.ndarray, masks: np.ndarray, seed: int) -> dict:
     labels = masks.flatten()
     # the loss attack thresholds the loss; loss = softplus(-phi) is strictly decreasing in
     # phi, so phi ranks exactly as -loss does, without the loss's underflow to 0.0 (a DP
     # model's large logits tie many examples at loss 0 in float64)
-    loss_scores = conf.flatten()
-    offline, online = zip(*(lira_scores(conf, masks, m) for m in range(cfg.models)))
-    attacks = {
-        "loss": summarize(loss_scores, labels, cfg.seed),
-        "lira_offline": summarize(np.concatenate(offline), labels, cfg.seed),
-        "lira_online": summarize(np.concatenate(online), labels, cfg.seed),
+    offline, online = zip(*(lira_scores(conf, masks, m) for m in range(len(conf))))
+    return {
+        "loss": summarize(conf.flatten(), labels, seed),
+        "lira_offline": summarize(np.concatenate(offline), labels, seed),
+        "lira_online": summarize(np.concatenate(online), labels, seed),
     }
+
+
+def run_config(cfg: MIConfig, log=print) -> dict:
+    started = time.perf_counter()
+    per_client = cfg.pool // 2  # each other client holds as many as client 0 expects to
+    loaded = load_pool(cfg.pool, cfg.seed, others=per_client * (cfg.clients - 1))
+    pool, rest = loaded if cfg.federated else (loaded, None)
+    others = ([ImageArrays(rest.x[i * per_client:(i + 1) * per_client],
+                           rest.y[i * per_client:(i + 1) * per_client])
+               for i in range(cfg.clients - 1)] if rest is not None else [])
+    test = load_test_data("digits")
+    masks = np.random.default_rng(cfg.seed + 1).random((cfg.models, cfg.pool)) < 0.5
+    losses = np.zeros((cfg.models, cfg.pool))
+    conf = np.zeros((cfg.models, cfg.pool))
+    update_conf = np.zeros((cfg.models, cfg.pool))
+    models_info = []
+    for m in range(cfg.models):
+        idx = np.flatnonzero(masks[m])
+        member_data = ImageArrays(pool.x[idx], pool.y[idx])
+        if cfg.federated:
+            model, client_model, info = train_federation(cfg, member_data, others, m)
+            _, update_conf[m] = outputs(client_model, pool)
+        else:
+            model, info = train_one(cfg, member_data, m)
+        losses[m], conf[m] = outputs(model, pool)
+        info["train_accuracy"] = float(evaluate(model, member_data)[1])
+        info["test_accuracy"] = float(evaluate(model, test)[1])
+        models_info.append(info)
+    labels = masks.flatten()
+    if cfg.federated:  # what the final model leaks, and what client 0's last update does
+        attacks = {f"{target}: {name}": result
+                   for target, c in (("global model", conf), ("client 0's update", update_conf))
+                   for name, result in _attacks(c, masks, cfg.seed).items()}
+    else:
+        attacks = _attacks(conf, masks, cfg.seed)
     record = {
         "config": asdict(cfg), "trials": int(labels.size), "members": int(labels.sum()),
         "models": models_info,
@@ -250,7 +346,8 @@ def run_config(cfg: MIConfig, log=print) -> dict:
         "attacks": attacks, "seconds": time.perf_counter() - started,
     }
     # main() writes them to NAME.arrays.npz: (models, pool) membership, loss and confidence
-    record["arrays"] = {"masks": masks, "losses": losses, "confidences": conf}
+    record["arrays"] = {"masks": masks, "losses": losses, "confidences": conf,
+                        **({"update_confidences": update_conf} if cfg.federated else {})}
     log(f"{cfg.name}: train acc {record['train_accuracy_mean']:.3f}, test "
         f"{record['test_accuracy_mean']:.3f}, eps {record['epsilon_max']}; " + "; ".join(
             f"{a} AUC {r['auc']:.3f} TPR@1e-3 {r['tpr_at_fpr_0.001']['tpr']:.4f} TPR@1e-2 "
@@ -267,6 +364,11 @@ CONFIGS = {
     "small-nodp": MIConfig("small-nodp", pool=200),
     "small-dp-eps8": MIConfig("small-dp-eps8", 8.0, pool=200),
     "small-dp-eps1": MIConfig("small-dp-eps1", 1.0, pool=200),
+    # the target is one client of a FedAvg federation of 4 (about 200 examples each),
+    # 10 rounds of 3 local epochs (30 epochs of training, as above); epsilon over all rounds
+    "fed-nodp": MIConfig("fed-nodp", pool=400, epochs=3, clients=4, rounds=10),
+    "fed-dp-eps8": MIConfig("fed-dp-eps8", 8.0, pool=400, epochs=3, clients=4, rounds=10),
+    "fed-dp-eps1": MIConfig("fed-dp-eps1", 1.0, pool=400, epochs=3, clients=4, rounds=10),
 }
 
 
