@@ -53,6 +53,9 @@ gradient at x0); the real examples' gradients then add variance.
 
 Randomness is ``seeded`` (reproducible; trial i of world w uses noise seed
 seed * 10^6 + 2 i + w and sampler seed that + 5 * 10^5); the attack does not use the seeds.
+The ``secure-`` configurations audit the app's default path instead (``randomness =
+secure``: Opacus's noise and the Poisson sampler from generators keyed by the OS CSPRNG,
+``secure_mode`` on), which the seeded rows stand in for; they are not reproducible.
 Simulation only; nothing in the app imports this module.
 """
 
@@ -261,6 +264,13 @@ class AuditConfig:
     num_partitions: int = 10
     seed: int = 0
     grad_sample_mode: str = APP_GRAD_SAMPLE_MODE
+    # "seeded": reproducible (the seeds below); "secure": the app's default, the noise and
+    # the Poisson sampler keyed from the OS CSPRNG (fl_app.privacy), so not reproducible
+    randomness: str = "seeded"
+    # rounds of the client's DP-SGD on one accountant (as a node keeps its ledger), each
+    # from the model the last left; the attacker sees every round's update and sums the
+    # scores; the claim is epsilon over all the rounds
+    rounds: int = 1
 
 
 def make_canary(kind: str, info, dataset: str) -> ImageArrays:
@@ -287,15 +297,17 @@ def flat_gradient(model: nn.Module, example: ImageArrays) -> torch.Tensor:
 
 
 def flat_update(model: nn.Module, data: ImageArrays, cfg: AuditConfig, settings: DPSettings,
-                ) -> tuple[torch.Tensor, RDPAccountant]:
-    """y - x after the app's ``train_local`` with ``DPSGD`` on a copy of ``model``."""
+                accountant: RDPAccountant | None = None,
+                ) -> tuple[torch.Tensor, RDPAccountant, nn.Module]:
+    """y - x after the app's ``train_local`` with ``DPSGD`` on a copy of ``model`` (on
+    ``accountant``, or a fresh one), the accountant, and the trained copy."""
     local = copy.deepcopy(model)
     before = torch.cat([p.detach().flatten().clone() for p in local.parameters()])
-    accountant = RDPAccountant()
+    accountant = accountant if accountant is not None else RDPAccountant()
     train_local(local, data, epochs=cfg.epochs, batch_size=cfg.batch_size or len(data), lr=cfg.lr,
                 momentum=cfg.momentum, dp=DPSGD(settings, accountant))
     after = torch.cat([p.detach().flatten() for p in local.parameters()])
-    return after - before, accountant
+    return after - before, accountant, local
 
 
 def run_config(cfg: AuditConfig, log=print) -> dict:
@@ -310,7 +322,8 @@ def run_config(cfg: AuditConfig, log=print) -> dict:
     worlds = {"out": d0, "in": d1}
     batch = {w: cfg.batch_size or len(d) for w, d in worlds.items()}
     rates = {w: sample_rate(len(d), batch[w]) for w, d in worlds.items()}
-    steps = {w: cfg.epochs * steps_per_epoch(len(d), batch[w]) for w, d in worlds.items()}
+    steps = {w: cfg.rounds * cfg.epochs * steps_per_epoch(len(d), batch[w])
+             for w, d in worlds.items()}
     if rates["out"] != rates["in"] or steps["out"] != steps["in"]:
         raise ValueError(f"{cfg.name}: q or the step count differs between n = {len(d0)} and "
                          f"n + 1 (batch {cfg.batch_size}); choose another batch size")
@@ -323,17 +336,25 @@ def run_config(cfg: AuditConfig, log=print) -> dict:
     g = flat_gradient(model, canary)
     direction = g / g.norm()
     scores: dict[str, list[float]] = {"out": [], "in": []}
-    histories = set()
+    histories, spent = set(), set()
     for i in range(cfg.trials):
         for w_index, w in enumerate(("out", "in")):
-            noise_seed = cfg.seed * 10**6 + 2 * i + w_index
-            settings = DPSettings(sigma_applied, cfg.max_grad_norm, cfg.delta, randomness="seeded",
-                                  noise_seed=noise_seed, sampler_seed=noise_seed + 5 * 10**5,
-                                  grad_sample_mode=cfg.grad_sample_mode)
-            update, accountant = flat_update(model, worlds[w], cfg, settings)
-            histories.add(tuple(tuple(h) for h in accountant.history))
+            accountant, current, score = RDPAccountant(), model, 0.0
             scale = rates[w] * len(worlds[w]) / (cfg.lr * cfg.max_grad_norm)
-            scores[w].append(float(-torch.dot(update, direction)) * scale)
+            for r in range(cfg.rounds):  # one round: the seeds of the first audits
+                noise_seed = cfg.seed * 10**6 + 2 * (i * cfg.rounds + r) + w_index
+                seeds = ({"noise_seed": noise_seed, "sampler_seed": noise_seed + 5 * 10**5}
+                         if cfg.randomness == "seeded" else {})
+                settings = DPSettings(sigma_applied, cfg.max_grad_norm, cfg.delta,
+                                      randomness=cfg.randomness,
+                                      grad_sample_mode=cfg.grad_sample_mode, **seeds)
+                update, accountant, current = flat_update(current, worlds[w], cfg, settings,
+                                                          accountant)
+                score += float(-torch.dot(update, direction)) * scale
+            histories.add(tuple(tuple(h) for h in accountant.history))
+            if cfg.rounds > 1:  # what the node's ledger says it spent over the rounds
+                spent.add(round(float(accountant.get_epsilon(cfg.delta)), 9))
+            scores[w].append(score)
     audit = audit_scores(scores["in"], scores["out"], delta=cfg.delta, split_seed=cfg.seed)
     s_in, s_out = np.array(scores["in"]), np.array(scores["out"])
     record = {
@@ -341,6 +362,7 @@ def run_config(cfg: AuditConfig, log=print) -> dict:
         "sample_rate": q, "steps": total_steps, "sigma_claimed": sigma_claim,
         "sigma_applied": sigma_applied, "epsilon_accountant": epsilon_claim,
         "accountant_histories_seen": [list(map(list, h)) for h in sorted(histories)],
+        **({"epsilon_spent_seen": sorted(spent)} if cfg.rounds > 1 else {}),
         "canary_gradient_norm": float(g.norm()),
         "gaussian_mu": (math.sqrt(total_steps) / sigma_applied
                         if q == 1 and sigma_applied > 0 else None),
@@ -371,6 +393,17 @@ CONFIGS = {
     "poisson-epoch-eps8": AuditConfig("poisson-epoch-eps8", 8.0, batch_size=16, trials=2000),
     "cnn-mislabelled-1step-eps8": AuditConfig("cnn-mislabelled-1step-eps8", 8.0, model="cnn",
                                               canary="mislabelled", trials=1000),
+    # the app's default randomness (secure: CSPRNG-keyed noise and sampler), which the
+    # seeded rows stand in for; not reproducible, so a rerun gives a different bound
+    "secure-full-1step-eps2": AuditConfig("secure-full-1step-eps2", 2.0, randomness="secure"),
+    "secure-poisson-epoch-eps8": AuditConfig("secure-poisson-epoch-eps8", 8.0, batch_size=16,
+                                             trials=2000, randomness="secure"),
+    # 5 rounds on one accountant (composition across rounds, as a node's ledger): epsilon 2
+    # over all five, full batch (5 Gaussian mechanisms) or a Poisson epoch a round
+    "rounds5-full-1step-eps2": AuditConfig("rounds5-full-1step-eps2", 2.0, rounds=5,
+                                           trials=2000),
+    "rounds5-poisson-epoch-eps8": AuditConfig("rounds5-poisson-epoch-eps8", 8.0, batch_size=16,
+                                              rounds=5, trials=1000),
     # positive controls: the claim is computed for sigma, the noise applied is smaller
     "miscalibrated-x10": AuditConfig("miscalibrated-x10", 2.0, noise_scale=0.1, trials=2000),
     "miscalibrated-x2-eps4": AuditConfig("miscalibrated-x2-eps4", 4.0, noise_scale=0.5,

@@ -25,6 +25,7 @@ from experiments.grids import GRIDS
 from fl_app.config import RunConfig, default_run_config
 from fl_app.model import INIT_SEED_TAG, build_model
 from fl_app.training import evaluate, train_local
+from fl_common.atomic import write_atomic
 from fl_common.randomness import derive_seed
 from partitions import dataset_info, load_client_data
 
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         done[key] = local_only(cfg, grid.num_supernodes)
         print(f"{grid.name} {key}: local only {done[key]['val_accuracy']:.4f} "
               f"± {done[key]['val_accuracy_std']:.4f}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+        text = (json.dumps(done, indent=1, sort_keys=True) + "\n").encode()
+        write_atomic(out, lambda handle: handle.write(text))  # a kill keeps the cells done
     return 0
 
 
