@@ -206,19 +206,16 @@ def digits_examples() -> ImageArrays:
                        np.concatenate([data.train.y, data.val.y]))
 
 
-def load_pool(size: int, seed: int, others: int = 0) -> ImageArrays | tuple[ImageArrays, ImageArrays]:
-    """``size`` examples of digits' training split, shuffled by seed; with ``others``, also
-    that many further examples, disjoint from the pool (the other clients' data)."""
+def load_pool(size: int, seed: int, others: int = 0) -> tuple[ImageArrays, ImageArrays]:
+    """``size`` examples of digits' training split, shuffled by seed, and ``others``
+    further examples disjoint from them (the other clients' data; none by default)."""
     data = digits_examples()
     if size + others > len(data.y):
         raise ValueError(f"the pool and the other clients' data have at most {len(data.y)} "
                          f"examples; got {size} + {others}")
     idx = np.random.default_rng(seed).permutation(len(data.y))
-    pool = ImageArrays(data.x[idx[:size]], data.y[idx[:size]])
-    if not others:
-        return pool
-    rest = idx[size:size + others]
-    return pool, ImageArrays(data.x[rest], data.y[rest])
+    pool, rest = idx[:size], idx[size:size + others]
+    return ImageArrays(data.x[pool], data.y[pool]), ImageArrays(data.x[rest], data.y[rest])
 
 
 def _dp_for(cfg: MIConfig, n: int, steps: int, seed: int) -> tuple[DPSGD, dict]:
@@ -273,11 +270,9 @@ def train_federation(cfg: MIConfig, target_data: ImageArrays, others: list[Image
     weights = np.array([len(d) for d in data], float) / sum(len(d) for d in data)
     target_model = None
     for rnd in range(cfg.rounds):
-        start = copy.deepcopy(model.state_dict())
         states = []
         for c, d in enumerate(data):
-            local = copy.deepcopy(model)
-            local.load_state_dict(start)
+            local = copy.deepcopy(model)  # every client starts from this round's global model
             train_local(local, d, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                         momentum=cfg.momentum, seed=(cfg.seed * 1000 + index) * 1000 + rnd * 10 + c,
                         dp=dps[c])
@@ -285,7 +280,7 @@ def train_federation(cfg: MIConfig, target_data: ImageArrays, others: list[Image
                 target_model = local
             states.append(local.state_dict())
         model.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states))
-                               for k in start})  # FedAvg: the example-weighted mean
+                               for k in states[0]})  # FedAvg: the example-weighted mean
     if dps[0] is not None:
         info["epsilon"] = float(dps[0].accountant.get_epsilon(cfg.delta))
     return model, target_model, info
@@ -307,11 +302,10 @@ def _attacks(conf: np.ndarray, masks: np.ndarray, seed: int) -> dict:
 def run_config(cfg: MIConfig, log=print) -> dict:
     started = time.perf_counter()
     per_client = cfg.pool // 2  # each other client holds as many as client 0 expects to
-    loaded = load_pool(cfg.pool, cfg.seed, others=per_client * (cfg.clients - 1))
-    pool, rest = loaded if cfg.federated else (loaded, None)
-    others = ([ImageArrays(rest.x[i * per_client:(i + 1) * per_client],
-                           rest.y[i * per_client:(i + 1) * per_client])
-               for i in range(cfg.clients - 1)] if rest is not None else [])
+    pool, rest = load_pool(cfg.pool, cfg.seed, others=per_client * (cfg.clients - 1))
+    others = [ImageArrays(rest.x[i * per_client:(i + 1) * per_client],
+                          rest.y[i * per_client:(i + 1) * per_client])
+              for i in range(cfg.clients - 1)]
     test = load_test_data("digits")
     masks = np.random.default_rng(cfg.seed + 1).random((cfg.models, cfg.pool)) < 0.5
     losses = np.zeros((cfg.models, cfg.pool))

@@ -82,9 +82,7 @@ class PromptPollingGrid(DelegatingGrid):
             waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
             if not waiting:
                 break
-            if timeout is not None:  # never sleep past the deadline Flower would keep
-                self._sleep(max(0.0, min(pause, end - self._clock())))
-            else:
-                self._sleep(pause)
+            # never sleep past the deadline Flower would keep
+            self._sleep(pause if timeout is None else max(0.0, min(pause, end - self._clock())))
             pause = min(2 * pause, self.longest)
         return replies
