@@ -4,6 +4,7 @@ DP-SGD (issue 22, second attack).
     python -m experiments.membership --out docs/results/membership/
     python -m experiments.membership --configs nodp --models 8 --pool 400
     python -m experiments.membership --configs fed-nodp fed-dp-eps8 fed-dp-eps1
+    python -m experiments.membership --configs user-nodp user-dp-eps8 user-dp-eps1
 
 Setup (Carlini, Chien, Nasr, Song, Terzis, Tramer, "Membership Inference Attacks From First
 Principles", IEEE S&P 2022, its evaluation protocol): M models are trained, each on an
@@ -24,6 +25,16 @@ targets are attacked, each with the same leave-one-out shadows: the final global
 (what anyone who receives the model sees, and all that a SecAgg+ server sees of client 0)
 and client 0's model after its last local training, i.e. the last global model plus
 client 0's update (what a plain FedAvg server receives).
+
+User-level (``users`` > 0, the ``user-*`` configurations): client membership, the relation
+user-level DP protects. ``users`` disjoint users of ``per_user`` examples each; each of the
+M trainings is a federation of exactly half of them (its mask), all sampled every round,
+each trained by ``train_local`` from the global model; the server takes the uniform mean
+of the updates or, with a target epsilon, the app's DP-FedAvg release
+(``strategies.user_dp.UserLevelDP.release``: re-clip to C, uniform mean, Gaussian noise of
+std sigma C / m, sigma from ``user_noise`` for ``rounds`` releases). A user's statistic on
+a model is the mean over its examples of phi (LiRA) or of -loss; the target is the final
+global model; the trials are (training, user) pairs, the shadows the other trainings.
 
 Attacks (written here; docs/privacy.md says what was looked at first):
 
@@ -193,10 +204,20 @@ class MIConfig:
     # local epochs per round, ``rounds`` rounds, the other clients' data fixed
     clients: int = 1
     rounds: int = 1
+    # user-level (users > 0, the ``user-*`` configurations): client membership. ``users``
+    # candidate users of ``per_user`` examples each; every training is a federation of a
+    # random half of them, all sampled every round, under DP-FedAvg's mechanism when the
+    # config has a target epsilon (sigma for ``rounds`` releases, C = max_grad_norm)
+    users: int = 0
+    per_user: int = 15
 
     @property
     def federated(self) -> bool:
         return self.clients > 1
+
+    @property
+    def user_level(self) -> bool:
+        return self.users > 0
 
 
 def digits_examples() -> ImageArrays:
@@ -286,6 +307,107 @@ def train_federation(cfg: MIConfig, target_data: ImageArrays, others: list[Image
     return model, target_model, info
 
 
+def train_user_federation(cfg: MIConfig, users: list[ImageArrays], index: int
+                          ) -> tuple[nn.Module, dict]:
+    """FedAvg over ``users`` (every one sampled every round, each trained by the app's
+    ``train_local`` from the global model), the server step being DP-FedAvg's when the
+    config has a target epsilon: the app's own ``UserLevelDP.release`` (re-clip every
+    update to C, uniform mean, Gaussian noise of std sigma C / m; seeded noise, an
+    experiment) with sigma from the app's ``user_noise`` for ``rounds`` releases. Without
+    DP the server takes the uniform mean of the unclipped updates (equal data sizes: what
+    FedAvg's example weighting gives). Returns the final global model and info."""
+    from types import SimpleNamespace
+
+    from flwr.serverapp.strategy import FedAvg
+
+    from partitions import dataset_info
+    from strategies.user_dp import UserLevelDP, user_level_epsilon, user_noise
+
+    model = build_model(dataset_info("digits"), cfg.seed * 1000 + index, kind=cfg.model)
+    mechanism, info = None, {"num_users": len(users)}
+    if cfg.target_epsilon > 0:
+        sigma = user_noise(SimpleNamespace(dp_target_epsilon=cfg.target_epsilon,
+                                           dp_delta=cfg.delta, num_server_rounds=cfg.rounds))
+        mechanism = UserLevelDP(FedAvg(), noise_multiplier=sigma, clipping_norm=cfg.max_grad_norm,
+                                num_sampled_clients=len(users), delta=cfg.delta,
+                                randomness="seeded", seed=cfg.seed * 10**6 + index)
+        info.update({"sigma": sigma, "noise_std": mechanism.noise_std(), "reclipped": 0,
+                     # the relation this experiment's in / out worlds differ by (one user
+                     # replaced by another): sensitivity 2C, so sigma / 2
+                     "epsilon_replace_one": user_level_epsilon(sigma / 2, cfg.rounds, cfg.delta)})
+    for rnd in range(1, cfg.rounds + 1):
+        x = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+        updates = []
+        for u, d in enumerate(users):
+            local = copy.deepcopy(model)
+            train_local(local, d, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                        momentum=cfg.momentum, seed=(cfg.seed * 1000 + index) * 1000 + rnd * 100 + u)
+            updates.append({k: v.detach().double().numpy() - x[k]
+                            for k, v in local.state_dict().items()})
+        if mechanism is None:
+            step = {k: sum(up[k] for up in updates) / len(updates) for k in x}
+        else:
+            step, reclipped = mechanism.release(rnd, updates)
+            info["reclipped"] += reclipped
+        model.load_state_dict({k: torch.from_numpy(x[k] + step[k]).float() for k in x})
+    if mechanism is not None:
+        info["epsilon"] = user_level_epsilon(mechanism.noise_multiplier, cfg.rounds, cfg.delta)
+    return model, info
+
+
+def run_user_config(cfg: MIConfig, log=print) -> dict:
+    """Client membership: ``cfg.users`` users of ``cfg.per_user`` examples each (disjoint,
+    from the pool's seed); training m takes exactly half of them (its mask). Each user's
+    statistic on a model is the mean over its examples of phi (LiRA) or of -loss (the loss
+    attack); every training in turn is the target, the others its shadows, as for examples."""
+    started = time.perf_counter()
+    pool, _ = load_pool(cfg.users * cfg.per_user, cfg.seed)
+    users = [ImageArrays(pool.x[u * cfg.per_user:(u + 1) * cfg.per_user],
+                         pool.y[u * cfg.per_user:(u + 1) * cfg.per_user]) for u in range(cfg.users)]
+    test = load_test_data("digits")
+    rng = np.random.default_rng(cfg.seed + 1)
+    masks = np.zeros((cfg.models, cfg.users), bool)
+    for m in range(cfg.models):
+        masks[m, rng.permutation(cfg.users)[:cfg.users // 2]] = True
+    conf = np.zeros((cfg.models, cfg.users))
+    neg_loss = np.zeros((cfg.models, cfg.users))
+    models_info = []
+    for m in range(cfg.models):
+        members = [users[u] for u in np.flatnonzero(masks[m])]
+        model, info = train_user_federation(cfg, members, m)
+        _, phi = outputs(model, pool)
+        conf[m] = phi.reshape(cfg.users, cfg.per_user).mean(1)
+        # the loss as softplus(-phi) (equal to the cross-entropy), which does not round a
+        # confident model's losses to 0.0 and so tie the users
+        neg_loss[m] = -np.logaddexp(0.0, -phi).reshape(cfg.users, cfg.per_user).mean(1)
+        member_data = ImageArrays(np.concatenate([d.x for d in members]),
+                                  np.concatenate([d.y for d in members]))
+        info["train_accuracy"] = float(evaluate(model, member_data)[1])
+        info["test_accuracy"] = float(evaluate(model, test)[1])
+        models_info.append(info)
+    labels = masks.flatten()
+    offline, online = zip(*(lira_scores(conf, masks, m) for m in range(cfg.models)))
+    attacks = {f"global model, users: {name}": summarize(scores, labels, cfg.seed)
+               for name, scores in (("loss", neg_loss.flatten()),
+                                    ("lira_offline", np.concatenate(offline)),
+                                    ("lira_online", np.concatenate(online)))}
+    record = {
+        "config": asdict(cfg), "trials": int(labels.size), "members": int(labels.sum()),
+        "models": models_info,
+        "train_accuracy_mean": float(np.mean([i["train_accuracy"] for i in models_info])),
+        "test_accuracy_mean": float(np.mean([i["test_accuracy"] for i in models_info])),
+        "epsilon_max": max((i.get("epsilon", 0.0) for i in models_info), default=0.0) or None,
+        "attacks": attacks, "seconds": time.perf_counter() - started,
+        "arrays": {"masks": masks, "user_confidences": conf, "user_neg_losses": neg_loss},
+    }
+    log(f"{cfg.name}: train acc {record['train_accuracy_mean']:.3f}, test "
+        f"{record['test_accuracy_mean']:.3f}, eps {record['epsilon_max']}; " + "; ".join(
+            f"{a} AUC {r['auc']:.3f} TPR@1e-3 {r['tpr_at_fpr_0.001']['tpr']:.4f} TPR@1e-2 "
+            f"{r['tpr_at_fpr_0.01']['tpr']:.4f}" for a, r in attacks.items())
+        + f" ({record['seconds']:.0f} s)")
+    return record
+
+
 def _attacks(conf: np.ndarray, masks: np.ndarray, seed: int) -> dict:
     labels = masks.flatten()
     # the loss attack thresholds the loss; loss = softplus(-phi) is strictly decreasing in
@@ -300,6 +422,8 @@ def _attacks(conf: np.ndarray, masks: np.ndarray, seed: int) -> dict:
 
 
 def run_config(cfg: MIConfig, log=print) -> dict:
+    if cfg.user_level:
+        return run_user_config(cfg, log)
     started = time.perf_counter()
     per_client = cfg.pool // 2  # each other client holds as many as client 0 expects to
     pool, rest = load_pool(cfg.pool, cfg.seed, others=per_client * (cfg.clients - 1))
@@ -363,6 +487,22 @@ CONFIGS = {
     "fed-nodp": MIConfig("fed-nodp", pool=400, epochs=3, clients=4, rounds=10),
     "fed-dp-eps8": MIConfig("fed-dp-eps8", 8.0, pool=400, epochs=3, clients=4, rounds=10),
     "fed-dp-eps1": MIConfig("fed-dp-eps1", 1.0, pool=400, epochs=3, clients=4, rounds=10),
+    # the rest of the privacy curve's epsilons, on the same federation
+    "fed-dp-eps0.5": MIConfig("fed-dp-eps0.5", 0.5, pool=400, epochs=3, clients=4, rounds=10),
+    "fed-dp-eps2": MIConfig("fed-dp-eps2", 2.0, pool=400, epochs=3, clients=4, rounds=10),
+    "fed-dp-eps4": MIConfig("fed-dp-eps4", 4.0, pool=400, epochs=3, clients=4, rounds=10),
+    # client membership (user-level): 64 users of 15 examples, each federation a random 32
+    # of them, all sampled, 10 rounds of 5 local epochs; DP-FedAvg's sigma for 10 releases
+    **{name: MIConfig(name, eps, models=32, users=64, per_user=15, epochs=5, rounds=10)
+       for name, eps in (("user-nodp", 0.0), ("user-dp-eps0.5", 0.5), ("user-dp-eps1", 1.0),
+                         ("user-dp-eps2", 2.0), ("user-dp-eps4", 4.0), ("user-dp-eps8", 8.0))},
+}
+
+# the attack each target of the joint figures shows, per family of configurations
+FIGURE_ATTACK = "lira_online"
+FIGURE_TARGETS = {  # attack keys: "<target>: <attack>"
+    "example": ("global model", "client 0's update"),  # fed-*: one example's membership
+    "user": ("global model, users",),  # user-*: one client's membership
 }
 
 
@@ -381,6 +521,105 @@ def table(records: list[dict]) -> str:
                 f"{t3['tpr_ci95'][1]:.4f}] | {t2['tpr']:.4f} [{t2['tpr_ci95'][0]:.4f}, "
                 f"{t2['tpr_ci95'][1]:.4f}] |")
     return "\n".join(lines) + "\n"
+
+
+def _bound_epsilon(record: dict, user: bool) -> float | None:
+    """The epsilon that bounds this experiment's attack. Example membership (a random half
+    with or without the example) is the add/remove relation the accountant reports. Client
+    membership compares a federation of m users holding the target with one holding
+    another user in its place: one update replaced by another of norm <= C moves the sum
+    by up to 2C, so the release is a Gaussian mechanism of multiplier sigma / 2 for it
+    (docs/privacy.md, the neighbouring relations), accounted the same way."""
+    if record["epsilon_max"] is None:
+        return None
+    if not user:
+        return record["epsilon_max"]
+    from strategies.user_dp import user_level_epsilon
+
+    sigma = min(m["sigma"] for m in record["models"])
+    return user_level_epsilon(sigma / 2, record["config"]["rounds"], record["config"]["delta"])
+
+
+def curve_points(records: list[dict], family: str = "example") -> list[dict]:
+    """One family's federated configurations in order of epsilon, no DP last: "example"
+    (``clients`` > 1: example membership) or "user" (``users`` > 0: client membership).
+    Per configuration the accountant's epsilon (None without DP), the federations' test
+    accuracy, and per target of ``FIGURE_TARGETS[family]`` the ``FIGURE_ATTACK`` metrics."""
+    points = []
+    for r in records:
+        user = bool(r["config"].get("users", 0))
+        if (family == "user") != user or (not user and r["config"].get("clients", 1) <= 1):
+            continue
+        attacks = {t: r["attacks"][f"{t}: {FIGURE_ATTACK}"] for t in FIGURE_TARGETS[family]}
+        points.append({"name": r["config"]["name"], "epsilon": r["epsilon_max"],
+                       "bound_epsilon": _bound_epsilon(r, user),
+                       "delta": r["config"]["delta"], "test_accuracy": r["test_accuracy_mean"],
+                       "attacks": attacks})
+    return sorted(points, key=lambda p: (p["epsilon"] is None, p["epsilon"] or 0.0))
+
+
+def write_figure(records: list[dict], path: Path, family: str = "example") -> bool:
+    """Utility and leakage of the same federations against one epsilon axis: test accuracy,
+    the attack's ROC-AUC (95% bootstrap interval) and its TPR at FPR 1e-3 (95% CP interval)
+    beside what (epsilon, delta)-DP allows, e^epsilon x FPR + delta. No DP is drawn at the
+    right, past the largest epsilon. Returns False (and writes nothing) when there are fewer
+    than two federated configurations."""
+    points = curve_points(records, family)
+    if len(points) < 2:
+        return False
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = [p["epsilon"] for p in points if p["epsilon"] is not None]
+    nodp_x = 2 * max(eps) if eps else 1.0
+    xs = [p["epsilon"] if p["epsilon"] is not None else nodp_x for p in points]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(xs, [100 * p["test_accuracy"] for p in points], "o-", color="k")
+    axes[0].set_ylabel("test accuracy % (mean over the federations)")
+    for target, style in zip(FIGURE_TARGETS[family], ("o-", "s--")):
+        a = [p["attacks"][target] for p in points]
+        auc = np.array([s["auc"] for s in a])
+        ci = np.array([s["auc_ci95"] for s in a])
+        axes[1].errorbar(xs, auc, yerr=[auc - ci[:, 0], ci[:, 1] - auc], fmt=style,
+                         capsize=3, label=f"{FIGURE_ATTACK}, {target}")
+        t = [s["tpr_at_fpr_0.001"] for s in a]
+        tpr = np.array([s["tpr"] for s in t])
+        tci = np.array([s["tpr_ci95"] for s in t])
+        axes[2].errorbar(xs, tpr, yerr=[tpr - tci[:, 0], tci[:, 1] - tpr], fmt=style,
+                         capsize=3, label=f"{FIGURE_ATTACK}, {target}")
+    axes[1].axhline(0.5, color="grey", lw=0.8)
+    axes[1].set_ylabel("ROC-AUC (0.5: chance)")
+    bounded = [(x, p) for x, p in zip(xs, points) if p["epsilon"] is not None]
+    if bounded:
+        axes[2].plot([x for x, _ in bounded],
+                     [min(1.0, math.exp(p["bound_epsilon"]) * 1e-3 + p["delta"]) for _, p in bounded],
+                     "v:", color="grey",
+                     label="what DP allows: e^eps' FPR + delta" + (
+                         " (eps': replace-one, sigma / 2)" if family == "user" else ""))
+    top = max(s["tpr_at_fpr_0.001"]["tpr_ci95"][1] for p in points for s in p["attacks"].values())
+    axes[2].set_ylim(0, 1.3 * top)
+    axes[2].set_ylabel("TPR at FPR 1e-3")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:.2g}" if p["epsilon"] is not None else "no DP"
+                            for x, p in zip(xs, points)])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("epsilon (accountant, over all rounds)")
+    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="upper center")
+    fig.suptitle({"example": "Example membership against a FedAvg federation of 4 clients on digits "
+                             "(experiments/membership.py fed-*; sample-level DP-SGD)",
+                  "user": "Client membership against FedAvg over 32 of 64 users on digits "
+                          "(experiments/membership.py user-*; user-level DP-FedAvg)"}[family]
+                 + ": utility and leakage of the same models", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         "Membership inference (experiments/membership.py): digits, the app's MLP trained by "
         "train_local on random halves of a pool; every model the target once, the others its "
         "shadows.\n\n" + table(records))
+    write_figure(records, args.out / "curve.png", "example")
+    write_figure(records, args.out / "user-curve.png", "user")
     print(f"wrote {args.out}")
     return 0
 

@@ -130,3 +130,93 @@ def test_membership_leaks_from_a_federated_model_and_a_clients_update():
     for target in ("global model", "client 0's update"):
         assert r["attacks"][f"{target}: lira_online"]["auc"] > 0.57
         assert r["attacks"][f"{target}: lira_online"]["auc_ci95"][0] > 0.53
+
+
+def _record(name, eps, clients, acc, users=0):
+    metrics = {"auc": 0.5, "auc_ci95": [0.49, 0.51],
+               "tpr_at_fpr_0.001": {"tpr": 0.002, "tpr_ci95": [0.0, 0.004]}}
+    family = "user" if users else "example"
+    return {"config": {"name": name, "clients": clients, "users": users, "delta": 1e-5,
+                       "rounds": 10},
+            "epsilon_max": eps, "test_accuracy_mean": acc, "models": [{"sigma": 12.8125}],
+            "attacks": {f"{t}: {a}": metrics for t in mi.FIGURE_TARGETS[family]
+                        for a in ("loss", mi.FIGURE_ATTACK)}}
+
+
+def test_the_joint_figure_orders_the_federations_by_epsilon(tmp_path):
+    """Only federated configurations are drawn, by epsilon, no DP last; one is not a curve."""
+    records = [_record("fed-nodp", None, 4, 0.95), _record("nodp", None, 1, 0.96),
+               _record("fed-dp-eps8", 7.99, 4, 0.72), _record("fed-dp-eps1", 0.99, 4, 0.25),
+               _record("user-dp-eps1", 1.0, 1, 0.5, users=64),
+               _record("user-nodp", None, 1, 0.9, users=64)]
+    points = mi.curve_points(records)
+    assert [p["name"] for p in points] == ["fed-dp-eps1", "fed-dp-eps8", "fed-nodp"]
+    assert [p["test_accuracy"] for p in points] == [0.25, 0.72, 0.95]
+    assert set(points[0]["attacks"]) == set(mi.FIGURE_TARGETS["example"])
+    users = mi.curve_points(records, "user")
+    assert [p["name"] for p in users] == ["user-dp-eps1", "user-nodp"]
+    # replacing one of m users: sigma / 2 over the same 10 releases (measured: 2.135)
+    assert users[0]["bound_epsilon"] == pytest.approx(2.135, abs=0.01)
+    assert points[0]["bound_epsilon"] == 0.99  # adding or removing an example: the claim
+    assert mi.write_figure(records, tmp_path / "user.png", "user")
+    assert mi.write_figure(records, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
+    assert not mi.write_figure(records[:2], tmp_path / "one.png")
+    assert not (tmp_path / "one.png").exists()
+
+
+def test_a_user_federation_is_the_uniform_mean_or_the_apps_dp_fedavg_release():
+    """One round, 2 users: without DP the global model is x + the uniform mean of the two
+    ``train_local`` updates; with DP it is x + the app's UserLevelDP release of the same
+    updates (re-clipped to C, noise of std sigma C / m from the seeded stream), and the
+    accountant's epsilon is the target's."""
+    torch.set_num_threads(1)
+    from types import SimpleNamespace
+
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_app.model import build_model
+    from fl_app.training import train_local
+    from partitions import ImageArrays, dataset_info
+    from strategies.user_dp import UserLevelDP, user_noise
+
+    pool, _ = mi.load_pool(30, 0)
+    users = [ImageArrays(pool.x[:15], pool.y[:15]), ImageArrays(pool.x[15:], pool.y[15:])]
+    for eps in (0.0, 4.0):
+        cfg = mi.MIConfig("t", eps, users=2, per_user=15, epochs=2, rounds=1)
+        got, info = mi.train_user_federation(cfg, users, index=3)
+        x = build_model(dataset_info("digits"), 3, kind="mlp")
+        start = {k: v.double().numpy() for k, v in x.state_dict().items()}
+        updates = []
+        for u, d in enumerate(users):
+            local = build_model(dataset_info("digits"), 3, kind="mlp")
+            train_local(local, d, epochs=2, batch_size=32, lr=0.05, momentum=0.9,
+                        seed=3 * 1000 + 100 + u)
+            updates.append({k: v.double().numpy() - start[k] for k, v in local.state_dict().items()})
+        if eps == 0:
+            step = {k: (updates[0][k] + updates[1][k]) / 2 for k in start}
+        else:
+            sigma = user_noise(SimpleNamespace(dp_target_epsilon=4.0, dp_delta=1e-5,
+                                               num_server_rounds=1))
+            ref = UserLevelDP(FedAvg(), noise_multiplier=sigma, clipping_norm=1.0,
+                              num_sampled_clients=2, delta=1e-5, randomness="seeded", seed=3)
+            step, _ = ref.release(1, updates)
+            assert info["noise_std"] == pytest.approx(sigma * 1.0 / 2)
+            assert info["epsilon"] == pytest.approx(4.0, rel=1e-2)
+            assert info["noise_std"] > 0.5  # 1 release at epsilon 4: sigma about 1.2
+        for k, v in got.state_dict().items():
+            np.testing.assert_allclose(v.double().numpy(), (start[k] + step[k]).astype(np.float32),
+                                       rtol=0, atol=1e-6)
+
+
+def test_client_membership_leaks_without_dp():
+    """LiRA on a user's mean confidence infers which users trained the federation: 8
+    federations of 12 of 24 users (15 digits each), 6 rounds of 5 epochs, no DP; measured
+    AUC 0.74."""
+    torch.set_num_threads(1)
+    cfg = mi.MIConfig("t", models=8, users=24, per_user=15, epochs=5, rounds=6)
+    record = mi.run_config(cfg, log=lambda *_: None)
+    assert record["trials"] == 8 * 24 and record["members"] == 8 * 12
+    online = record["attacks"]["global model, users: lira_online"]
+    assert online["auc"] > 0.65, online["auc"]
+    assert online["auc_ci95"][0] > 0.55
