@@ -408,17 +408,72 @@ def run_user_config(cfg: MIConfig, log=print) -> dict:
     return record
 
 
-def _attacks(conf: np.ndarray, masks: np.ndarray, seed: int) -> dict:
-    labels = masks.flatten()
+def attack_scores(conf: np.ndarray, masks: np.ndarray,
+                  loss_scores: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every trial's score under each attack, flattened as ``masks.flatten()``: conf and
+    masks are (models, units). ``loss_scores``: the loss attack's (default: phi, below)."""
     # the loss attack thresholds the loss; loss = softplus(-phi) is strictly decreasing in
     # phi, so phi ranks exactly as -loss does, without the loss's underflow to 0.0 (a DP
     # model's large logits tie many examples at loss 0 in float64)
     offline, online = zip(*(lira_scores(conf, masks, m) for m in range(len(conf))))
-    return {
-        "loss": summarize(conf.flatten(), labels, seed),
-        "lira_offline": summarize(np.concatenate(offline), labels, seed),
-        "lira_online": summarize(np.concatenate(online), labels, seed),
-    }
+    return {"loss": (conf if loss_scores is None else loss_scores).flatten(),
+            "lira_offline": np.concatenate(offline), "lira_online": np.concatenate(online)}
+
+
+def _attacks(conf: np.ndarray, masks: np.ndarray, seed: int) -> dict:
+    labels = masks.flatten()
+    return {name: summarize(scores, labels, seed)
+            for name, scores in attack_scores(conf, masks).items()}
+
+
+def record_scores(record: dict, arrays) -> dict[str, np.ndarray]:
+    """Every attack's trial scores of a written record, recomputed from its arrays file,
+    keyed as ``record["attacks"]`` is."""
+    masks = arrays["masks"]
+    if record["config"].get("users", 0):
+        return {f"global model, users: {k}": v for k, v in attack_scores(
+            arrays["user_confidences"], masks, arrays["user_neg_losses"]).items()}
+    if record["config"].get("clients", 1) > 1:
+        return {f"{target}: {k}": v
+                for target, key in (("global model", "confidences"),
+                                    ("client 0's update", "update_confidences"))
+                for k, v in attack_scores(arrays[key], masks).items()}
+    return attack_scores(arrays["confidences"], masks)
+
+
+def epsilon_bounds(record: dict, arrays) -> dict[str, dict]:
+    """Per attack, the audit's one-sided 95% lower bound on epsilon from these trials
+    (``experiments.audit.audit_scores``: the rule chosen on a random half of the members'
+    and non-members' scores, its Clopper-Pearson TPR / FPR bounds on the other half). The
+    trials of one model share it and one example (user) appears in every model, so they
+    are not independent, as Clopper-Pearson assumes: a comparison, not an audit."""
+    from experiments.audit import audit_scores
+
+    labels = arrays["masks"].flatten().astype(bool)
+    out = {}
+    for name, scores in record_scores(record, arrays).items():
+        result = audit_scores(scores[labels], scores[~labels], delta=record["config"]["delta"])
+        out[name] = {"epsilon_lower_bound": result["epsilon_lower_bound"],
+                     "orientation": result["orientation"], "evaluation": result["evaluation"]}
+    return out
+
+
+def bounds_table(records: list[dict], out: Path) -> str:
+    """Each configuration's largest lower bound over its attacks beside the epsilon that
+    must bound it (``_bound_epsilon``)."""
+    lines = ["| configuration | accountant's epsilon | epsilon the attack must respect | "
+             "largest lower bound (attack) | every attack's bound |", "|---|---|---|---|---|"]
+    for r in records:
+        with np.load(out / r["arrays_file"]) as arrays:
+            bounds = epsilon_bounds(r, arrays)
+        best = max(bounds, key=lambda k: bounds[k]["epsilon_lower_bound"])
+        limit = _bound_epsilon(r, bool(r["config"].get("users", 0)))
+        eps = f"{r['epsilon_max']:.2f}" if r["epsilon_max"] else "no DP"
+        lines.append(f"| {r['config']['name']} | {eps} | "
+                     f"{f'{limit:.2f}' if limit is not None else '—'} | "
+                     f"{bounds[best]['epsilon_lower_bound']:.3f} ({best}) | "
+                     + ", ".join(f"{b['epsilon_lower_bound']:.2f}" for b in bounds.values()) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run_config(cfg: MIConfig, log=print) -> dict:
@@ -485,17 +540,13 @@ CONFIGS = {
     # the target is one client of a FedAvg federation of 4 (about 200 examples each),
     # 10 rounds of 3 local epochs (30 epochs of training, as above); epsilon over all rounds
     "fed-nodp": MIConfig("fed-nodp", pool=400, epochs=3, clients=4, rounds=10),
-    "fed-dp-eps8": MIConfig("fed-dp-eps8", 8.0, pool=400, epochs=3, clients=4, rounds=10),
-    "fed-dp-eps1": MIConfig("fed-dp-eps1", 1.0, pool=400, epochs=3, clients=4, rounds=10),
-    # the rest of the privacy curve's epsilons, on the same federation
-    "fed-dp-eps0.5": MIConfig("fed-dp-eps0.5", 0.5, pool=400, epochs=3, clients=4, rounds=10),
-    "fed-dp-eps2": MIConfig("fed-dp-eps2", 2.0, pool=400, epochs=3, clients=4, rounds=10),
-    "fed-dp-eps4": MIConfig("fed-dp-eps4", 4.0, pool=400, epochs=3, clients=4, rounds=10),
+    **{f"fed-dp-eps{eps:g}": MIConfig(f"fed-dp-eps{eps:g}", eps, pool=400, epochs=3,
+                                       clients=4, rounds=10) for eps in (8.0, 4.0, 2.0, 1.0, 0.5)},
     # client membership (user-level): 64 users of 15 examples, each federation a random 32
     # of them, all sampled, 10 rounds of 5 local epochs; DP-FedAvg's sigma for 10 releases
     **{name: MIConfig(name, eps, models=32, users=64, per_user=15, epochs=5, rounds=10)
-       for name, eps in (("user-nodp", 0.0), ("user-dp-eps0.5", 0.5), ("user-dp-eps1", 1.0),
-                         ("user-dp-eps2", 2.0), ("user-dp-eps4", 4.0), ("user-dp-eps8", 8.0))},
+       for name, eps in (("user-nodp", 0.0), ("user-dp-eps8", 8.0), ("user-dp-eps4", 4.0),
+                         ("user-dp-eps2", 2.0), ("user-dp-eps1", 1.0), ("user-dp-eps0.5", 0.5))},
 }
 
 # the attack each target of the joint figures shows, per family of configurations
@@ -558,7 +609,8 @@ def curve_points(records: list[dict], family: str = "example") -> list[dict]:
     return sorted(points, key=lambda p: (p["epsilon"] is None, p["epsilon"] or 0.0))
 
 
-def write_figure(records: list[dict], path: Path, family: str = "example") -> bool:
+def write_figure(records: list[dict], path: Path, family: str = "example",
+                 arrays_dir: Path | None = None) -> bool:
     """Utility and leakage of the same federations against one epsilon axis: test accuracy,
     the attack's ROC-AUC (95% bootstrap interval) and its TPR at FPR 1e-3 (95% CP interval)
     beside what (epsilon, delta)-DP allows, e^epsilon x FPR + delta. No DP is drawn at the
@@ -576,7 +628,7 @@ def write_figure(records: list[dict], path: Path, family: str = "example") -> bo
     eps = [p["epsilon"] for p in points if p["epsilon"] is not None]
     nodp_x = 2 * max(eps) if eps else 1.0
     xs = [p["epsilon"] if p["epsilon"] is not None else nodp_x for p in points]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4 if arrays_dir else 3, figsize=(17 if arrays_dir else 13, 3.8))
     axes[0].plot(xs, [100 * p["test_accuracy"] for p in points], "o-", color="k")
     axes[0].set_ylabel("test accuracy % (mean over the federations)")
     for target, style in zip(FIGURE_TARGETS[family], ("o-", "s--")):
@@ -602,6 +654,19 @@ def write_figure(records: list[dict], path: Path, family: str = "example") -> bo
     top = max(s["tpr_at_fpr_0.001"]["tpr_ci95"][1] for p in points for s in p["attacks"].values())
     axes[2].set_ylim(0, 1.3 * top)
     axes[2].set_ylabel("TPR at FPR 1e-3")
+    if arrays_dir is not None:  # every attack's lower bound on epsilon against the claim
+        by_name = {r["config"]["name"]: r for r in records}
+        lows = []
+        for p in points:
+            with np.load(arrays_dir / by_name[p["name"]]["arrays_file"]) as arrays:
+                b = epsilon_bounds(by_name[p["name"]], arrays)
+            lows.append(max(v["epsilon_lower_bound"] for v in b.values()))
+        axes[3].plot(xs, lows, "o-", color="C3", label="largest lower bound over the attacks")
+        claimed = [(x, p["bound_epsilon"]) for x, p in zip(xs, points) if p["epsilon"] is not None]
+        axes[3].plot([x for x, _ in claimed], [e for _, e in claimed], "v:", color="grey",
+                     label="the epsilon it must not exceed")
+        axes[3].set_ylabel("epsilon (one-sided 95% lower bound)")
+        axes[3].legend(fontsize=7)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xticks(xs)
@@ -631,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: rebuild table.md and the figures from the records")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -638,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                         *(argv if argv is not None else sys.argv[1:])])
     overrides = {k: v for k, v in (("models", args.models), ("pool", args.pool),
                                    ("epochs", args.epochs)) if v}
-    for name in args.configs:
+    for name in ([] if args.table_only else args.configs):
         cfg = MIConfig(**{**asdict(CONFIGS[name]), "seed": args.seed, **overrides})
         record = run_config(cfg)
         np.savez_compressed(args.out / f"{name}.arrays.npz", **record.pop("arrays"))
@@ -653,9 +720,16 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(
         "Membership inference (experiments/membership.py): digits, the app's MLP trained by "
         "train_local on random halves of a pool; every model the target once, the others its "
-        "shadows.\n\n" + table(records))
-    write_figure(records, args.out / "curve.png", "example")
-    write_figure(records, args.out / "user-curve.png", "user")
+        "shadows.\n\n" + table(records)
+        + "\nEach attack's trials turned into a one-sided 95% lower bound on epsilon "
+        "(experiments.audit.audit_scores: the rule chosen on half of the trials, its "
+        "Clopper-Pearson bounds on the other half; the trials of one model are not "
+        "independent, so this compares, it does not audit). The epsilon the attack must "
+        "respect is the accountant's for example membership and, for client membership, "
+        "that of sigma / 2 (one user replaced by another: sensitivity 2C).\n\n"
+        + bounds_table(records, args.out))
+    write_figure(records, args.out / "curve.png", "example", args.out)
+    write_figure(records, args.out / "user-curve.png", "user", args.out)
     print(f"wrote {args.out}")
     return 0
 

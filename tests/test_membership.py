@@ -220,3 +220,19 @@ def test_client_membership_leaks_without_dp():
     online = record["attacks"]["global model, users: lira_online"]
     assert online["auc"] > 0.65, online["auc"]
     assert online["auc_ci95"][0] > 0.55
+
+
+def test_epsilon_bounds_find_a_leak_and_none_without_one():
+    """The attacks' trials turned into the audit's lower bound: members whose confidence is
+    shifted by 3 standard deviations give a bound far above 0; members drawn like the
+    non-members give none (at most a small value, the rule chosen on the other half)."""
+    rng = np.random.default_rng(0)
+    masks = rng.random((16, 400)) < 0.5
+    record = {"config": {"delta": 1e-5}}
+    leaky = rng.normal(size=(16, 400)) + 3.0 * masks
+    same = rng.normal(size=(16, 400))
+    bounds = mi.epsilon_bounds(record, {"masks": masks, "confidences": leaky})
+    assert set(bounds) == {"loss", "lira_offline", "lira_online"}
+    assert bounds["loss"]["epsilon_lower_bound"] > 1.5
+    none = mi.epsilon_bounds(record, {"masks": masks, "confidences": same})
+    assert max(b["epsilon_lower_bound"] for b in none.values()) < 0.3
