@@ -1,0 +1,68 @@
+"""The docs' results tables are what their committed records give (experiments/docs_check.py):
+each grid's table.md regenerates exactly, and a table the docs include is the generated one."""
+
+from __future__ import annotations
+
+from experiments import docs_check as dc
+
+
+def test_every_grid_table_and_every_included_table_matches_its_records():
+    problems = dc.check_included(dc.doc_files()) + dc.check_grid_tables()
+    assert problems == [], "\n".join(map(str, problems))
+
+
+def test_the_docs_include_generated_tables():
+    """Not an empty check: the docs hold included tables from several grids."""
+    included = [block for path in dc.doc_files() for block in dc._included(path, dc.DOCS)]
+    assert len(included) >= 8
+    assert len({source for _, _, source, _ in included}) >= 6
+
+
+def test_the_unpaired_list_cannot_hide_a_grid_or_go_stale():
+    """Without the list, the three grids of mixed code versions are named; a grid that
+    pairs must not be on it."""
+    problems = dc.check_grid_tables(unpaired={})
+    assert sorted(p.where for p in problems) == sorted(
+        f"results/{name}/table.md" for name in dc.UNPAIRED)
+    assert all("refuses to pair" in p.what for p in problems)
+    stale = dc.check_grid_tables(unpaired={**dc.UNPAIRED, "fedper-digits": "no reason"})
+    assert [p.where for p in stale] == ["results/fedper-digits/table.md"]
+    assert "remove it" in stale[0].what
+
+
+def _doc(tmp_path, body: str):
+    docs = tmp_path / "docs"
+    (docs / "results" / "g").mkdir(parents=True)
+    (docs / "results" / "g" / "table.md").write_text(
+        "# g\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\ntext\n\n| c |\n|---|\n| 3 |\n")
+    page = docs / "page.md"
+    page.write_text(body)
+    return docs, page
+
+
+def test_a_copied_table_that_drifted_is_named_and_write_restores_it(tmp_path):
+    docs, page = _doc(tmp_path, "intro\n\n<!-- generated: results/g/table.md, table 2 -->\n"
+                                "| c |\n|---|\n| 4 |\n<!-- end generated -->\n\nafter\n")
+    problems = dc.check_included([page], docs)
+    assert len(problems) == 1 and "page.md:3" in str(problems[0])
+    assert "table 2" in problems[0].what
+    assert dc.check_included([page], docs, write=True) == []
+    assert dc.check_included([page], docs) == []
+    assert page.read_text() == ("intro\n\n<!-- generated: results/g/table.md, table 2 -->\n"
+                                "| c |\n|---|\n| 3 |\n<!-- end generated -->\n\nafter\n")
+
+
+def test_bad_markers_are_named(tmp_path):
+    docs, page = _doc(tmp_path, "<!-- generated: results/g/table.md, table 3 -->\n| x |\n"
+                                "<!-- end generated -->\n<!-- generated: results/h/table.md, "
+                                "table 1 -->\n<!-- end generated -->\n")
+    problems = [str(p) for p in dc.check_included([page], docs)]
+    assert any("asks for table 3 of table.md, which has 2" in p for p in problems)
+    assert any("does not exist" in p for p in problems)
+    page.write_text("<!-- generated: results/g/table.md, table 1 -->\n| a | b |\n")
+    (problem,) = dc.check_included([page], docs)
+    assert "has no '<!-- end generated -->'" in problem.what
+
+
+def test_markdown_tables_are_maximal_runs_of_pipe_lines():
+    assert dc.markdown_tables("x\n| a |\n| b |\ny\n| c |") == [["| a |", "| b |"], ["| c |"]]
