@@ -386,19 +386,22 @@ def run_user_config(cfg: MIConfig, log=print) -> dict:
         info["test_accuracy"] = float(evaluate(model, test)[1])
         models_info.append(info)
     labels = masks.flatten()
-    offline, online = zip(*(lira_scores(conf, masks, m) for m in range(cfg.models)))
     attacks = {f"global model, users: {name}": summarize(scores, labels, cfg.seed)
-               for name, scores in (("loss", neg_loss.flatten()),
-                                    ("lira_offline", np.concatenate(offline)),
-                                    ("lira_online", np.concatenate(online)))}
+               for name, scores in attack_scores(conf, masks, neg_loss).items()}
+    return _record(cfg, labels, models_info, attacks, started, log,
+                   {"masks": masks, "user_confidences": conf, "user_neg_losses": neg_loss})
+
+
+def _record(cfg: MIConfig, labels: np.ndarray, models_info: list[dict], attacks: dict,
+            started: float, log, arrays: dict) -> dict:
+    """A configuration's record (main() writes ``arrays`` to NAME.arrays.npz), logged."""
     record = {
         "config": asdict(cfg), "trials": int(labels.size), "members": int(labels.sum()),
         "models": models_info,
         "train_accuracy_mean": float(np.mean([i["train_accuracy"] for i in models_info])),
         "test_accuracy_mean": float(np.mean([i["test_accuracy"] for i in models_info])),
         "epsilon_max": max((i.get("epsilon", 0.0) for i in models_info), default=0.0) or None,
-        "attacks": attacks, "seconds": time.perf_counter() - started,
-        "arrays": {"masks": masks, "user_confidences": conf, "user_neg_losses": neg_loss},
+        "attacks": attacks, "seconds": time.perf_counter() - started, "arrays": arrays,
     }
     log(f"{cfg.name}: train acc {record['train_accuracy_mean']:.3f}, test "
         f"{record['test_accuracy_mean']:.3f}, eps {record['epsilon_max']}; " + "; ".join(
@@ -510,23 +513,10 @@ def run_config(cfg: MIConfig, log=print) -> dict:
                    for name, result in _attacks(c, masks, cfg.seed).items()}
     else:
         attacks = _attacks(conf, masks, cfg.seed)
-    record = {
-        "config": asdict(cfg), "trials": int(labels.size), "members": int(labels.sum()),
-        "models": models_info,
-        "train_accuracy_mean": float(np.mean([i["train_accuracy"] for i in models_info])),
-        "test_accuracy_mean": float(np.mean([i["test_accuracy"] for i in models_info])),
-        "epsilon_max": max((i.get("epsilon", 0.0) for i in models_info), default=0.0) or None,
-        "attacks": attacks, "seconds": time.perf_counter() - started,
-    }
-    # main() writes them to NAME.arrays.npz: (models, pool) membership, loss and confidence
-    record["arrays"] = {"masks": masks, "losses": losses, "confidences": conf,
-                        **({"update_confidences": update_conf} if cfg.federated else {})}
-    log(f"{cfg.name}: train acc {record['train_accuracy_mean']:.3f}, test "
-        f"{record['test_accuracy_mean']:.3f}, eps {record['epsilon_max']}; " + "; ".join(
-            f"{a} AUC {r['auc']:.3f} TPR@1e-3 {r['tpr_at_fpr_0.001']['tpr']:.4f} TPR@1e-2 "
-            f"{r['tpr_at_fpr_0.01']['tpr']:.4f}" for a, r in attacks.items())
-        + f" ({record['seconds']:.0f} s)")
-    return record
+    # (models, pool) membership, loss and confidence
+    return _record(cfg, labels, models_info, attacks, started, log,
+                   {"masks": masks, "losses": losses, "confidences": conf,
+                    **({"update_confidences": update_conf} if cfg.federated else {})})
 
 
 CONFIGS = {
