@@ -449,6 +449,13 @@ def paired_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def personalizes(grid: Grid) -> bool:
+    """Whether the grid compares a personalized method (FedPer, or local fine-tuning
+    before scoring), which is judged by each client's accuracy on its own data."""
+    return any(over.get("strategy") == "fedper" or over.get("eval-finetune-epochs")
+               for over in grid.strategies.values())
+
+
 def plot_curves(grid: Grid, summaries: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -459,26 +466,35 @@ def plot_curves(grid: Grid, summaries: dict[str, dict[str, Any]], path: Path) ->
     splits = [s for s in grid.splits if any(Grid.parse_run_name(n)[1] == s for n in summaries)]
     if not splits:
         return
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        for label in grid.strategies:
-            curves = [s["history"] for n, s in summaries.items()
-                      if Grid.parse_run_name(n)[:2] == (label, split)]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            acc = np.array([[r["test_accuracy"] for r in c[:length]] for c in curves])
-            rounds = [r["round"] for r in curves[0][:length]]
-            mean = acc.mean(0)
-            ax.plot(rounds, mean, label=f"{label} (n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.15)
-        ax.set_title(split)
-        ax.set_xlabel("round")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    # a personalization grid also shows what its methods are judged by: each client's
+    # accuracy on its own held-out data (val_accuracy), beside the server's central test
+    metrics = [("test_accuracy", "test accuracy (server)")]
+    if personalizes(grid):
+        metrics.append(("val_accuracy", "personalized accuracy (clients' own data)"))
+    fig, axes = plt.subplots(len(metrics), len(splits),
+                             figsize=(4.2 * len(splits), 3.6 * len(metrics)), squeeze=False)
+    for row, (metric, ylabel) in enumerate(metrics):
+        for ax, split in zip(axes[row], splits):
+            for label in grid.strategies:
+                curves = [[r for r in s["history"] if r.get(metric) is not None]
+                          for n, s in summaries.items()
+                          if Grid.parse_run_name(n)[:2] == (label, split)]
+                curves = [c for c in curves if c]
+                if not curves:
+                    continue
+                length = min(len(c) for c in curves)
+                acc = np.array([[r[metric] for r in c[:length]] for c in curves])
+                rounds = [r["round"] for r in curves[0][:length]]
+                mean = acc.mean(0)
+                ax.plot(rounds, mean, label=f"{label} (n={len(curves)})")
+                if len(curves) > 1:
+                    ax.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.15)
+            ax.set_title(split)
+            ax.set_xlabel("round")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel(ylabel)
+        axes[row][-1].legend(fontsize=7, loc="lower right")
     import textwrap
 
     title = textwrap.fill(grid.description, width=int(40 * len(splits)))
@@ -497,8 +513,7 @@ def personalized_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
     only (``local-only.json``, experiments/local_only.py) where it was run. Empty when
     no run records ``val_accuracy`` or the grid compares no personalized method (FedPer,
     or local fine-tuning before scoring)."""
-    if not any(over.get("strategy") == "fedper" or over.get("eval-finetune-epochs")
-               for over in grid.strategies.values()):
+    if not personalizes(grid):
         return ""
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for name, summary in summaries.items():
