@@ -43,6 +43,8 @@ UNPAIRED = {
     "fmnist-niid": "its 12 SCAFFOLD runs are from newer code than the other strategies' runs",
     "robustness-digits": "its runs with 1 and 3 attackers mix two code versions",
     "privacy-fmnist": "eps8__dir0.5__s0 is from newer code than its no-DP pair",
+    "robustness-fmnist": "its first 14 runs (seed 0: no attack, sign-flip) are older code than "
+                         "the 22 recorded on 2026-12-02; its table.md shows the 14",
 }
 
 MARKER = re.compile(r"^<!-- generated: (?P<path>\S+), table (?P<k>\d+) -->\s*$")
