@@ -31,9 +31,10 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 @torch.no_grad()
-def dead_units(model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
+def dead_units(model: nn.Module, x: torch.Tensor, y: np.ndarray | None = None) -> dict:
     """Per ReLU module: its units (dim 1 of its output), how many are positive for no
-    input of ``x``, and the share of (input, unit) activations that are positive."""
+    input of ``x``, and the share of (input, unit) activations that are positive; with
+    the number of classes the model predicts and, given labels ``y``, its accuracy."""
     outputs: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
              for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
@@ -48,7 +49,10 @@ def dead_units(model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
         alive = (out > 0).transpose(0, 1).reshape(out.shape[1], -1).any(dim=1)
         result[name] = {"units": int(out.shape[1]), "dead": int((~alive).sum()),
                         "active_share": float((out > 0).float().mean())}
-    result["predicted_classes"] = int(torch.unique(logits.argmax(1)).numel())
+    predicted = logits.argmax(1)
+    result["predicted_classes"] = int(torch.unique(predicted).numel())
+    if y is not None:
+        result["test_accuracy"] = float((predicted.numpy() == y).mean())
     return result
 
 
@@ -74,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(dataset_info(dataset), 0, kind=kind)
         arrays = load_model(weights)
         model.load_state_dict({k: torch.from_numpy(np.asarray(arrays[k])) for k in model.state_dict()})
-        units = dead_units(model, x)
-        with torch.no_grad():
-            accuracy = float((model(x).argmax(1).numpy() == y).mean())
-        record[run_dir.name] = {"test_accuracy": accuracy, **units,
+        units = dead_units(model, x, y)
+        accuracy = units["test_accuracy"]
+        record[run_dir.name] = {**units,
                                 "weight_norms": {k: float(np.linalg.norm(np.asarray(v)))
                                                  for k, v in arrays.items()}}
         dead = {k: f"{v['dead']}/{v['units']}" for k, v in units.items() if isinstance(v, dict)}

@@ -6,7 +6,7 @@
 Two checks:
 
 1. **Each grid's ``docs/results/<grid>/table.md`` regenerates from its records.** The
-   report (``experiments.report.report_markdown``, what ``run_grid --report-only``
+   report (``experiments.report.build_report``, what ``run_grid --report-only``
    writes) is rebuilt in memory from the committed ``runs/*/summary.json`` and compared
    with the committed file, character for character. A grid whose records the report
    refuses to pair (``PairingError``: runs of mixed code versions) is allowed only if it
@@ -64,14 +64,10 @@ class Problem:
 def regenerate(grid_name: str, results: Path = RESULTS) -> str:
     """The table.md the report writes for this grid from its committed records (raises
     experiments.report.PairingError where it refuses to pair them)."""
-    from experiments import report
     from experiments.grids import GRIDS
+    from experiments.report import build_report
 
-    grid, out = GRIDS[grid_name], results / grid_name
-    summaries = report.load_summaries(out / "runs")
-    paired = report.paired_differences(grid, summaries)
-    return report.report_markdown(grid, summaries, report.aggregate(grid, summaries), paired,
-                                  report.read_local_only(out))
+    return build_report(GRIDS[grid_name], results / grid_name)[3]
 
 
 def check_grid_tables(results: Path = RESULTS, unpaired: dict[str, str] = UNPAIRED) -> list[Problem]:
@@ -118,9 +114,10 @@ def markdown_tables(text: str) -> list[list[str]]:
     return tables
 
 
-def _included(path: Path, docs: Path) -> list[tuple[int, int, Path, int]]:
+def _included(path: Path, docs: Path, lines: list[str] | None = None
+              ) -> list[tuple[int, int, Path, int]]:
     """(marker line, end line, source file, k) of every included table in ``path``."""
-    lines = path.read_text().splitlines()
+    lines = path.read_text().splitlines() if lines is None else lines
     blocks, i = [], 0
     while i < len(lines):
         m = MARKER.match(lines[i])
@@ -150,12 +147,12 @@ def doc_files(root: Path = ROOT) -> list[Path]:
 def check_included(files: list[Path], docs: Path = DOCS, write: bool = False) -> list[Problem]:
     problems = []
     for path in files:
+        lines = path.read_text().splitlines()
         try:
-            blocks = _included(path, docs)
+            blocks = _included(path, docs, lines)
         except ValueError as error:
             problems.append(Problem(path.name, str(error)))
             continue
-        lines = path.read_text().splitlines()
         for start, end, source, k in reversed(blocks):  # from the end: indices stay valid
             try:
                 table = _source_table(source, k)

@@ -331,10 +331,7 @@ def train_user_federation(cfg: MIConfig, users: list[ImageArrays], index: int
         mechanism = UserLevelDP(FedAvg(), noise_multiplier=sigma, clipping_norm=cfg.max_grad_norm,
                                 num_sampled_clients=len(users), delta=cfg.delta,
                                 randomness="seeded", seed=cfg.seed * 10**6 + index)
-        info.update({"sigma": sigma, "noise_std": mechanism.noise_std(), "reclipped": 0,
-                     # the relation this experiment's in / out worlds differ by (one user
-                     # replaced by another): sensitivity 2C, so sigma / 2
-                     "epsilon_replace_one": user_level_epsilon(sigma / 2, cfg.rounds, cfg.delta)})
+        info.update({"sigma": sigma, "noise_std": mechanism.noise_std(), "reclipped": 0})
     for rnd in range(1, cfg.rounds + 1):
         x = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
         updates = []
@@ -461,16 +458,24 @@ def epsilon_bounds(record: dict, arrays) -> dict[str, dict]:
     return out
 
 
-def bounds_table(records: list[dict], out: Path) -> str:
+def all_epsilon_bounds(records: list[dict], out: Path) -> dict[str, dict[str, dict]]:
+    """``epsilon_bounds`` of every record, by configuration name, from its arrays in ``out``."""
+    bounds = {}
+    for r in records:
+        with np.load(out / r["arrays_file"]) as arrays:
+            bounds[r["config"]["name"]] = epsilon_bounds(r, arrays)
+    return bounds
+
+
+def bounds_table(records: list[dict], all_bounds: dict[str, dict[str, dict]]) -> str:
     """Each configuration's largest lower bound over its attacks beside the epsilon that
     must bound it (``_bound_epsilon``)."""
     lines = ["| configuration | accountant's epsilon | epsilon the attack must respect | "
              "largest lower bound (attack) | every attack's bound |", "|---|---|---|---|---|"]
     for r in records:
-        with np.load(out / r["arrays_file"]) as arrays:
-            bounds = epsilon_bounds(r, arrays)
+        bounds = all_bounds[r["config"]["name"]]
         best = max(bounds, key=lambda k: bounds[k]["epsilon_lower_bound"])
-        limit = _bound_epsilon(r, bool(r["config"].get("users", 0)))
+        limit = _bound_epsilon(r)
         eps = f"{r['epsilon_max']:.2f}" if r["epsilon_max"] else "no DP"
         lines.append(f"| {r['config']['name']} | {eps} | "
                      f"{f'{limit:.2f}' if limit is not None else '—'} | "
@@ -564,7 +569,7 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bound_epsilon(record: dict, user: bool) -> float | None:
+def _bound_epsilon(record: dict) -> float | None:
     """The epsilon that bounds this experiment's attack. Example membership (a random half
     with or without the example) is the add/remove relation the accountant reports. Client
     membership compares a federation of m users holding the target with one holding
@@ -573,7 +578,7 @@ def _bound_epsilon(record: dict, user: bool) -> float | None:
     (docs/privacy.md, the neighbouring relations), accounted the same way."""
     if record["epsilon_max"] is None:
         return None
-    if not user:
+    if not record["config"].get("users", 0):
         return record["epsilon_max"]
     from strategies.user_dp import user_level_epsilon
 
@@ -593,14 +598,14 @@ def curve_points(records: list[dict], family: str = "example") -> list[dict]:
             continue
         attacks = {t: r["attacks"][f"{t}: {FIGURE_ATTACK}"] for t in FIGURE_TARGETS[family]}
         points.append({"name": r["config"]["name"], "epsilon": r["epsilon_max"],
-                       "bound_epsilon": _bound_epsilon(r, user),
+                       "bound_epsilon": _bound_epsilon(r),
                        "delta": r["config"]["delta"], "test_accuracy": r["test_accuracy_mean"],
                        "attacks": attacks})
     return sorted(points, key=lambda p: (p["epsilon"] is None, p["epsilon"] or 0.0))
 
 
 def write_figure(records: list[dict], path: Path, family: str = "example",
-                 arrays_dir: Path | None = None) -> bool:
+                 all_bounds: dict[str, dict[str, dict]] | None = None) -> bool:
     """Utility and leakage of the same federations against one epsilon axis: test accuracy,
     the attack's ROC-AUC (95% bootstrap interval) and its TPR at FPR 1e-3 (95% CP interval)
     beside what (epsilon, delta)-DP allows, e^epsilon x FPR + delta. No DP is drawn at the
@@ -618,7 +623,7 @@ def write_figure(records: list[dict], path: Path, family: str = "example",
     eps = [p["epsilon"] for p in points if p["epsilon"] is not None]
     nodp_x = 2 * max(eps) if eps else 1.0
     xs = [p["epsilon"] if p["epsilon"] is not None else nodp_x for p in points]
-    fig, axes = plt.subplots(1, 4 if arrays_dir else 3, figsize=(17 if arrays_dir else 13, 3.8))
+    fig, axes = plt.subplots(1, 4 if all_bounds else 3, figsize=(17 if all_bounds else 13, 3.8))
     axes[0].plot(xs, [100 * p["test_accuracy"] for p in points], "o-", color="k")
     axes[0].set_ylabel("test accuracy % (mean over the federations)")
     for target, style in zip(FIGURE_TARGETS[family], ("o-", "s--")):
@@ -644,13 +649,9 @@ def write_figure(records: list[dict], path: Path, family: str = "example",
     top = max(s["tpr_at_fpr_0.001"]["tpr_ci95"][1] for p in points for s in p["attacks"].values())
     axes[2].set_ylim(0, 1.3 * top)
     axes[2].set_ylabel("TPR at FPR 1e-3")
-    if arrays_dir is not None:  # every attack's lower bound on epsilon against the claim
-        by_name = {r["config"]["name"]: r for r in records}
-        lows = []
-        for p in points:
-            with np.load(arrays_dir / by_name[p["name"]]["arrays_file"]) as arrays:
-                b = epsilon_bounds(by_name[p["name"]], arrays)
-            lows.append(max(v["epsilon_lower_bound"] for v in b.values()))
+    if all_bounds:  # every attack's lower bound on epsilon against the claim
+        lows = [max(v["epsilon_lower_bound"] for v in all_bounds[p["name"]].values())
+                for p in points]
         axes[3].plot(xs, lows, "o-", color="C3", label="largest lower bound over the attacks")
         claimed = [(x, p["bound_epsilon"]) for x, p in zip(xs, points) if p["epsilon"] is not None]
         axes[3].plot([x for x, _ in claimed], [e for _, e in claimed], "v:", color="grey",
@@ -707,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     order = list(CONFIGS)
     records = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
     records.sort(key=lambda r: order.index(r["config"]["name"]) if r["config"]["name"] in order else 99)
+    bounds = all_epsilon_bounds(records, args.out)
     (args.out / "table.md").write_text(
         "Membership inference (experiments/membership.py): digits, the app's MLP trained by "
         "train_local on random halves of a pool; every model the target once, the others its "
@@ -717,9 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         "independent, so this compares, it does not audit). The epsilon the attack must "
         "respect is the accountant's for example membership and, for client membership, "
         "that of sigma / 2 (one user replaced by another: sensitivity 2C).\n\n"
-        + bounds_table(records, args.out))
-    write_figure(records, args.out / "curve.png", "example", args.out)
-    write_figure(records, args.out / "user-curve.png", "user", args.out)
+        + bounds_table(records, bounds))
+    write_figure(records, args.out / "curve.png", "example", bounds)
+    write_figure(records, args.out / "user-curve.png", "user", bounds)
     print(f"wrote {args.out}")
     return 0
 

@@ -604,17 +604,26 @@ def read_local_only(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def build_report(grid: Grid, out_dir: Path, summaries: dict[str, dict[str, Any]] | None = None
+                 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(summaries, rows, paired rows, table.md's text) of the grid's records in
+    ``out_dir`` (or of ``summaries``); raises PairingError where they are not paired."""
+    if summaries is None:
+        summaries = load_summaries(out_dir / "runs")
+    rows = aggregate(grid, summaries)
+    paired = paired_differences(grid, summaries)
+    return summaries, rows, paired, report_markdown(grid, summaries, rows, paired,
+                                                    read_local_only(out_dir))
+
+
 def write_report(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
     """Write table.md, table.csv, paired.csv and curves.png; raises PairingError (and writes
     nothing) if the rows the paired table compares are not paired."""
-    summaries = load_summaries(out_dir / "runs")
-    rows = aggregate(grid, summaries)
-    paired = paired_differences(grid, summaries)
+    summaries, rows, paired, text = build_report(grid, out_dir)
     write_csv(rows, out_dir / "table.csv")
     write_csv([{k: v for k, v in r.items() if not k.endswith("_diffs")} for r in paired],
               out_dir / "paired.csv")
-    (out_dir / "table.md").write_text(report_markdown(grid, summaries, rows, paired,
-                                                      read_local_only(out_dir)))
+    (out_dir / "table.md").write_text(text)
     plot_curves(grid, summaries, out_dir / "curves.png")
     return rows
 
@@ -635,12 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.also:
         summaries.update(load_summaries(folder))
     try:
-        paired = paired_differences(grid, summaries)
+        text = build_report(grid, args.out / grid.name, summaries)[3]
     except PairingError as error:
         print(error, file=sys.stderr)
         return 2
-    print(report_markdown(grid, summaries, aggregate(grid, summaries), paired,
-                          read_local_only(args.out / grid.name)))
+    print(text)
     return 0
 
 
