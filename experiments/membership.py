@@ -458,6 +458,24 @@ def epsilon_bounds(record: dict, arrays) -> dict[str, dict]:
     return out
 
 
+def held_out_threshold(record: dict, arrays, attack: str, fpr: float) -> list[dict]:
+    """The TPR-at-FPR rule chosen on one half of the models (trainings) and applied to the
+    other half, both ways round: how many members and non-members it flags there. A
+    threshold fitted to a handful of false positives on the same trials reports an FPR
+    biased low; this is the check of that."""
+    masks = arrays["masks"].astype(bool)
+    scores = record_scores(record, arrays)[attack].reshape(masks.shape)
+    half = len(masks) // 2
+    out = []
+    for chosen, applied in ((slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))):
+        t = tpr_at_fpr(scores[chosen].flatten(), masks[chosen].flatten(), fpr)["threshold"]
+        s, m = scores[applied].flatten(), masks[applied].flatten()
+        out.append({"chosen_on_models": [chosen.start or 0, chosen.stop or len(masks)],
+                    "members_flagged": int((s[m] >= t).sum()), "members": int(m.sum()),
+                    "non_members_flagged": int((s[~m] >= t).sum()), "non_members": int((~m).sum())})
+    return out
+
+
 def all_epsilon_bounds(records: list[dict], out: Path) -> dict[str, dict[str, dict]]:
     """``epsilon_bounds`` of every record, by configuration name, from its arrays in ``out``."""
     bounds = {}
@@ -720,6 +738,16 @@ def main(argv: list[str] | None = None) -> int:
         "respect is the accountant's for example membership and, for client membership, "
         "that of sigma / 2 (one user replaced by another: sensitivity 2C).\n\n"
         + bounds_table(records, bounds))
+    held_out = {}
+    for r in records:  # the figures' TPR at FPR 1e-3, its threshold checked across models
+        family = "user" if r["config"].get("users", 0) else (
+            "example" if r["config"].get("clients", 1) > 1 else None)
+        if family:
+            with np.load(args.out / r["arrays_file"]) as arrays:
+                held_out[r["config"]["name"]] = {
+                    t: held_out_threshold(r, arrays, f"{t}: {FIGURE_ATTACK}", 1e-3)
+                    for t in FIGURE_TARGETS[family]}
+    (args.out / "held-out-thresholds.json").write_text(json.dumps(held_out, indent=1) + "\n")
     write_figure(records, args.out / "curve.png", "example", bounds)
     write_figure(records, args.out / "user-curve.png", "user", bounds)
     print(f"wrote {args.out}")

@@ -236,3 +236,18 @@ def test_epsilon_bounds_find_a_leak_and_none_without_one():
     assert bounds["loss"]["epsilon_lower_bound"] > 1.5
     none = mi.epsilon_bounds(record, {"masks": masks, "confidences": same})
     assert max(b["epsilon_lower_bound"] for b in none.values()) < 0.3
+
+
+def test_a_threshold_chosen_on_half_the_models_is_applied_to_the_others():
+    """Members far above non-members: the rule at FPR 1e-2 chosen on models 0-7 flags
+    nearly every member of models 8-15 and few of their non-members, and both ways round
+    count every trial of the other half."""
+    rng = np.random.default_rng(1)
+    masks = rng.random((16, 400)) < 0.5
+    arrays = {"masks": masks, "confidences": rng.normal(size=(16, 400)) + 4.0 * masks}
+    both = mi.held_out_threshold({"config": {}}, arrays, "loss", 1e-2)
+    assert [b["chosen_on_models"] for b in both] == [[0, 8], [8, 16]]
+    for b, rows in zip(both, (slice(8, 16), slice(0, 8))):
+        assert b["members"] == masks[rows].sum() and b["non_members"] == (~masks[rows]).sum()
+        assert b["members_flagged"] > 0.5 * b["members"]
+        assert b["non_members_flagged"] < 0.05 * b["non_members"]
