@@ -31,6 +31,39 @@ from .report import write_report
 DEFAULT_OUT = REPO / "docs" / "results"
 
 
+def recorded_by_other_code(runs_dir: Path, runs: list[dict]) -> dict[str, str]:
+    """The finished runs of ``runs`` whose recorded config has other keys than this code
+    records for the same run: they come from another code version, so the report will not
+    pair them with the runs about to be added (experiments/report.py, ``check_pairing``).
+    Maps run name to what differs. A run whose config this code refuses is listed too.
+    Only the keys are compared: a change of behaviour that records the same keys is not
+    seen here (the report's round-0/round-1 checks see some of those)."""
+    from fl_app.config import RunConfig, default_run_config
+
+    defaults = default_run_config()
+    other: dict[str, str] = {}
+    for run in runs:
+        summary_path = runs_dir / run["run-name"] / "summary.json"
+        if not is_complete(runs_dir / run["run-name"]):
+            continue
+        recorded = set(json.loads(summary_path.read_text()).get("config", {}))
+        try:
+            expected = set(RunConfig.from_mapping({**defaults, **run}).resolved())
+        except Exception as error:  # noqa: BLE001 (any refusal means: not this code's run)
+            other[run["run-name"]] = f"this code refuses its config ({error})"
+            continue
+        missing, extra = sorted(expected - recorded), sorted(recorded - expected)
+        parts = [f"{what} {len(keys)} key(s) ({_some(keys)})"
+                 for what, keys in (("lacks", missing), ("has another", extra)) if keys]
+        if parts:
+            other[run["run-name"]] = "; ".join(parts)
+    return other
+
+
+def _some(keys: list[str], shown: int = 4) -> str:
+    return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", nargs="?", help="grid name (see --list)")
@@ -69,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown split(s) {unknown}; grid {grid.name} has {list(grid.splits)}")
             runs = [r for r in runs if grid.parse_run_name(r["run-name"])[1] in args.splits]
         pending = [r for r in runs if not is_complete(runs_dir / r["run-name"])]
+        other = recorded_by_other_code(runs_dir, runs) if pending else {}
+        if other:
+            print(f"WARNING: {len(other)} finished run(s) of grid {grid.name} were recorded by "
+                  "other code; the report will refuse to pair them with the runs added now. "
+                  f"To rerun them, move them out of {runs_dir} (e.g. to ../superseded/):",
+                  file=sys.stderr)
+            for name, why in sorted(other.items()):
+                print(f"  {name}: {why}", file=sys.stderr)
         print(f"grid {grid.name}: {len(runs) - len(pending)} of {len(runs)} runs complete, "
               f"{len(pending)} to run", flush=True)
         if pending:

@@ -64,3 +64,17 @@ def _in_process_clients_pose_as_simulated(request, monkeypatch):
 
     simulated = request.node.get_closest_marker("deployed_node") is None
     monkeypatch.setattr(privacy_policy, "in_simulation", lambda: simulated)
+
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules with end-to-end tests first (a stable sort: each module stays whole and
+    in order). The README runs the suite on 2 workers (``-n 2``, and pyproject's
+    ``--dist loadscope``: a module's tests on one worker, so a module fixture such as a
+    SuperLink with its sweep is built once); the slow modules then start first and the
+    quick ones fill in around them, instead of one slow module starting last."""
+    def module(item) -> str:
+        return getattr(getattr(item, "module", None), "__name__", "")
+
+    slow = {module(item) for item in items if item.get_closest_marker("e2e") is not None}
+    items.sort(key=lambda item: module(item) not in slow)

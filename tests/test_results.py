@@ -249,3 +249,26 @@ def test_write_report_tabulates_the_numbers_of_the_summaries(tmp_path):
     assert "| iid | fedprox | 1 | 50.00 ± 0.00 | 50.00 | 2.0 (1/1) | 4 KiB |" in md
     assert "| rounds to 50% |" in md
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_the_runner_names_finished_runs_recorded_by_other_code(tmp_path):
+    """run_grid warns before it adds runs to a grid whose finished runs another code
+    version recorded (their config has other keys): the report would refuse to pair them.
+    A run this code recorded is not named; an unfinished one is not looked at."""
+    from experiments.run_grid import recorded_by_other_code
+    from fl_app.config import RunConfig, default_run_config
+
+    runs = [{"run-name": f"fedavg__iid__s{seed}", "strategy": "fedavg", "seed": seed}
+            for seed in range(4)]
+    current = RunConfig.from_mapping({**default_run_config(), **runs[0]}).resolved()
+    older = {k: v for k, v in current.items() if k not in ("checkpoint", "device")}
+    newer = {**current, "a-future-key": 1}
+    for run, config, complete in zip(runs, (current, older, newer, older),
+                                     (True, True, True, False)):
+        (tmp_path / run["run-name"]).mkdir()
+        (tmp_path / run["run-name"] / "summary.json").write_text(
+            json.dumps({"complete": complete, "config": config}))
+    other = recorded_by_other_code(tmp_path, runs)
+    assert set(other) == {"fedavg__iid__s1", "fedavg__iid__s2"}
+    assert other["fedavg__iid__s1"] == "lacks 2 key(s) (checkpoint, device)"
+    assert other["fedavg__iid__s2"] == "has another 1 key(s) (a-future-key)"
