@@ -5,13 +5,16 @@
 
 Two checks:
 
-1. **Each grid's ``docs/results/<grid>/table.md`` regenerates from its records.** The
+1. **Each grid's ``docs/results/<grid>/table.md`` (and a robustness grid's
+   ``matrix.md``) regenerates from its records.** The
    report (``experiments.report.build_report``, what ``run_grid --report-only``
    writes) is rebuilt in memory from the committed ``runs/*/summary.json`` and compared
    with the committed file, character for character. A grid whose records the report
    refuses to pair (``PairingError``: runs of mixed code versions) is allowed only if it
    is listed in ``UNPAIRED`` with the reason; a listed grid that pairs again must be
-   removed from the list (the check says so), so the list cannot go stale.
+   removed from the list (the check says so), so the list cannot go stale. A
+   robustness grid's ``matrix.md`` (defence x attack, ``experiments.robustness_table``)
+   needs no pairing and is always checked.
 2. **A table the docs include is the generated one, not a copy.** In README.md and
    docs/*.md a generated table sits between
 
@@ -43,8 +46,6 @@ UNPAIRED = {
     "fmnist-niid": "its 12 SCAFFOLD runs are from newer code than the other strategies' runs",
     "robustness-digits": "its runs with 1 and 3 attackers mix two code versions",
     "privacy-fmnist": "eps8__dir0.5__s0 is from newer code than its no-DP pair",
-    "robustness-fmnist": "its first 14 runs (seed 0: no attack, sign-flip) are older code than "
-                         "the 22 recorded on 2026-12-02; its table.md shows the 14",
 }
 
 MARKER = re.compile(r"^<!-- generated: (?P<path>\S+), table (?P<k>\d+) -->\s*$")
@@ -96,6 +97,23 @@ def check_grid_tables(results: Path = RESULTS, unpaired: dict[str, str] = UNPAIR
             problems.append(Problem(where, f"differs from what its records give from line "
                                            f"{first + 1} (python -m experiments.run_grid {name} "
                                            "--report-only rewrites it)"))
+    return problems
+
+
+def check_matrices(results: Path = RESULTS) -> list[Problem]:
+    """Each committed ``matrix.md`` equals what experiments.robustness_table builds."""
+    from experiments.grids import GRIDS
+    from experiments.robustness_table import build_matrix
+
+    problems = []
+    for name in GRIDS:
+        matrix = results / name / "matrix.md"
+        if not matrix.exists():
+            continue
+        if build_matrix(name, results) != matrix.read_text():
+            problems.append(Problem(f"{results.name}/{name}/matrix.md",
+                                    "differs from what its records give (python -m "
+                                    f"experiments.robustness_table {name} rewrites it)"))
     return problems
 
 
@@ -177,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true",
                         help="replace each included table with the generated one")
     args = parser.parse_args(argv)
-    problems = check_included(doc_files(), write=args.write) + check_grid_tables()
+    problems = (check_included(doc_files(), write=args.write) + check_grid_tables()
+                + check_matrices())
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{len(problems)} problem(s)")

@@ -7,7 +7,9 @@ Reads ``docs/results/<grid>/runs/*/summary.json`` (runs named
 ``<defence>-<attack><k>__<split>__s<seed>``, see ``experiments/grids.py``), keeps the
 completed ones, and writes ``docs/results/<grid>/matrix.md`` (final test accuracy, mean
 ± standard deviation over seeds, the number of seeds in brackets when not every cell has
-the same) and ``matrix.png`` (one heatmap per split, 2 attackers and no attack).
+the same) and ``matrix.png`` (one heatmap per split: no attack and the grid's headline
+number of attackers, 2 of 10 or 10 of 50). ``python -m experiments.docs_check`` rebuilds
+matrix.md from the records (:func:`build_matrix`) and fails if the committed one differs.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 ATTACKS = ("signflip", "gaussian", "labelflip", "alie", "ipm")
 
 
-def collect(grid: str) -> dict[tuple[str, str, str], dict[int, float]]:
+def collect(grid: str, results: Path = RESULTS) -> dict[tuple[str, str, str], dict[int, float]]:
     """(split, defence, attack label) -> {seed: final test accuracy %}."""
     cells: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
-    for path in (RESULTS / grid / "runs").glob("*/summary.json"):
+    for path in (results / grid / "runs").glob("*/summary.json"):
         summary = json.loads(path.read_text())
         if summary.get("status") != "completed":
             continue
@@ -46,8 +48,31 @@ def fmt(values: dict[int, float], seeds: int) -> str:
     return text + (f" ({len(v)})" if len(v) != seeds else "")
 
 
+def defences_of(cells) -> list[str]:
+    """The defences the records hold, in DEFENCES' order."""
+    present = {defence for _, defence, _ in cells}
+    return [d for d in DEFENCES if d in present]
+
+
+def attacks_of(cells) -> list[str]:
+    """"none", then each attack label the records hold (ATTACKS' order, then attackers)."""
+    def key(label: str) -> tuple[int, int]:
+        name = label.rstrip("0123456789")
+        return ATTACKS.index(name), int(label[len(name):])
+
+    present = {attack for _, _, attack in cells} - {"none"}
+    return ["none"] + sorted(present, key=key)
+
+
+def headline_attackers(cells) -> int:
+    """The number of attackers the heatmap shows: 2 where recorded (the 10-client grids),
+    else the largest recorded."""
+    counts = {int(a[len(a.rstrip("0123456789")):]) for a in attacks_of(cells)[1:]}
+    return 2 if 2 in counts or not counts else max(counts)
+
+
 def table(cells, split: str, attacks: list[str], seeds: int) -> str:
-    defences = list(DEFENCES)
+    defences = defences_of(cells)
     lines = ["| attack | " + " | ".join(defences) + " |", "|---" * (len(defences) + 1) + "|"]
     for attack in attacks:
         row = [fmt(cells.get((split, d, attack), {}), seeds) for d in defences]
@@ -56,14 +81,15 @@ def table(cells, split: str, attacks: list[str], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def heatmap(cells, splits: list[str], path: Path) -> None:
+def heatmap(cells, splits: list[str], path: Path, num_clients: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    defences = list(DEFENCES)
-    attacks = ["none"] + [f"{a}2" for a in ATTACKS]
+    defences = defences_of(cells)
+    k = headline_attackers(cells)
+    attacks = ["none"] + [f"{a}{k}" for a in ATTACKS]
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
     for ax, split in zip(axes[0], splits):
         grid = np.full((len(attacks), len(defences)), np.nan)
@@ -79,10 +105,23 @@ def heatmap(cells, splits: list[str], path: Path) -> None:
             for j in range(len(defences)):
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_title(f"{split}: final test accuracy %, 2 attackers of 10")
+        ax.set_title(f"{split}: final test accuracy %, {k} attackers of {num_clients}")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def build_matrix(grid_name: str, results: Path = RESULTS) -> str:
+    """matrix.md's text from the grid's committed records."""
+    grid = GRIDS[grid_name]
+    cells = collect(grid_name, results)
+    seeds = len(grid.seeds)
+    parts = [f"# {grid.name}: final test accuracy (%), mean ± std over seeds\n",
+             grid.description + "\n",
+             f"A number in brackets: seeds run for that cell, when fewer than {seeds}.\n"]
+    for split in grid.splits:
+        parts.append(f"\n## {split}\n\n" + table(cells, split, attacks_of(cells), seeds) + "\n")
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,17 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid", choices=[g for g in GRIDS if g.startswith("robustness")])
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
-    cells = collect(args.grid)
-    attacks = ["none"] + [f"{a}{k}" for a in ATTACKS for k in (1, 2, 3)]
-    seeds = len(grid.seeds)
-    parts = [f"# {grid.name}: final test accuracy (%), mean ± std over seeds\n",
-             grid.description + "\n",
-             f"A number in brackets: seeds run for that cell, when fewer than {seeds}.\n"]
-    for split in grid.splits:
-        parts.append(f"\n## {split}\n\n" + table(cells, split, attacks, seeds) + "\n")
     out = RESULTS / args.grid
-    (out / "matrix.md").write_text("\n".join(parts))
-    heatmap(cells, list(grid.splits), out / "matrix.png")
+    (out / "matrix.md").write_text(build_matrix(args.grid))
+    heatmap(collect(args.grid), list(grid.splits), out / "matrix.png", grid.num_supernodes)
     print((out / "matrix.md").read_text())
     return 0
 

@@ -7,8 +7,34 @@ from experiments import docs_check as dc
 
 
 def test_every_grid_table_and_every_included_table_matches_its_records():
-    problems = dc.check_included(dc.doc_files()) + dc.check_grid_tables()
+    problems = dc.check_included(dc.doc_files()) + dc.check_grid_tables() + dc.check_matrices()
     assert problems == [], "\n".join(map(str, problems))
+
+
+def test_a_robustness_matrix_that_drifted_from_its_records_is_named(tmp_path):
+    """matrix.md is rebuilt from the runs' records: a committed copy whose cell was
+    edited by hand, or whose records changed, is named; the real one passes."""
+    import json
+    import shutil
+
+    from experiments.robustness_table import build_matrix
+
+    results = tmp_path / "results"
+    source = dc.RESULTS / "robustness-digits"
+    for run in sorted((source / "runs").glob("fedavg-*__iid__s*"))[:6]:
+        (results / "robustness-digits" / "runs" / run.name).mkdir(parents=True)
+        shutil.copy(run / "summary.json", results / "robustness-digits" / "runs" / run.name)
+    matrix = results / "robustness-digits" / "matrix.md"
+    matrix.write_text(build_matrix("robustness-digits", results))
+    assert dc.check_matrices(results) == []
+    assert "| fedavg |" in matrix.read_text()  # one defence column: the records' only one
+    one = next((results / "robustness-digits" / "runs").glob("*/summary.json"))
+    summary = json.loads(one.read_text())
+    summary["final_test_accuracy"] -= 0.1
+    one.write_text(json.dumps(summary))
+    problems = dc.check_matrices(results)
+    assert [p.where for p in problems] == ["results/robustness-digits/matrix.md"]
+    assert "robustness_table robustness-digits" in problems[0].what
 
 
 def test_the_docs_include_generated_tables():
