@@ -167,3 +167,21 @@ def test_label_counts_agree_with_flwr_datasets_compute_counts(partitioner):
     assert counts == expected
     if partitioner != "pathological":  # which leaves out classes no partition drew
         assert sum(map(sum, counts.values())) == dataset_info("digits").num_train
+
+
+@pytest.mark.parametrize("partitioner,n", [("iid", 7), ("iid", 1), ("dirichlet", 6),
+                                           ("pathological", 5), ("shard", 4)])
+def test_the_split_read_at_once_is_flwr_datasets_load_partition(partitioner, n):
+    """partition_indices reads every partition's rows from the partitioner's own
+    assignment (IID: contiguous shards; the others: the table their first load_partition
+    draws) instead of one load_partition each; it must give exactly load_partition's rows,
+    in order, for every partition."""
+    from partitions.federated import INDEX_KEY, _assigned_positions, _column, _partitioner
+
+    cfg = data_config(partitioner=partitioner, alpha=0.3, seed=5)
+    got = partition_indices(cfg, n)
+    _, partitioner_ = _partitioner(cfg, n)
+    assert _assigned_positions(partitioner_, n) is not None  # the fast path was taken
+    assert len(got) == n
+    for pid in range(n):
+        np.testing.assert_array_equal(got[pid], _column(partitioner_.load_partition(pid), INDEX_KEY))
