@@ -43,10 +43,13 @@ def recorded_by_other_code(runs_dir: Path, runs: list[dict]) -> dict[str, str]:
     defaults = default_run_config()
     other: dict[str, str] = {}
     for run in runs:
-        summary_path = runs_dir / run["run-name"] / "summary.json"
-        if not is_complete(runs_dir / run["run-name"]):
+        try:
+            summary = json.loads((runs_dir / run["run-name"] / "summary.json").read_text())
+        except (OSError, ValueError):
             continue
-        recorded = set(json.loads(summary_path.read_text()).get("config", {}))
+        if not summary.get("complete"):
+            continue
+        recorded = set(summary.get("config", {}))
         try:
             expected = set(RunConfig.from_mapping({**defaults, **run}).resolved())
         except Exception as error:  # noqa: BLE001 (any refusal means: not this code's run)
