@@ -150,10 +150,11 @@ def test_the_apps_secure_randomness_passes_the_same_audit(threads):
     """The seeded rows stand in for the app's default, randomness = secure (noise and
     sampler keyed by the OS CSPRNG, Opacus's secure_mode): the same audit on that path,
     honest and with a twentieth of the noise. Not reproducible, but neither verdict turns
-    on the draw: the honest bound was 0.00 against the claimed 1.99 in 6 of 6 draws, and
-    with sigma / 20 the worlds are ~8.7 noise standard deviations apart, so the control
-    sits at the 100 trials' ceiling (3.28); with sigma / 10 it ranged 2.37-3.28 over 36
-    draws, too close to the claim for a test that must never flake."""
+    on the draw (docs/results/audit/secure_draws.jsonl): the honest bound was 0.00-0.25
+    against the claimed 1.99 in 20 of 20 draws, and with sigma / 20 the worlds are ~8.7
+    noise standard deviations apart, so the control sits at the 100 trials' ceiling
+    (3.23-3.28 in 20 of 20); with sigma / 10 it ranged 2.27-3.28 over 36 draws, too close
+    to the claim for a test that must never flake."""
     honest, control = _small(1.0, "secure"), _small(0.05, "secure")
     assert honest["config"]["randomness"] == "secure"
     assert honest["epsilon_lower_bound"] <= honest["epsilon_accountant"]
