@@ -582,9 +582,17 @@ def personalized_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
+def refusal_markdown(error: PairingError) -> str:
+    """What table.md says in place of the paired table when the records are not paired."""
+    return ("**No paired differences**: the report refuses to pair these records, so the "
+            "rows above are not comparable seed by seed (rerun the runs named below on one "
+            "code version):\n\n```\n" + str(error) + "\n```\n")
+
+
 def report_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
                     rows: list[dict[str, Any]], paired: list[dict[str, Any]],
-                    local_only: dict[str, Any] | None = None) -> str:
+                    local_only: dict[str, Any] | None = None,
+                    refused: PairingError | None = None) -> str:
     personalized = personalized_markdown(grid, summaries, local_only)
     return (
         f"# Grid `{grid.name}`\n\n{grid.description}\n\n"
@@ -595,6 +603,7 @@ def report_markdown(grid: Grid, summaries: dict[str, dict[str, Any]],
         + markdown_table(grid, rows)
         + (f"\n{personalized}" if personalized else "")
         + (f"\n{paired_markdown(paired)}" if paired else "")
+        + (f"\n{refusal_markdown(refused)}" if refused is not None else "")
         + "".join(f"\n{note}\n" for note in grid.notes)
     )
 
@@ -604,23 +613,34 @@ def read_local_only(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def build_report(grid: Grid, out_dir: Path, summaries: dict[str, dict[str, Any]] | None = None
+def build_report(grid: Grid, out_dir: Path, summaries: dict[str, dict[str, Any]] | None = None,
+                 *, unpaired_ok: bool = False
                  ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
     """(summaries, rows, paired rows, table.md's text) of the grid's records in
-    ``out_dir`` (or of ``summaries``); raises PairingError where they are not paired."""
+    ``out_dir`` (or of ``summaries``). Where they are not paired it raises PairingError,
+    or with ``unpaired_ok`` gives no paired rows and a text that says why in their place."""
     if summaries is None:
         summaries = load_summaries(out_dir / "runs")
     rows = aggregate(grid, summaries)
-    paired = paired_differences(grid, summaries)
+    refused = None
+    try:
+        paired = paired_differences(grid, summaries)
+    except PairingError as error:
+        if not unpaired_ok:
+            raise
+        paired, refused = [], error
     return summaries, rows, paired, report_markdown(grid, summaries, rows, paired,
-                                                    read_local_only(out_dir))
+                                                    read_local_only(out_dir), refused)
 
 
-def write_report(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
+def write_report(grid: Grid, out_dir: Path, *, unpaired_ok: bool = False) -> list[dict[str, Any]]:
     """Write table.md, table.csv, paired.csv and curves.png; raises PairingError (and writes
-    nothing) if the rows the paired table compares are not paired."""
-    summaries, rows, paired, text = build_report(grid, out_dir)
+    nothing) if the rows the paired table compares are not paired, unless ``unpaired_ok``:
+    then table.md says why in place of the paired table, and paired.csv is empty."""
+    summaries, rows, paired, text = build_report(grid, out_dir, unpaired_ok=unpaired_ok)
     write_csv(rows, out_dir / "table.csv")
+    if not paired:  # none to compare, or refused: no stale file from an earlier report
+        (out_dir / "paired.csv").unlink(missing_ok=True)
     write_csv([{k: v for k, v in r.items() if not k.endswith("_diffs")} for r in paired],
               out_dir / "paired.csv")
     (out_dir / "table.md").write_text(text)

@@ -26,7 +26,7 @@ from fl_app.results import COMPLETED, is_complete, run_status
 
 from .grids import GRIDS
 from deploy.launch import REPO, LocalSuperLink
-from .report import write_report
+from .report import PairingError, write_report
 
 DEFAULT_OUT = REPO / "docs" / "results"
 
@@ -126,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             done = sum(is_complete(runs_dir / r["run-name"]) for r in pending)
             print(f"sweep finished in {time.monotonic() - started:.0f}s (exit {proc.returncode}): "
                   f"{done} of {len(pending)} pending runs complete; log: {out_dir / 'flwr.log'}")
-    rows = write_report(grid, out_dir)
+    try:
+        rows = write_report(grid, out_dir)
+    except PairingError as error:
+        print(f"{error}\nThe tables are written without paired differences; table.md says "
+              "why.", file=sys.stderr)
+        rows = write_report(grid, out_dir, unpaired_ok=True)
     print((out_dir / "table.md").read_text())
     runs = grid.runs(tuple(args.seeds) if args.seeds else None)
     if args.only:

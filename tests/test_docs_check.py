@@ -6,6 +6,15 @@ from __future__ import annotations
 from experiments import docs_check as dc
 
 
+def _lower_final_accuracy(summary_path, by: float) -> None:
+    """Edit one committed record, as a rerun or a hand edit would."""
+    import json
+
+    summary = json.loads(summary_path.read_text())
+    summary["final_test_accuracy"] -= by
+    summary_path.write_text(json.dumps(summary))
+
+
 def test_every_grid_table_and_every_included_table_matches_its_records():
     problems = dc.check_included(dc.doc_files()) + dc.check_grid_tables() + dc.check_matrices()
     assert problems == [], "\n".join(map(str, problems))
@@ -14,7 +23,6 @@ def test_every_grid_table_and_every_included_table_matches_its_records():
 def test_a_robustness_matrix_that_drifted_from_its_records_is_named(tmp_path):
     """matrix.md is rebuilt from the runs' records: a committed copy whose cell was
     edited by hand, or whose records changed, is named; the real one passes."""
-    import json
     import shutil
 
     from experiments.robustness_table import build_matrix
@@ -28,10 +36,7 @@ def test_a_robustness_matrix_that_drifted_from_its_records_is_named(tmp_path):
     matrix.write_text(build_matrix("robustness-digits", results))
     assert dc.check_matrices(results) == []
     assert "| fedavg |" in matrix.read_text()  # one defence column: the records' only one
-    one = next((results / "robustness-digits" / "runs").glob("*/summary.json"))
-    summary = json.loads(one.read_text())
-    summary["final_test_accuracy"] -= 0.1
-    one.write_text(json.dumps(summary))
+    _lower_final_accuracy(next((results / "robustness-digits" / "runs").glob("*/summary.json")), 0.1)
     problems = dc.check_matrices(results)
     assert [p.where for p in problems] == ["results/robustness-digits/matrix.md"]
     assert "robustness_table robustness-digits" in problems[0].what
@@ -92,3 +97,24 @@ def test_bad_markers_are_named(tmp_path):
 
 def test_markdown_tables_are_maximal_runs_of_pipe_lines():
     assert dc.markdown_tables("x\n| a |\n| b |\ny\n| c |") == [["| a |", "| b |"], ["| c |"]]
+
+
+def test_an_unpaired_grids_table_is_still_checked(tmp_path):
+    """A grid on the UNPAIRED list gets no paired table, but its table.md (the rows, and
+    the refusal in the paired table's place) must still be what its records give: a
+    record changed after the table was written is named."""
+    import shutil
+
+    results = tmp_path / "results"
+    runs = results / "fmnist-niid" / "runs"
+    for run in sorted((dc.RESULTS / "fmnist-niid" / "runs").glob("*")):
+        (runs / run.name).mkdir(parents=True)
+        shutil.copy(run / "summary.json", runs / run.name)
+    text = dc.regenerate("fmnist-niid", results, unpaired_ok=True)
+    assert "**No paired differences**" in text and "scaffold__iid__s0 vs fedavg__iid__s0" in text
+    (results / "fmnist-niid" / "table.md").write_text(text)
+    assert dc.check_grid_tables(results) == []
+    _lower_final_accuracy(runs / "fedprox__path2__s1" / "summary.json", 0.01)
+    problems = dc.check_grid_tables(results)
+    assert [p.where for p in problems] == ["results/fmnist-niid/table.md"]
+    assert "differs" in problems[0].what
