@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid not in GRIDS:
         parser.error(f"unknown grid {args.grid!r}; known: {sorted(GRIDS)}")
     grid = GRIDS[args.grid]
-    out_dir = args.out / grid.name
+    # Absolute: the sweep file is read by the ServerApp, which runs from the installed FAB, not here.
+    out_dir = args.out.resolve() / grid.name
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
 

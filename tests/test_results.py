@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,36 @@ def test_the_runner_names_finished_runs_recorded_by_other_code(tmp_path):
     assert set(other) == {"fedavg__iid__s1", "fedavg__iid__s2"}
     assert other["fedavg__iid__s1"] == "lacks 2 key(s) (checkpoint, device)"
     assert other["fedavg__iid__s2"] == "has another 1 key(s) (a-future-key)"
+
+
+def test_the_runner_hands_the_server_an_absolute_sweep_file_for_a_relative_out(tmp_path, monkeypatch):
+    """The ServerApp reads the sweep file from the installed FAB's directory, not from where
+    run_grid was started: a relative ``--out`` once reached it as a relative path and every
+    run was refused ("no such file"). The paths handed to the run must be absolute and name
+    the files run_grid wrote."""
+    from experiments import run_grid
+
+    handed: list[dict] = []
+
+    class FakeLink:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, config, **kwargs):
+            handed.append(config)
+            return type("Proc", (), {"returncode": 0})()
+
+    monkeypatch.setattr(run_grid, "LocalSuperLink", FakeLink)
+    monkeypatch.chdir(tmp_path)
+    run_grid.main(["smoke", "--out", "relative-out"])
+    assert len(handed) == 1
+    sweep, results = Path(handed[0]["sweep-file"]), Path(handed[0]["results-dir"])
+    assert sweep.is_absolute() and results.is_absolute()
+    assert sweep == tmp_path / "relative-out" / "smoke" / "sweep.json" and sweep.is_file()
+    assert results == tmp_path / "relative-out" / "smoke" / "runs"
