@@ -137,7 +137,8 @@ class LocalSuperLink:
     def __init__(self, workdir: Path, log_path: Path | None = None, simulation: bool = True,
                  tls: Path | None = None, node_auth: bool = False,
                  extra_env: dict[str, str] | None = None,
-                 supernode_threads: int | None = 1, database: Path | None = None) -> None:
+                 supernode_threads: int | None = 1, database: Path | None = None,
+                 warm_clientapp: bool = False, warm_args: list[str] | None = None) -> None:
         """``tls``: a credentials folder (``deploy/credentials.py``): the SuperLink serves
         TLS with its certificate, the CLI and the SuperNodes verify it with its CA.
         ``node_auth``: only SuperNodes whose public key was registered
@@ -151,7 +152,11 @@ class LocalSuperLink:
         oversubscribe them (docs/deployment.md, "What a message costs"). None: PyTorch's
         default, or the app's node-config ``num-threads`` (fl_app/node_runtime.py).
         ``database``: the SuperLink keeps its state (registered SuperNode keys, runs) in
-        this SQLite file (``--database``), so that ``restart()`` keeps the federation."""
+        this SQLite file (``--database``), so that ``restart()`` keeps the federation.
+        ``warm_clientapp`` (deployment only): the SuperNodes' ClientApp processes are
+        forked by one warm server that imported Flower and PyTorch once
+        (``deploy/warm_clientapp.py``), instead of each starting from nothing;
+        ``warm_args``: more arguments for its ``serve`` (a profiler's ``--target``)."""
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it without)")
         self.workdir = Path(workdir)
@@ -166,6 +171,14 @@ class LocalSuperLink:
         self.extra_env = dict(extra_env or {})
         self.supernode_threads = supernode_threads
         self.database = Path(database) if database is not None else None
+        if warm_clientapp and simulation:
+            raise ValueError("warm_clientapp is for the deployment runtime (simulation has no "
+                             "ClientApp processes)")
+        self.warm_clientapp = warm_clientapp
+        self.warm_args = list(warm_args or [])
+        self.warm_process: subprocess.Popen | None = None
+        self.warm_socket = self.home / "warm" / "clientapp.sock"
+        self.warm_log = self.home / "warm-clientapp.log"
 
     @property
     def env(self) -> dict[str, str]:
@@ -204,6 +217,8 @@ class LocalSuperLink:
             mode += ["--enable-supernode-auth"]
         if self.database is not None:
             mode += ["--database", str(self.database)]
+        if self.warm_clientapp and self.warm_process is None:
+            self._start_warm_clientapp(timeout)
         self.process = subprocess.Popen(
             [executable("flower-superlink"), *mode,
              "--disable-runtime-dependency-installation", "--port", str(self.port)],
@@ -221,6 +236,30 @@ class LocalSuperLink:
         self.stop()
         raise RuntimeError(f"flower-superlink did not listen on {self.port} within {timeout}s")
 
+    def _start_warm_clientapp(self, timeout: float) -> None:
+        """The warm ClientApp server (``python -m deploy.warm_clientapp serve``), with its
+        ``flwr-clientapp`` shim written to ``<home>/warm-bin``, which ``supernode_env`` puts
+        first on the SuperNodes' ``PATH``. Waits until its socket is in place."""
+        log = open(self.warm_log, "ab")  # noqa: SIM115 (closed with the process)
+        self.warm_process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.warm_clientapp", "serve", "--socket",
+             str(self.warm_socket), "--shim-dir", str(self.home / "warm-bin"), *self.warm_args],
+            cwd=REPO, env=self.supernode_env(warm=False), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.warm_socket.exists():
+            if self.warm_process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the warm ClientApp server did not start; see {self.warm_log}")
+            time.sleep(0.1)
+
+    def warm_requests(self) -> int:
+        """Messages the warm server has forked a ClientApp for so far (from its log)."""
+        if not self.warm_log.exists():
+            return 0
+        return self.warm_log.read_text(errors="replace").count("warm flwr-clientapp: request ")
+
     def register_node(self, public_key: Path) -> subprocess.CompletedProcess:
         """``flwr supernode register <public key> private``: allow that SuperNode in."""
         proc = subprocess.run([executable("flwr"), "supernode", "register", str(public_key),
@@ -231,12 +270,15 @@ class LocalSuperLink:
                                f"{proc.stdout[-2000:]} {proc.stderr[-2000:]}")
         return proc
 
-    def supernode_env(self) -> dict[str, str]:
+    def supernode_env(self, warm: bool = True) -> dict[str, str]:
         """A SuperNode's environment (inherited by its SuperExec and ClientApp processes):
         ``env``, with ``OMP_NUM_THREADS`` = ``supernode_threads`` unless already set, and
         the SuperExec's task poll at ``SUPEREXEC_POLL_SECONDS`` unless already set (its
-        default, 1 s, is on average half a second of every message's latency)."""
+        default, 1 s, is on average half a second of every message's latency); with the
+        warm ClientApp server, its shim's folder first on ``PATH``."""
         env = self.env
+        if warm and self.warm_clientapp:
+            env["PATH"] = str(self.home / "warm-bin") + os.pathsep + env["PATH"]
         if self.supernode_threads is not None and not env.get("OMP_NUM_THREADS"):
             env["OMP_NUM_THREADS"] = str(int(self.supernode_threads))
         env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
@@ -309,6 +351,9 @@ class LocalSuperLink:
         if self.process is not None:
             _terminate_group(self.process)
         self.process = None
+        if self.warm_process is not None:
+            _terminate_group(self.warm_process)
+        self.warm_process = None
 
     def __enter__(self) -> "LocalSuperLink":
         return self.start()

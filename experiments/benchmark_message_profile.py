@@ -53,15 +53,19 @@ import os, sys, time, json
 _T0 = time.time()
 
 
-def _process_start():
-    with open("/proc/self/stat") as handle:
+def _process_start(pid="self"):
+    with open(f"/proc/{pid}/stat") as handle:
         ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
     with open("/proc/stat") as handle:
         btime = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
-REC = {"pid": os.getpid(), "t_exec": _process_start(), "t_wrapper": _T0, "phases": {}}
+# Forked by the warm server (deploy/warm_clientapp.py): the message began when the shim
+# the SuperExec started did, not at the fork.
+_SHIM = getattr(sys.modules.get("deploy.warm_clientapp"), "SHIM_PID", None)
+REC = {"pid": os.getpid(), "t_exec": _process_start(_SHIM or "self"), "t_wrapper": _T0,
+       "phases": {}, "warm": _SHIM is not None}
 PH = REC["phases"]
 
 
@@ -183,6 +187,16 @@ PHASES = ("flwr_imports", "pull_task", "install_fab", "import_torch", "import_to
           "model_build", "train_loop", "eval_loop", "handler", "push_reply")
 
 
+def write_warm_target(folder: Path) -> Path:
+    """The same profile as a function for the warm server's ``--target``: the server
+    imports this module once, each forked child runs ``main`` (the wrapper's code)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "fl_profile_target.py").write_text(
+        f"CHILD = {CHILD!r}\n\n\ndef main():\n    exec(compile(CHILD, 'fl_profile_target', 'exec'), "
+        "{'__name__': 'fl_profile_target_child'})\n")
+    return folder
+
+
 def write_wrapper(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "flwr-clientapp"
@@ -217,17 +231,24 @@ def one_run(mode: str, args, workdir: Path, tag: str) -> dict:
     profile_dir = workdir / f"profile-{name}"
     profile_dir.mkdir(parents=True)
     env = dict(kv.split("=", 1) for kv in args.env)
+    warm_args = None
     if mode == "deployment":
         wrapper = write_wrapper(workdir / "wrapper-bin")
         path = f"{wrapper}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         env.update({"PATH": path, "FL_PROFILE_DIR": str(profile_dir)})
+    elif mode == "deployment-warm":
+        target = write_warm_target(workdir / "warm-target")
+        env.update({"PYTHONPATH": str(target), "FL_PROFILE_DIR": str(profile_dir)})
+        warm_args = ["--target", "fl_profile_target:main"]
+    deployed = mode.startswith("deployment")
     started = time.monotonic()
     if args.flower_defaults:  # what Flower does: PyTorch's threads, a 1 s task poll
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "1.0")
     with LocalSuperLink(workdir / name, simulation=(mode == "simulation"),
-                        extra_env=env if mode == "deployment" else None,
-                        supernode_threads=None if args.flower_defaults else 1) as link:
-        if mode == "deployment":
+                        extra_env=env if deployed else None,
+                        supernode_threads=None if args.flower_defaults else 1,
+                        warm_clientapp=(mode == "deployment-warm"), warm_args=warm_args) as link:
+        if deployed:
             for pid in range(args.nodes):
                 cache = f' cache-dir="{workdir / "cache"}"' if args.cache else ""
                 extra = "".join(f" {kv}" for kv in args.node_config)
@@ -248,7 +269,7 @@ def one_run(mode: str, args, workdir: Path, tag: str) -> dict:
            "local_s": statistics.median(r["local_seconds"] for r in warm),
            "train_s_rounds": [r["train_seconds"] for r in history],
            "local_s_rounds": [r["local_seconds"] for r in history]}
-    if mode == "deployment":
+    if deployed:
         records = [json.loads(p.read_text()) for p in sorted(profile_dir.glob("*.json"))]
         out["records"] = records
         train = [r for r in records if r.get("message_type") == "train"
@@ -277,29 +298,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flower-defaults", action="store_true",
                         help="the SuperNodes as Flower starts them: no OMP_NUM_THREADS from "
                              "the launcher, the SuperExec's 1 s task poll")
+    parser.add_argument("--warm", action="store_true",
+                        help="also the deployment with the warm ClientApp server "
+                             "(deploy/warm_clientapp.py), alternating with the other two")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         for i in range(args.repeat):
             sim = one_run("simulation", args, Path(tmp), f"r{i}")
-            dep = one_run("deployment", args, Path(tmp), f"r{i}")
-            when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            records = dep.pop("records")
-            row = {"kind": "run", "when": when, "label": args.label, "machine": platform.node(),
-                   "cores": os.cpu_count(), "dataset": args.dataset, "nodes": args.nodes,
-                   "rounds": args.rounds, "cache_dir": args.cache,
-                   "node_config": args.node_config, "env": args.env,
-                   "flower_defaults": args.flower_defaults,
-                   "simulation": sim, "deployment": dep,
-                   "deployment_over_simulation": dep["train_s"] / sim["train_s"],
-                   "loop_deployment_over_simulation": dep["local_s"] / sim["local_s"],
-                   "load_average": os.getloadavg()}
-            print(json.dumps(row, indent=1), flush=True)
-            rows.append(row)
-            rows += [{"kind": "message", "when": when, "label": args.label,
-                      "dataset": args.dataset, **{k: v for k, v in r.items()
-                                                  if k != "node_config"}} for r in records]
+            # alternate which deployment goes first, so neither always follows simulation
+            modes = ["deployment", "deployment-warm"] if args.warm else ["deployment"]
+            for mode in (modes if i % 2 == 0 else modes[::-1]):
+                dep = one_run(mode, args, Path(tmp), f"r{i}")
+                when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                records = dep.pop("records")
+                row = {"kind": "run", "when": when, "label": args.label,
+                       "machine": platform.node(), "cores": os.cpu_count(),
+                       "dataset": args.dataset, "nodes": args.nodes, "rounds": args.rounds,
+                       "cache_dir": args.cache, "node_config": args.node_config, "env": args.env,
+                       "flower_defaults": args.flower_defaults, "warm_clientapp": mode != "deployment",
+                       "simulation": sim, "deployment": dep,
+                       "deployment_over_simulation": dep["train_s"] / sim["train_s"],
+                       "loop_deployment_over_simulation": dep["local_s"] / sim["local_s"],
+                       "load_average": os.getloadavg()}
+                print(json.dumps({k: v for k, v in row.items() if k != "simulation"}, indent=1),
+                      flush=True)
+                rows.append(row)
+                rows += [{"kind": "message", "when": when, "label": args.label,
+                          "dataset": args.dataset, **{k: v for k, v in r.items()
+                                                      if k != "node_config"}} for r in records]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as handle:
         for row in rows:

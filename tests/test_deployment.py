@@ -24,17 +24,20 @@ pytestmark = pytest.mark.e2e
 
 
 def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
-           node_configs: list[str] | None = None, **overrides) -> tuple[dict, dict]:
+           node_configs: list[str] | None = None, warm: bool = False,
+           **overrides) -> tuple[dict, dict]:
     """Start a SuperLink and ``num_nodes`` SuperNodes, run the app, stop every process
     (checked), and return the run's summary.
 
     ``secure``: TLS with development credentials (deploy/credentials.py) and SuperNode
     authentication; the nodes' keys are registered, and one more SuperNode with a key
-    nobody registered tries to join. Returns ``(summary, what happened to that node)``.
+    nobody registered tries to join. ``warm``: the ClientApps are forked by the warm
+    server (deploy/warm_clientapp.py); every message must have gone through it.
+    Returns ``(summary, what happened to that node)``.
     """
     files = make_all(tmp_path / "credentials", nodes=num_nodes + 1) if secure else None
     link = LocalSuperLink(tmp_path, simulation=False, tls=files.root if secure else None,
-                          node_auth=secure).start()
+                          node_auth=secure, warm_clientapp=warm).start()
     intruder = None
     try:
         for pid in range(num_nodes):
@@ -49,15 +52,15 @@ def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
         path = tmp_path / "results" / run_name / "summary.json"
         assert path.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
         summary = json.loads(path.read_text())
-        refused = {}
+        refused = {"warm_requests": link.warm_requests()}
         if intruder is not None:
             intruder.wait(timeout=120)
-            refused = {"returncode": intruder.returncode,
-                       "log": link.supernode_log(num_nodes).read_text()}
+            refused.update({"returncode": intruder.returncode,
+                            "log": link.supernode_log(num_nodes).read_text()})
     finally:
-        processes = [link.process, *link.supernodes]
+        processes = [link.process, link.warm_process, *link.supernodes]
         link.stop()
-    assert all(p.poll() is not None for p in processes)
+    assert all(p is None or p.poll() is not None for p in processes)
     return summary, refused
 
 
@@ -98,11 +101,12 @@ def test_supernodes_train_on_their_own_data(tmp_path):
 def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path):
     """TLS (a development CA), SuperNode authentication (3 registered keys; a 4th node with
     an unregistered key is refused and exits), and SecAgg+ with the same code path as in
-    simulation: every protocol stage a fresh ClientApp process whose protocol state lives
-    in the SuperNode's Context.state. The run config is docs/deployment.md's step 6
+    simulation: every protocol stage a ClientApp process of its own, forked by the warm
+    server (as `deploy.local` does by default), whose protocol state lives in the
+    SuperNode's Context.state. The run config is docs/deployment.md's step 6
     (`min-train-nodes=3 secagg=true`, nothing else of SecAgg+): its "auto" shares and
     threshold are 3 and 2 with 3 nodes."""
-    summary, refused = deploy(tmp_path, 3, "deployed-secure", secure=True, **{
+    summary, refused = deploy(tmp_path, 3, "deployed-secure", secure=True, warm=True, **{
         "min-train-nodes": 3, "secagg": True,
         "fraction-evaluate": 0.0})  # federated evaluation is not what this test is about
     assert summary["status"] == "completed", summary.get("error")
@@ -111,6 +115,8 @@ def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path
     rounds = summary["history"][1:]
     assert all(r["secagg_survivors"] == 3 and r["round_aggregated"] == 1 for r in rounds)
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+    # 3 nodes x (size query + SecAgg+'s 4 stages), none of them started cold
+    assert refused["warm_requests"] == 15
 
 
 
