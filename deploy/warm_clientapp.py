@@ -24,8 +24,9 @@ This module keeps the *libraries* warm, not the app:
 - ``install_shim`` writes a ``flwr-clientapp`` script (stdlib only, ``python -IS``,
   ~0.1 s) for the folder put first on the SuperNode's ``PATH``. The SuperExec starts it
   as it would Flower's; it sends its arguments, working folder, environment and standard
-  streams (file descriptors, ``SCM_RIGHTS``) to the server and exits with the child's
-  exit status. If the server does not answer, it ``exec``s Flower's real
+  streams (file descriptors, ``SCM_RIGHTS``) to the server, forwards the signals it gets
+  to the child, and exits with the child's exit status (a child whose shim is killed
+  dies with it). If the server does not answer, it ``exec``s Flower's real
   ``flwr-clientapp`` with the same arguments: a message is never lost to the warm path.
 - Per request the server forks a child that takes the shim's streams, folder and
   environment, re-seeds what a fresh process would have seeded differently (NumPy's and
@@ -47,11 +48,13 @@ import argparse
 import importlib
 import json
 import os
+import select
 import signal
 import socket
 import stat
 import struct
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
@@ -75,7 +78,7 @@ DEFAULT_PRELOAD = (
 APP_PACKAGES = ("fl_app", "strategies", "partitions", "fl_common")  # the FAB's (pyproject fab-include)
 DEFAULT_TARGET = "flwr.supernode.cli:flwr_clientapp"
 HEADER = struct.Struct("!I")  # request length, sent with the shim's three descriptors
-STATUS = struct.Struct("!i")  # the child's exit status
+STATUS = struct.Struct("!i")  # the child's pid, then its exit status
 MAX_REQUEST = 16 * 1024 * 1024
 # In a forked child: the pid of the shim it serves (the process the SuperExec started),
 # for logs and profiles (experiments/benchmark_message_profile.py); None elsewhere.
@@ -105,13 +108,30 @@ try:
     conn.sendall(request)
 except OSError:
     cold()  # nothing was forked for a request that did not arrive whole
-status = b""
-while len(status) < 4:
-    chunk = conn.recv(4 - len(status))
-    if not chunk:
-        break
-    status += chunk
-sys.exit(struct.unpack("!i", status)[0] if len(status) == 4 else 1)
+def word():
+    data = b""
+    while len(data) < 4:
+        try:
+            chunk = conn.recv(4 - len(data))
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        data += chunk
+    return struct.unpack("!i", data)[0]
+child = word()  # the forked child's pid, then its exit status
+if child is None:
+    sys.exit(1)
+import signal
+def forward(signum, frame):
+    try:
+        os.kill(child, signum)  # a signal to the SuperNode's process group reaches the child
+    except OSError:
+        pass
+for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
+    signal.signal(getattr(signal, name), forward)
+status = word()
+sys.exit(1 if status is None else status)
 '''
 
 
@@ -173,10 +193,29 @@ def _reseed_like_a_fresh_process() -> None:
         sys.modules["torch"].seed()
 
 
+def _die_with_the_shim(conn: socket.socket) -> None:
+    """The child's life is tied to its shim's, as a process started by the SuperExec is to
+    its process group: the shim forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to the child, and if
+    the shim itself is gone (``SIGKILL``ed with the SuperNode's group: a device losing
+    power), its end of the connection closes and the child is killed at once."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP | select.POLLHUP)
+
+    def watch() -> None:
+        while True:
+            for _, events in poller.poll():
+                if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="warm-clientapp-shim-watch", daemon=True).start()
+
+
 def _child(conn: socket.socket, fds: list[int], request: dict, target: str) -> int:
     """Runs in the forked child: become the shim's process, run ``target``, return its status."""
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    conn.sendall(STATUS.pack(os.getpid()))  # the shim forwards its signals to this pid
+    _die_with_the_shim(conn)
     for fd, std in zip(fds, (0, 1, 2)):
         os.dup2(fd, std)
     for fd in fds:

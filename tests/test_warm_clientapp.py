@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import struct
@@ -100,6 +101,46 @@ def test_a_crashing_child_fails_its_message_only(server, tmp_path):
     assert proc.returncode != 0
     proc, record = message(server, tmp_path, "after-crash", 0)
     assert proc.returncode == 0 and record["ppid"] == server["proc"].pid
+
+
+def _wait_for(path: Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_to_the_shim_reaches_the_child(server, tmp_path, signum):
+    """A ClientApp started by the SuperExec lives in the SuperNode's process group; a
+    forked child does not. So the shim forwards SIGTERM (the child's handler runs, as
+    Flower's exit handler would), and a shim killed outright (SIGKILL with the group: a
+    device losing power) takes its child with it within a second."""
+    out = tmp_path / f"wait-{signum}.json"
+    shim = subprocess.Popen([str(server["shim"]), "--out", str(out), "--code", "0", "--wait"],
+                            cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    child = int(_wait_for(Path(f"{out}.pid")))
+    assert child != shim.pid and _alive(child)
+    shim.send_signal(signum)
+    shim.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+    if signum == signal.SIGTERM:
+        assert _wait_for(Path(f"{out}.term")) == str(int(signal.SIGTERM))
+        assert shim.returncode == 143  # the child's status, relayed
+    else:
+        assert not Path(f"{out}.term").exists()
 
 
 def test_bad_requests_are_refused_and_the_server_keeps_serving(server, tmp_path):

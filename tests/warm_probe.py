@@ -12,6 +12,19 @@ import sys
 
 def main() -> None:
     out, code = sys.argv[sys.argv.index("--out") + 1], int(sys.argv[sys.argv.index("--code") + 1])
+    if "--wait" in sys.argv:  # write the pid, then wait for a signal (SIGTERM: note it)
+        import signal
+        import time
+
+        def on_term(signum, frame):
+            with open(out + ".term", "w") as handle:
+                handle.write(str(signum))
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, on_term)
+        with open(out + ".pid", "w") as handle:
+            handle.write(str(os.getpid()))
+        time.sleep(120)
+        sys.exit(0)
     app_loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fl_app", "strategies"))
     record = {"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "pid": os.getpid(),
               "ppid": os.getppid(), "torch_preloaded": "torch" in sys.modules,
