@@ -2,7 +2,9 @@
 database under TLS and SuperNode authentication, a SuperNode stopped mid-run and
 restarted under DP-SGD, and a SuperNode killed in the middle of the SecAgg+ protocol.
 Each is a real SuperLink with SuperNodes as separate processes (deploy.launch); every
-message starts a fresh ClientApp process, as on real devices. Slow (minutes). The
+message runs in a ClientApp process of its own: a fresh one in the restart test, one
+forked by the warm server (deploy/warm_clientapp.py, deploy.local's default) in the two
+SuperNode faults, where a SuperNode's stop or SIGKILL must reach its ClientApp. Slow (minutes). The
 deployments where nothing goes wrong are in tests/test_deployment.py (a file of their
 own so that pytest-xdist's per-file scheduling can run the two halves side by side).
 """
@@ -62,7 +64,7 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     from fl_app.privacy import NODE_SCOPE, accountant_file, steps_per_epoch
 
     rounds, run_name = 4, "stopped-node"
-    link = LocalSuperLink(tmp_path, simulation=False).start()
+    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True).start()
     configs = [f'partition-id={pid} num-partitions=3 state-dir="{tmp_path / f"state-{pid}"}" '
                f'cache-dir="{tmp_path / "cache"}"' for pid in range(3)]
     summary_path = tmp_path / "results" / run_name / "summary.json"
@@ -92,7 +94,7 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
         runner.join(timeout=900)
         summary = json.loads(summary_path.read_text())
     finally:
-        processes = [link.process, *link.supernodes]
+        processes = [link.process, link.warm_process, *link.supernodes]
         link.stop()
     assert all(p.poll() is not None for p in processes)
     proc = outcome.get("proc")
@@ -147,7 +149,7 @@ def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path
     import time
 
     run_name, victim, survivors = "killed-after-share-keys", 3, (0, 1, 2)
-    link = LocalSuperLink(tmp_path, simulation=False).start()
+    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True).start()
     started = time.monotonic()
     done, seen = threading.Event(), {}
 
@@ -190,7 +192,7 @@ def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path
         (tmp_path / "flwr-run.log").write_text(proc.stdout + proc.stderr)
     finally:
         done.set()
-        processes = [link.process, *link.supernodes]
+        processes = [link.process, link.warm_process, *link.supernodes]
         link.stop()
     assert all(p.poll() is not None for p in processes)
     ended = time.monotonic()
