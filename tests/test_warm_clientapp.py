@@ -237,3 +237,12 @@ def test_a_deployed_run_is_the_same_cold_and_warm(tmp_path):
     assert warm["final_test_loss"] == cold["final_test_loss"]
     assert warm["final_test_accuracy"] == cold["final_test_accuracy"]
     assert [r.get("train_loss") for r in warm["history"]] == [r.get("train_loss") for r in cold["history"]]
+
+
+def test_the_launcher_refuses_a_warm_server_for_simulation(tmp_path):
+    """Simulation has no ClientApp processes to fork: asking for the warm server there is
+    a mistake, named before anything starts."""
+    from deploy.launch import LocalSuperLink
+
+    with pytest.raises(ValueError, match="warm_clientapp is for the deployment runtime"):
+        LocalSuperLink(tmp_path, simulation=True, warm_clientapp=True)
