@@ -22,7 +22,7 @@ The SuperNodes share this machine's cores, so each runs PyTorch on one thread
 (``OMP_NUM_THREADS=1`` unless the environment sets it; ``deploy/launch.py``). Their
 ClientApp processes are forked by one warm server that imported Flower and PyTorch once
 (``deploy/warm_clientapp.py``: about 1.4 s a message instead of 8 s here); ``--cold``
-starts every message from nothing, as Flower does.
+starts every message from nothing, as Flower does (and so does every message off Linux).
 For SuperNodes on other machines, see docs/deployment.md.
 """
 
@@ -39,6 +39,7 @@ from flwr.common.config import parse_config_args
 
 from deploy.credentials import make_all
 from .launch import REPO, LocalSuperLink, raise_keyboard_interrupt
+from .warm_clientapp import supported as warm_supported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 
     link = LocalSuperLink(workdir, log_path=workdir / "superlink.log", simulation=False,
                           tls=files.root if files else None, node_auth=args.auth,
-                          warm_clientapp=not args.cold)
+                          warm_clientapp=not args.cold and warm_supported())
     previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         link.start()
         print(f"SuperLink on 127.0.0.1:{link.port} ({'TLS' if secure else 'insecure'}"
               f"{', SuperNode authentication' if args.auth else ''}"
-              f"{'' if args.cold else ', warm ClientApp server'}); logs in {workdir}",
+              f"{', warm ClientApp server' if link.warm_clientapp else ''}); logs in {workdir}",
               flush=True)
         for pid in range(args.nodes):
             if args.auth:

@@ -115,13 +115,15 @@ def word():
             chunk = conn.recv(4 - len(data))
         except InterruptedError:
             continue
+        except OSError:  # reset: the server closed with the request unread
+            return None
         if not chunk:
             return None
         data += chunk
     return struct.unpack("!i", data)[0]
 child = word()  # the forked child's pid, then its exit status
 if child is None:
-    sys.exit(1)
+    cold()  # refused, or the server died before forking: nothing ran, so run it cold
 import signal
 def forward(signum, frame):
     try:
@@ -133,6 +135,12 @@ for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
 status = word()
 sys.exit(1 if status is None else status)
 '''
+
+
+def supported() -> bool:
+    """The server needs Linux: the peer's uid (``SO_PEERCRED``) and a closed peer
+    (``POLLRDHUP``) are read the Linux way."""
+    return sys.platform.startswith("linux") and hasattr(select, "POLLRDHUP")
 
 
 def real_clientapp() -> str:
@@ -283,6 +291,9 @@ def serve(socket_path: Path, modules: Sequence[str] = DEFAULT_PRELOAD,
     stopped (SIGTERM/SIGINT) or ``max_requests`` were served. The socket is bound under a
     temporary name and renamed into place once listening, so a shim that finds the path
     finds a server."""
+    if not supported():
+        raise RuntimeError(f"the warm ClientApp server needs Linux (this is {sys.platform}); "
+                           "run the SuperNode without it (Flower's own flwr-clientapp)")
     socket_path = Path(socket_path).resolve()
     if len(os.fsencode(str(socket_path))) > 100:
         raise ValueError(f"socket path {socket_path} is too long for a Unix socket "

@@ -190,6 +190,33 @@ def test_without_a_server_the_shim_runs_flowers_command(tmp_path):
     assert (tmp_path / "ran").read_text().split() == ["--token", "abc"]
 
 
+def test_a_request_refused_before_the_fork_runs_cold(tmp_path):
+    """A server that takes the request and closes without forking (it refused it, or died):
+    nothing ran, so the shim runs Flower's command instead of failing the message."""
+    import threading
+
+    fallback = tmp_path / "real-clientapp"
+    fallback.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'ran'}\nexit 0\n")
+    fallback.chmod(0o755)
+    path = tmp_path / "refusing.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        conn.recv(1 << 16)
+        conn.close()
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    shim = install_shim(tmp_path / "bin", path, real=str(fallback))
+    proc = subprocess.run([str(shim), "--token", "xyz"], capture_output=True, timeout=30)
+    thread.join(timeout=10)
+    listener.close()
+    assert proc.returncode == 0
+    assert (tmp_path / "ran").read_text().split() == ["--token", "xyz"]
+
+
 def test_preloading_refuses_the_apps_code():
     """A message must load the app from its FAB: the server refuses to import the app's
     packages, directly or through another module, before it serves."""
