@@ -143,8 +143,9 @@ def test_fedper_and_fedlora_keep_their_state_and_their_base_on_the_nodes(tmp_pat
     unlike the other node's; the server's saved model holds the base layers only, and the
     upload is their bytes alone. FedLoRA, 1 round on the same nodes: each node loads the base
     from its own node config, only the adapters and the head travel (3,310 values), and the
-    server's merged model scores the run's final accuracy. (FedLoRA refusing a node with
-    another base, deployed: experiments/fedlora_deployed.py.)"""
+    server's merged model scores the run's final accuracy. The ClientApps are forked by
+    the warm server (deploy.local's default). (FedLoRA refusing a node with another base,
+    deployed: experiments/fedlora_deployed.py.)"""
     import shutil
 
     import torch
@@ -157,7 +158,7 @@ def test_fedper_and_fedlora_keep_their_state_and_their_base_on_the_nodes(tmp_pat
     from strategies.fedper import _read_disk, split_keys
 
     base_file = Path(__file__).resolve().parent.parent / "bases" / "cnn-digits-mnist.npz"
-    link = LocalSuperLink(tmp_path, simulation=False).start()
+    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True).start()
     try:
         for pid in range(2):
             node = tmp_path / f"node-{pid}"

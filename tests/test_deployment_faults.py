@@ -2,9 +2,9 @@
 database under TLS and SuperNode authentication, a SuperNode stopped mid-run and
 restarted under DP-SGD, and a SuperNode killed in the middle of the SecAgg+ protocol.
 Each is a real SuperLink with SuperNodes as separate processes (deploy.launch); every
-message runs in a ClientApp process of its own: a fresh one in the restart test, one
-forked by the warm server (deploy/warm_clientapp.py, deploy.local's default) in the two
-SuperNode faults, where a SuperNode's stop or SIGKILL must reach its ClientApp. Slow (minutes). The
+message runs in a ClientApp process of its own, forked by the warm server
+(deploy/warm_clientapp.py, deploy.local's default): a SuperNode's stop or SIGKILL must
+reach its ClientApp, and the server must outlive a SuperLink restart. Slow (minutes). The
 deployments where nothing goes wrong are in tests/test_deployment.py (a file of their
 own so that pytest-xdist's per-file scheduling can run the two halves side by side).
 """
@@ -25,10 +25,11 @@ def test_a_superlink_restarted_with_its_database_keeps_the_authenticated_federat
     """docs/deployment.md's --database: a SuperLink with TLS and SuperNode authentication
     keeps the registered keys in its SQLite file; restarted on the same port and file, the
     same two SuperNode processes (never restarted) reconnect and a second run completes
-    with both. (Without a database the keys are forgotten and the nodes die with a 401.)"""
+    with both, its ClientApps still forked by the warm server, which outlives the restart.
+    (Without a database the keys are forgotten and the nodes die with a 401.)"""
     files = make_all(tmp_path / "credentials", nodes=2)
     link = LocalSuperLink(tmp_path, simulation=False, tls=files.root, node_auth=True,
-                          database=tmp_path / "superlink.db").start()
+                          database=tmp_path / "superlink.db", warm_clientapp=True).start()
     try:
         for pid in range(2):
             link.register_node(files.node_public_key(pid))
@@ -45,9 +46,11 @@ def test_a_superlink_restarted_with_its_database_keeps_the_authenticated_federat
                 link.restart()
         assert all(node.poll() is None for node in link.supernodes)  # never died
     finally:
-        processes = [link.process, *link.supernodes]
+        served = link.warm_requests()
+        processes = [link.process, link.warm_process, *link.supernodes]
         link.stop()
     assert all(p.poll() is not None for p in processes)
+    assert served == 2 * 2 * 2  # runs x nodes x (size query, train): none started cold
 
 
 def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
