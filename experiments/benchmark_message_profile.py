@@ -82,6 +82,57 @@ def _timed(owner, name, label):
     return original
 
 
+_GC = {"collections": 0, "seconds": 0.0, "gen2": 0}
+
+
+def _gc_callback(phase, info):
+    if phase == "start":
+        _GC["_t"] = time.perf_counter()
+    elif "_t" in _GC:
+        _GC["seconds"] += time.perf_counter() - _GC.pop("_t")
+        _GC["collections"] += 1
+        _GC["gen2"] += info.get("generation") == 2
+
+
+import gc  # noqa: E402
+gc.callbacks.append(_gc_callback)
+
+
+def _thread_cpu():
+    """Every thread of this process: name and CPU seconds (user + system)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                raw = handle.read()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _loop_counters():
+    """CPU, page faults, context switches and gc time of this process, now."""
+    with open("/proc/self/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    status = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    return {"wall": time.perf_counter(), "thread_cpu": time.thread_time(),
+            "process_cpu": time.process_time(), "minflt": int(fields[7]),
+            "majflt": int(fields[9]),
+            "voluntary_ctxt": int(status.get("voluntary_ctxt_switches", 0)),
+            "nonvoluntary_ctxt": int(status.get("nonvoluntary_ctxt_switches", 0)),
+            "gc_seconds": _GC["seconds"], "gc_collections": _GC["collections"],
+            "gc_gen2": _GC["gen2"], "threads": int(status.get("Threads", 0)),
+            "gc_tracked": len(gc.get_objects())}
+
+
 import flwr.supernode.runtime.run_clientapp as rc  # noqa: E402
 from flwr.clientapp.client_app import ClientApp  # noqa: E402
 
@@ -131,7 +182,14 @@ def get_loader(*args, **kwargs):
 
             def train_local(*args, **kwargs):
                 REC["torch_threads"] = torch.get_num_threads()
-                return original_train(*args, **kwargs)
+                REC["torch_interop_threads"] = torch.get_num_interop_threads()
+                before = _loop_counters()
+                try:
+                    return original_train(*args, **kwargs)
+                finally:
+                    after = _loop_counters()
+                    REC["train_loop_counters"] = {k: after[k] - before[k] for k in before}
+                    REC["threads_at_loop_end"] = _thread_cpu()
             ca.train_local = train_local
         except Exception as err:  # the profile must not break the message
             REC["patch_error"] = repr(err)

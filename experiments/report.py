@@ -655,12 +655,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid", choices=sorted(GRIDS))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results",
                         help="root of grid outputs")
+    parser.add_argument("--runs", type=Path, default=None, metavar="DIR",
+                        help="read the runs from this folder instead of the grid's runs/ "
+                             "(e.g. docs/results/fmnist-niid/superseded-2026-12: the records "
+                             "a rerun replaced)")
     parser.add_argument("--also", type=Path, nargs="+", default=[], metavar="DIR",
                         help="more run folders whose records replace the same-named ones "
                              "(e.g. docs/results/fmnist-niid/superseded)")
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
-    summaries = load_summaries(args.out / grid.name / "runs")
+    runs = args.runs if args.runs is not None else args.out / grid.name / "runs"
+    if not runs.is_dir():
+        print(f"no run folder {runs}", file=sys.stderr)
+        return 2
+    summaries = load_summaries(runs)
     for folder in args.also:
         summaries.update(load_summaries(folder))
     try:

@@ -144,6 +144,25 @@ def test_the_command_prints_the_refusal_and_exits_2(tmp_path, monkeypatch, capsy
     assert "scaffold__iid__s1 vs fedavg__iid__s1" in capsys.readouterr().err
 
 
+def test_a_replaced_set_of_records_is_reported_from_its_own_folder(tmp_path, monkeypatch, capsys):
+    """After a rerun the old records move aside (fmnist-niid/superseded-2026-12/): ``--runs``
+    reports them alone, with ``--also`` on top, and never mixes in the grid's new runs."""
+    monkeypatch.setitem(GRIDS, GRID.name, _only(("fedavg", "scaffold")))
+    paired_records(tmp_path / GRID.name)  # the new records: seed-1 SCAFFOLD round 1 agrees
+    old = tmp_path / "old"
+    for label in ("fedavg", "scaffold"):
+        for seed in GRID.seeds:
+            write_run(old, label, seed, curve=[0.5, 0.6] + [0.80] * 10)
+    fixed = tmp_path / "fixed"
+    write_run(fixed, "scaffold", 1, round1_loss=1.52)  # replaces old's seed-1 SCAFFOLD
+    assert main([GRID.name, "--out", str(tmp_path), "--runs", str(old)]) == 0
+    assert "| iid | scaffold − fedavg | 3 | +0.00 [+0.00, +0.00]" in capsys.readouterr().out
+    assert main([GRID.name, "--out", str(tmp_path), "--runs", str(old), "--also", str(fixed)]) == 2
+    assert "scaffold__iid__s1 vs fedavg__iid__s1: round 1 must equal" in capsys.readouterr().err
+    assert main([GRID.name, "--out", str(tmp_path), "--runs", str(tmp_path / "none")]) == 2
+    assert "no run folder" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- printed
 def test_a_paired_table_prints_last_10_means_differences_intervals_and_p(tmp_path):
     """Hand-computed from CURVES:

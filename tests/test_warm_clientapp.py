@@ -76,6 +76,23 @@ def test_the_forked_child_is_the_shims_process(server, tmp_path):
     assert record["matmul"] == 256.0
 
 
+def test_each_child_runs_in_a_session_of_its_own(server, tmp_path):
+    """Linux shares CPU time between sessions before processes (autogroup scheduling):
+    children left in the server's session would split one session's share between every
+    node's message, where cold ClientApps each run in their own SuperNode's session. The
+    warm loop measured 1.4x slower than the cold one for the same CPU time under load
+    until each child called ``setsid``."""
+    from tests.warm_probe import _autogroup
+
+    records = [message(server, tmp_path, f"s{i}")[1] for i in range(2)]
+    server_pid = server["proc"].pid
+    for record in records:
+        assert record["sid"] == record["pid"] != os.getsid(server_pid)
+    groups = {r["autogroup"] for r in records}
+    if _autogroup(str(server_pid)) is not None:  # a kernel with autogroup scheduling
+        assert len(groups) == 2 and _autogroup(str(server_pid)) not in groups
+
+
 def test_the_supernodes_thread_count_reaches_pytorch(server, tmp_path):
     """PyTorch read ``OMP_NUM_THREADS`` when the server imported it; the child applies the
     SuperNode's value, as a fresh process would have read it."""

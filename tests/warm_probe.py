@@ -10,6 +10,15 @@ import random
 import sys
 
 
+def _autogroup(pid: str = "self") -> str | None:
+    """The scheduler's autogroup of a process (``/autogroup-N nice M``), where Linux has it."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as handle:
+            return handle.read().split()[0]
+    except OSError:
+        return None
+
+
 def main() -> None:
     out, code = sys.argv[sys.argv.index("--out") + 1], int(sys.argv[sys.argv.index("--code") + 1])
     if "--wait" in sys.argv:  # write the pid, then wait for a signal (SIGTERM: note it)
@@ -28,7 +37,8 @@ def main() -> None:
     app_loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fl_app", "strategies"))
     record = {"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "pid": os.getpid(),
               "ppid": os.getppid(), "torch_preloaded": "torch" in sys.modules,
-              "app_loaded": app_loaded, "random": random.random()}
+              "app_loaded": app_loaded, "random": random.random(), "sid": os.getsid(0),
+              "autogroup": _autogroup()}
     import numpy as np
     import torch
 
