@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .credentials import TLSFiles
+from .prompt_supernode import PULL_ENV, install_launcher, pull_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 # Flower 1.42's SuperExec reads its task-polling interval from this variable (default 1 s,
@@ -138,7 +139,8 @@ class LocalSuperLink:
                  tls: Path | None = None, node_auth: bool = False,
                  extra_env: dict[str, str] | None = None,
                  supernode_threads: int | None = 1, database: Path | None = None,
-                 warm_clientapp: bool = False, warm_args: list[str] | None = None) -> None:
+                 warm_clientapp: bool = False, warm_args: list[str] | None = None,
+                 supernode_pull_seconds: float | None = None) -> None:
         """``tls``: a credentials folder (``deploy/credentials.py``): the SuperLink serves
         TLS with its certificate, the CLI and the SuperNodes verify it with its CA.
         ``node_auth``: only SuperNodes whose public key was registered
@@ -156,7 +158,10 @@ class LocalSuperLink:
         ``warm_clientapp`` (deployment only): the SuperNodes' ClientApp processes are
         forked by one warm server that imported Flower and PyTorch once
         (``deploy/warm_clientapp.py``), instead of each starting from nothing;
-        ``warm_args``: more arguments for its ``serve`` (a profiler's ``--target``)."""
+        ``warm_args``: more arguments for its ``serve`` (a profiler's ``--target``).
+        ``supernode_pull_seconds`` (deployment only): the SuperNodes wait at most this long
+        between pulls and reply checks instead of Flower's hard-coded 3 s / 0.5 s
+        (``deploy/prompt_supernode.py``); None: Flower's ``flower-supernode`` as it is."""
         if node_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it without)")
         self.workdir = Path(workdir)
@@ -179,6 +184,12 @@ class LocalSuperLink:
         self.warm_process: subprocess.Popen | None = None
         self.warm_socket = self.home / "warm" / "clientapp.sock"
         self.warm_log = self.home / "warm-clientapp.log"
+        if supernode_pull_seconds is not None:
+            if simulation:
+                raise ValueError("supernode_pull_seconds is for the deployment runtime "
+                                 "(simulation has no SuperNode processes)")
+            pull_seconds({PULL_ENV: str(supernode_pull_seconds)})  # refuses a bad value now
+        self.supernode_pull_seconds = supernode_pull_seconds
 
     @property
     def env(self) -> dict[str, str]:
@@ -299,8 +310,12 @@ class LocalSuperLink:
         security = (["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"])
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(private_key)]
+        command = [executable("flower-supernode")]
+        if self.supernode_pull_seconds is not None:
+            env[PULL_ENV] = str(self.supernode_pull_seconds)
+            command = [sys.executable, str(install_launcher(self.home / "supernode-bin"))]
         self.supernodes.append(subprocess.Popen(
-            [executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
+            [*command, *security, "--superlink", f"127.0.0.1:{self.port}",
              "--port", str(free_port()), "--node-config", config],
             cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -23,6 +23,9 @@ The SuperNodes share this machine's cores, so each runs PyTorch on one thread
 ClientApp processes are forked by one warm server that imported Flower and PyTorch once
 (``deploy/warm_clientapp.py``: about 1.4 s a message instead of 8 s here); ``--cold``
 starts every message from nothing, as Flower does (and so does every message off Linux).
+The SuperNodes wait at most ``--pull-seconds`` (default 0.2 s) between asking the
+SuperLink for a message, where Flower's own wait is 3 s (``deploy/prompt_supernode.py``);
+``--flower-waits`` keeps Flower's.
 For SuperNodes on other machines, see docs/deployment.md.
 """
 
@@ -39,6 +42,7 @@ from flwr.common.config import parse_config_args
 
 from deploy.credentials import make_all
 from .launch import REPO, LocalSuperLink, raise_keyboard_interrupt
+from .prompt_supernode import DEFAULT_SECONDS, PULL_ENV, pull_seconds
 from .warm_clientapp import supported as warm_supported
 
 
@@ -56,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds for the run")
     parser.add_argument("--cold", action="store_true",
                         help="no warm ClientApp server: every message in a fresh process")
+    parser.add_argument("--pull-seconds", type=float, default=DEFAULT_SECONDS,
+                        help="the SuperNodes' longest wait between pulls (Flower's: 3 s)")
+    parser.add_argument("--flower-waits", action="store_true",
+                        help="Flower's flower-supernode as it is (3 s between idle pulls)")
     args = parser.parse_args(argv)
+    if not args.flower_waits:
+        try:
+            pull_seconds({PULL_ENV: str(args.pull_seconds)})
+        except ValueError as err:
+            parser.error(f"--pull-seconds: {err}")
     if args.nodes < 1:
         parser.error(f"--nodes must be >= 1, got {args.nodes}")
     try:
@@ -73,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     link = LocalSuperLink(workdir, log_path=workdir / "superlink.log", simulation=False,
                           tls=files.root if files else None, node_auth=args.auth,
-                          warm_clientapp=not args.cold and warm_supported())
+                          warm_clientapp=not args.cold and warm_supported(),
+                          supernode_pull_seconds=None if args.flower_waits else args.pull_seconds)
     previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         link.start()

@@ -294,7 +294,7 @@ def one_run(mode: str, args, workdir: Path, tag: str) -> dict:
         wrapper = write_wrapper(workdir / "wrapper-bin")
         path = f"{wrapper}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         env.update({"PATH": path, "FL_PROFILE_DIR": str(profile_dir)})
-    elif mode == "deployment-warm":
+    elif mode.startswith("deployment-warm"):
         target = write_warm_target(workdir / "warm-target")
         env.update({"PYTHONPATH": str(target), "FL_PROFILE_DIR": str(profile_dir)})
         warm_args = ["--target", "fl_profile_target:main"]
@@ -305,7 +305,9 @@ def one_run(mode: str, args, workdir: Path, tag: str) -> dict:
     with LocalSuperLink(workdir / name, simulation=(mode == "simulation"),
                         extra_env=env if deployed else None,
                         supernode_threads=None if args.flower_defaults else 1,
-                        warm_clientapp=(mode == "deployment-warm"), warm_args=warm_args) as link:
+                        warm_clientapp=mode.startswith("deployment-warm"), warm_args=warm_args,
+                        supernode_pull_seconds=(args.prompt if mode == "deployment-warm-prompt"
+                                                else None)) as link:
         if deployed:
             for pid in range(args.nodes):
                 cache = f' cache-dir="{workdir / "cache"}"' if args.cache else ""
@@ -359,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", action="store_true",
                         help="also the deployment with the warm ClientApp server "
                              "(deploy/warm_clientapp.py), alternating with the other two")
+    parser.add_argument("--prompt", type=float, default=None, metavar="SECONDS",
+                        help="also the warm deployment with the SuperNodes' waits capped at "
+                             "SECONDS (deploy/prompt_supernode.py; Flower's: 3 s)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     rows = []
@@ -367,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             sim = one_run("simulation", args, Path(tmp), f"r{i}")
             # alternate which deployment goes first, so neither always follows simulation
             modes = ["deployment", "deployment-warm"] if args.warm else ["deployment"]
+            if args.prompt is not None:
+                modes.append("deployment-warm-prompt")
             for mode in (modes if i % 2 == 0 else modes[::-1]):
                 dep = one_run(mode, args, Path(tmp), f"r{i}")
                 when = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -376,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                        "dataset": args.dataset, "nodes": args.nodes, "rounds": args.rounds,
                        "cache_dir": args.cache, "node_config": args.node_config, "env": args.env,
                        "flower_defaults": args.flower_defaults, "warm_clientapp": mode != "deployment",
+                       "supernode_pull_seconds": args.prompt if mode.endswith("prompt") else None,
                        "simulation": sim, "deployment": dep,
                        "deployment_over_simulation": dep["train_s"] / sim["train_s"],
                        "loop_deployment_over_simulation": dep["local_s"] / sim["local_s"],

@@ -144,7 +144,7 @@ def test_fedper_and_fedlora_keep_their_state_and_their_base_on_the_nodes(tmp_pat
     upload is their bytes alone. FedLoRA, 1 round on the same nodes: each node loads the base
     from its own node config, only the adapters and the head travel (3,310 values), and the
     server's merged model scores the run's final accuracy. The ClientApps are forked by
-    the warm server (deploy.local's default). (FedLoRA refusing a node with another base,
+    the warm server and the SuperNodes pull every 0.2 s (deploy.local's defaults). (FedLoRA refusing a node with another base,
     deployed: experiments/fedlora_deployed.py.)"""
     import shutil
 
@@ -158,7 +158,8 @@ def test_fedper_and_fedlora_keep_their_state_and_their_base_on_the_nodes(tmp_pat
     from strategies.fedper import _read_disk, split_keys
 
     base_file = Path(__file__).resolve().parent.parent / "bases" / "cnn-digits-mnist.npz"
-    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True).start()
+    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True,
+                          supernode_pull_seconds=0.2).start()
     try:
         for pid in range(2):
             node = tmp_path / f"node-{pid}"
@@ -178,6 +179,9 @@ def test_fedper_and_fedlora_keep_their_state_and_their_base_on_the_nodes(tmp_pat
     finally:
         link.stop()
     assert all(p.poll() is not None for p in processes)
+    # the SuperNodes ran with their waits capped (deploy/prompt_supernode.py)
+    assert all(Path(p.args[1]).parts[-2:] == ("supernode-bin", "flower-supernode")
+               for p in link.supernodes)
     summaries = {}
     for name, proc in ran.items():
         path = results / name / "summary.json"

@@ -1,0 +1,105 @@
+"""``flower-supernode`` with its idle waits shortened: a message is picked up when it arrives.
+
+    FL_APP_SUPERNODE_PULL_SECONDS=0.2 python -m deploy.prompt_supernode --superlink ... (Flower's flags)
+
+Flower 1.42's SuperNode asks the SuperLink for a message, and when none is waiting it
+sleeps **3 s** before it asks again; after handing a message to its ClientApp it checks
+for the reply every 0.5 s (``flwr/supernode/start_client_internal.py``, ``time.sleep(3)``
+and ``time.sleep(0.5)``, hard-coded). A round's train messages therefore wait on average
+about half of 3 s before a node even sees them, and a deployed training phase is longer
+than the slowest node's message by 2.3-2.6 s a round on this project's machine
+(docs/deployment.md, "With the warm ClientApp server"). Nothing in Flower sets those waits.
+
+This launcher runs Flower's own ``flower_supernode`` entry point with the
+``time`` module that ``start_client_internal`` sees replaced by one whose ``sleep`` waits
+at most ``FL_APP_SUPERNODE_PULL_SECONDS`` (default 0.2 s); everything else in the
+SuperNode is Flower's. The price is traffic: an idle node asks the SuperLink
+``1 / seconds`` times a second instead of once every 3 s, which is nothing for the dozens of
+nodes of a lab deployment and worth weighing for thousands (keep Flower's waits there:
+start ``flower-supernode`` itself).
+
+It refuses to start (rather than silently do nothing) if the installed Flower no longer
+has the waits it shortens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+PULL_ENV = "FL_APP_SUPERNODE_PULL_SECONDS"
+DEFAULT_SECONDS = 0.2
+MODULE = "flwr.supernode.start_client_internal"
+EXPECTED = ("time.sleep(3)", "time.sleep(0.5)")  # the waits in Flower 1.42's loop
+
+
+class _ShortSleeps:
+    """The ``time`` module, with ``sleep`` capped at ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self._seconds))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def pull_seconds(environ=None) -> float:
+    """The cap from ``FL_APP_SUPERNODE_PULL_SECONDS`` (a number in (0, 3]), else the default."""
+    environ = os.environ if environ is None else environ
+    raw = str(environ.get(PULL_ENV, "")).strip()
+    if not raw:
+        return DEFAULT_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 < seconds <= 3.0:
+        raise ValueError(f"{PULL_ENV} must be a number of seconds in (0, 3] (Flower's own "
+                         f"wait is 3); got {raw!r}")
+    return seconds
+
+
+def shorten_waits(module: ModuleType, seconds: float) -> None:
+    """Give ``module`` (Flower's ``start_client_internal``) a ``time`` whose ``sleep`` waits
+    at most ``seconds``; refuses a module without the waits this was written against."""
+    source = inspect.getsource(module)
+    missing = [s for s in EXPECTED if s not in source]
+    if missing or not isinstance(getattr(module, "time", None), ModuleType):
+        raise RuntimeError(f"{module.__name__} does not have the waits deploy/prompt_supernode.py "
+                           f"shortens (missing: {', '.join(missing) or 'its time module'}); "
+                           "this Flower is not 1.42's: start flower-supernode itself")
+    module.time = _ShortSleeps(seconds)
+
+
+def install_launcher(folder: Path, python: str | None = None) -> Path:
+    """A ``flower-supernode`` script in ``folder`` that starts this launcher (the name is
+    kept, so ``fl_app/node_runtime.py`` counts it as a SuperNode)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "flower-supernode"
+    script.write_text(f"#!{python or sys.executable}\n"
+                      "import sys\nfrom deploy.prompt_supernode import main\n"
+                      "sys.exit(main())\n")
+    script.chmod(0o755)
+    return script
+
+
+def main() -> int:
+    seconds = pull_seconds()
+    import importlib
+
+    shorten_waits(importlib.import_module(MODULE), seconds)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv[0] = "flower-supernode"
+    return flower_supernode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""deploy/prompt_supernode.py: Flower's SuperNode with its idle waits capped.
+
+The cap reaches the module Flower's pull loop reads ``time`` from, every other ``time``
+function is the real one, a bad value or a Flower without the waits is refused, and the
+launcher keeps the name ``flower-supernode`` (fl_app/node_runtime.py counts SuperNodes by
+it). A deployed run with the launcher is in tests/test_deployment.py (FedPer/FedLoRA).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deploy import prompt_supernode as ps
+
+
+def test_the_waits_of_flowers_pull_loop_are_capped(monkeypatch):
+    module = importlib.import_module(ps.MODULE)
+    monkeypatch.setattr(module, "time", module.time)  # restored after the test
+    ps.shorten_waits(module, 0.05)
+    start = time.monotonic()
+    module.time.sleep(3)  # the SuperNode's wait after an empty pull
+    module.time.sleep(0.5)  # its wait for a reply
+    assert time.monotonic() - start < 0.5
+    assert module.time.time is time.time and module.time.monotonic is time.monotonic
+    short = time.monotonic()
+    module.time.sleep(0.01)  # shorter waits are left as they are
+    assert 0.009 < time.monotonic() - short < 0.2
+
+
+def test_a_flower_without_those_waits_is_refused(tmp_path):
+    """Another Flower's loop (here one that waits 5 s): refused by name, left unpatched."""
+    path = tmp_path / "start_client_internal_other.py"
+    path.write_text("import time\n\n\ndef loop():\n    time.sleep(5)\n")
+    spec = importlib.util.spec_from_file_location("start_client_internal_other", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    with pytest.raises(RuntimeError, match=r"does not have the waits .* \(missing: "
+                                           r"time.sleep\(3\), time.sleep\(0.5\)\)"):
+        ps.shorten_waits(other, 0.2)
+    assert other.time is time
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "4", "soon"])
+def test_a_bad_cap_is_refused_with_what_is_accepted(raw):
+    with pytest.raises(ValueError, match=r"FL_APP_SUPERNODE_PULL_SECONDS must be a number of "
+                                         r"seconds in \(0, 3\]"):
+        ps.pull_seconds({ps.PULL_ENV: raw})
+    assert ps.pull_seconds({}) == ps.DEFAULT_SECONDS
+    assert ps.pull_seconds({ps.PULL_ENV: "0.5"}) == 0.5
+
+
+def test_the_launcher_is_named_flower_supernode_and_runs_flowers_cli(tmp_path):
+    script = ps.install_launcher(tmp_path / "bin")
+    assert script.name == "flower-supernode"
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--superlink" in proc.stdout
