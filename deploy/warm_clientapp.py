@@ -62,6 +62,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .prompt_supernode import CLIENTAPP_MODULE, PULL_ENV, pull_seconds, shorten_clientapp_retries
+
 # Imported once by the server. Libraries only: the app's own packages must come from each
 # message's FAB (APP_PACKAGES are refused).
 DEFAULT_PRELOAD = (
@@ -221,6 +223,16 @@ def _die_with_the_shim(conn: socket.socket) -> None:
     threading.Thread(target=watch, name="warm-clientapp-shim-watch", daemon=True).start()
 
 
+def _prompt_object_pull() -> None:
+    """Under a prompt SuperNode (``deploy/prompt_supernode.py``, whose cap the SuperNode's
+    environment carries), the ClientApp's object pull retries after the same cap."""
+    if os.environ.get(PULL_ENV) and CLIENTAPP_MODULE in sys.modules:
+        try:
+            shorten_clientapp_retries(sys.modules[CLIENTAPP_MODULE], pull_seconds())
+        except ValueError:  # the SuperNode refused this value when it started
+            pass
+
+
 def _child(conn: socket.socket, fds: list[int], request: dict, target: str) -> int:
     """Runs in the forked child: become the shim's process, run ``target``, return its status."""
     # A session of its own, as a process the SuperExec starts is in its SuperNode's: Linux
@@ -247,6 +259,7 @@ def _child(conn: socket.socket, fds: list[int], request: dict, target: str) -> i
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(threads))
+    _prompt_object_pull()
     try:
         _resolve(target)()
         code = 0

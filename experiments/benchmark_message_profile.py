@@ -138,6 +138,7 @@ from flwr.clientapp.client_app import ClientApp  # noqa: E402
 
 PH["flwr_imports"] = time.time() - _T0
 _timed(rc, "install_from_fab", "install_fab")
+_timed(rc, "pull_and_inflate_object_from_tree", "pull_objects")  # part of pull_task
 _pull = rc.pull_task_input
 
 
@@ -240,7 +241,7 @@ sys.argv[0] = "flwr-clientapp"
 sys.exit(flwr_clientapp())
 '''
 
-PHASES = ("flwr_imports", "pull_task", "install_fab", "import_torch", "import_torch_dynamo",
+PHASES = ("flwr_imports", "pull_task", "pull_objects", "install_fab", "import_torch", "import_torch_dynamo",
           "import_app", "data",
           "model_build", "train_loop", "eval_loop", "handler", "push_reply")
 

@@ -22,12 +22,16 @@ from deploy import prompt_supernode as ps
 def test_the_waits_of_flowers_pull_loop_are_capped(monkeypatch):
     module = importlib.import_module(ps.MODULE)
     monkeypatch.setattr(module, "time", module.time)  # restored after the test
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)
     ps.shorten_waits(module, 0.05)
     start = time.monotonic()
     module.time.sleep(3)  # the SuperNode's wait after an empty pull
     module.time.sleep(0.5)  # its wait for a reply
     assert time.monotonic() - start < 0.5
     assert module.time.time is time.time and module.time.monotonic is time.monotonic
+    # an object pull that misses retries after the cap, not Flower's 1 s
+    assert module.pull_objects.keywords == {"initial_backoff": 0.05}
+    assert module.pull_objects.func.__name__ == "pull_objects"
     short = time.monotonic()
     module.time.sleep(0.01)  # shorter waits are left as they are
     assert 0.009 < time.monotonic() - short < 0.2
@@ -41,7 +45,7 @@ def test_a_flower_without_those_waits_is_refused(tmp_path):
     other = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(other)
     with pytest.raises(RuntimeError, match=r"does not have the waits .* \(missing: "
-                                           r"time.sleep\(3\), time.sleep\(0.5\)\)"):
+                                           r"time.sleep\(3\), time.sleep\(0.5\), pull_objects"):
         ps.shorten_waits(other, 0.2)
     assert other.time is time
 
@@ -61,3 +65,21 @@ def test_the_launcher_is_named_flower_supernode_and_runs_flowers_cli(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--superlink" in proc.stdout
+
+
+def test_a_warm_child_under_a_prompt_supernode_retries_its_object_pull_promptly(monkeypatch):
+    """The SuperNode creates a message's task before it has pulled the message's objects,
+    so a promptly started ClientApp can ask first and wait Flower's 1 s. A warm child
+    whose SuperNode has the cap set retries after the cap; without it, nothing changes."""
+    from deploy import warm_clientapp
+
+    module = importlib.import_module(ps.CLIENTAPP_MODULE)
+    original = module.pull_and_inflate_object_from_tree
+    monkeypatch.setattr(module, "pull_and_inflate_object_from_tree", original)
+    monkeypatch.delenv(ps.PULL_ENV, raising=False)
+    warm_clientapp._prompt_object_pull()
+    assert module.pull_and_inflate_object_from_tree is original
+    monkeypatch.setenv(ps.PULL_ENV, "0.3")
+    warm_clientapp._prompt_object_pull()
+    patched = module.pull_and_inflate_object_from_tree
+    assert patched.func is original and patched.keywords == {"initial_backoff": 0.3}
