@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 
 def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
-           node_configs: list[str] | None = None, warm: bool = False,
+           node_configs: list[str] | None = None, warm: bool = False, prompt: bool = False,
            **overrides) -> tuple[dict, dict]:
     """Start a SuperLink and ``num_nodes`` SuperNodes, run the app, stop every process
     (checked), and return the run's summary.
@@ -33,11 +33,12 @@ def deploy(tmp_path, num_nodes: int, run_name: str, secure: bool = False,
     authentication; the nodes' keys are registered, and one more SuperNode with a key
     nobody registered tries to join. ``warm``: the ClientApps are forked by the warm
     server (deploy/warm_clientapp.py); every message must have gone through it.
-    Returns ``(summary, what happened to that node)``.
+    ``prompt``: the SuperNodes pull every 0.2 s (deploy/prompt_supernode.py). Returns ``(summary, what happened to that node)``.
     """
     files = make_all(tmp_path / "credentials", nodes=num_nodes + 1) if secure else None
     link = LocalSuperLink(tmp_path, simulation=False, tls=files.root if secure else None,
-                          node_auth=secure, warm_clientapp=warm).start()
+                          node_auth=secure, warm_clientapp=warm,
+                          supernode_pull_seconds=0.2 if prompt else None).start()
     intruder = None
     try:
         for pid in range(num_nodes):
@@ -102,11 +103,12 @@ def test_tls_node_auth_and_secure_aggregation_on_the_deployment_runtime(tmp_path
     """TLS (a development CA), SuperNode authentication (3 registered keys; a 4th node with
     an unregistered key is refused and exits), and SecAgg+ with the same code path as in
     simulation: every protocol stage a ClientApp process of its own, forked by the warm
-    server (as `deploy.local` does by default), whose protocol state lives in the
+    server, by SuperNodes that pull every 0.2 s (`deploy.local`'s defaults), whose protocol state lives in the
     SuperNode's Context.state. The run config is docs/deployment.md's step 6
     (`min-train-nodes=3 secagg=true`, nothing else of SecAgg+): its "auto" shares and
     threshold are 3 and 2 with 3 nodes."""
-    summary, refused = deploy(tmp_path, 3, "deployed-secure", secure=True, warm=True, **{
+    summary, refused = deploy(tmp_path, 3, "deployed-secure", secure=True, warm=True,
+                              prompt=True, **{
         "min-train-nodes": 3, "secagg": True,
         "fraction-evaluate": 0.0})  # federated evaluation is not what this test is about
     assert summary["status"] == "completed", summary.get("error")
