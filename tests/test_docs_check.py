@@ -99,15 +99,17 @@ def test_markdown_tables_are_maximal_runs_of_pipe_lines():
     assert dc.markdown_tables("x\n| a |\n| b |\ny\n| c |") == [["| a |", "| b |"], ["| c |"]]
 
 
-def test_an_unpaired_grids_table_is_still_checked(tmp_path):
+def test_an_unpaired_grids_table_is_still_checked(tmp_path, monkeypatch):
     """A grid on the UNPAIRED list gets no paired table, but its table.md (the rows, and
     the refusal in the paired table's place) must still be what its records give: a
-    record changed after the table was written is named."""
+    record changed after the table was written is named. The records: fmnist-niid's
+    before its rerun (superseded-2026-12/: SCAFFOLD from newer code than FedAvg)."""
     import shutil
 
+    monkeypatch.setitem(dc.UNPAIRED, "fmnist-niid", "the records before its rerun")
     results = tmp_path / "results"
     runs = results / "fmnist-niid" / "runs"
-    for run in sorted((dc.RESULTS / "fmnist-niid" / "runs").glob("*")):
+    for run in sorted((dc.RESULTS / "fmnist-niid" / "superseded-2026-12").glob("*__*")):
         (runs / run.name).mkdir(parents=True)
         shutil.copy(run / "summary.json", runs / run.name)
     text = dc.regenerate("fmnist-niid", results, unpaired_ok=True)
