@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .credentials import TLSFiles
-from .prompt_supernode import PULL_ENV, install_launcher, pull_seconds
+from .prompt_supernode import PULL_ENV, check_seconds, install_launcher
+from .warm_clientapp import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 # Flower 1.42's SuperExec reads its task-polling interval from this variable (default 1 s,
@@ -188,7 +189,7 @@ class LocalSuperLink:
             if simulation:
                 raise ValueError("supernode_pull_seconds is for the deployment runtime "
                                  "(simulation has no SuperNode processes)")
-            pull_seconds({PULL_ENV: str(supernode_pull_seconds)})  # refuses a bad value now
+            check_seconds(supernode_pull_seconds, "supernode_pull_seconds")  # refused now
         self.supernode_pull_seconds = supernode_pull_seconds
 
     @property
@@ -251,19 +252,14 @@ class LocalSuperLink:
         """The warm ClientApp server (``python -m deploy.warm_clientapp serve``), with its
         ``flwr-clientapp`` shim written to ``<home>/warm-bin``, which ``supernode_env`` puts
         first on the SuperNodes' ``PATH``. Waits until its socket is in place."""
-        log = open(self.warm_log, "ab")  # noqa: SIM115 (closed with the process)
-        self.warm_process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.warm_clientapp", "serve", "--socket",
-             str(self.warm_socket), "--shim-dir", str(self.home / "warm-bin"), *self.warm_args],
-            cwd=REPO, env=self.supernode_env(warm=False), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not self.warm_socket.exists():
-            if self.warm_process.poll() is not None or time.monotonic() > deadline:
+        with open(self.warm_log, "ab") as log:  # the server holds its own descriptor
+            try:
+                self.warm_process = start_server(
+                    self.warm_socket, self.home / "warm-bin", self.warm_args, cwd=REPO,
+                    env=self.supernode_env(warm=False), log=log, timeout=timeout)
+            except RuntimeError as err:
                 self.stop()
-                raise RuntimeError(f"the warm ClientApp server did not start; see {self.warm_log}")
-            time.sleep(0.1)
+                raise RuntimeError(f"{err}; see {self.warm_log}") from None
 
     def warm_requests(self) -> int:
         """Messages the warm server has forked a ClientApp for so far (from its log)."""

@@ -42,7 +42,7 @@ from flwr.common.config import parse_config_args
 
 from deploy.credentials import make_all
 from .launch import REPO, LocalSuperLink, raise_keyboard_interrupt
-from .prompt_supernode import DEFAULT_SECONDS, PULL_ENV, pull_seconds
+from .prompt_supernode import DEFAULT_SECONDS, check_seconds
 from .warm_clientapp import supported as warm_supported
 
 
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.flower_waits:
         try:
-            pull_seconds({PULL_ENV: str(args.pull_seconds)})
+            check_seconds(args.pull_seconds, "--pull-seconds")
         except ValueError as err:
-            parser.error(f"--pull-seconds: {err}")
+            parser.error(str(err))
     if args.nodes < 1:
         parser.error(f"--nodes must be >= 1, got {args.nodes}")
     try:

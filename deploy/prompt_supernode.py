@@ -27,6 +27,7 @@ has the waits it shortens.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import os
 import sys
@@ -53,20 +54,24 @@ class _ShortSleeps:
         return getattr(time, name)
 
 
+def check_seconds(value, name: str = PULL_ENV) -> float:
+    """``value`` as a cap in seconds, in (0, 3] (Flower's own wait is 3); else a ValueError
+    that names ``name``."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0.0 < seconds <= 3.0:
+        raise ValueError(f"{name} must be a number of seconds in (0, 3] (Flower's own "
+                         f"wait is 3); got {str(value).strip()!r}")
+    return seconds
+
+
 def pull_seconds(environ=None) -> float:
     """The cap from ``FL_APP_SUPERNODE_PULL_SECONDS`` (a number in (0, 3]), else the default."""
     environ = os.environ if environ is None else environ
     raw = str(environ.get(PULL_ENV, "")).strip()
-    if not raw:
-        return DEFAULT_SECONDS
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0.0 < seconds <= 3.0:
-        raise ValueError(f"{PULL_ENV} must be a number of seconds in (0, 3] (Flower's own "
-                         f"wait is 3); got {raw!r}")
-    return seconds
+    return check_seconds(raw) if raw else DEFAULT_SECONDS
 
 
 def shorten_waits(module: ModuleType, seconds: float) -> None:
@@ -121,10 +126,7 @@ def install_launcher(folder: Path, python: str | None = None) -> Path:
 
 
 def main() -> int:
-    seconds = pull_seconds()
-    import importlib
-
-    shorten_waits(importlib.import_module(MODULE), seconds)
+    shorten_waits(importlib.import_module(MODULE), pull_seconds())
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -56,8 +56,10 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
@@ -381,6 +383,28 @@ def serve(socket_path: Path, modules: Sequence[str] = DEFAULT_PRELOAD,
                 socket_path.unlink()
         except OSError:
             pass
+
+
+def start_server(socket_path: Path, shim_dir: Path, args: Sequence[str] = (), *,
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 log=subprocess.DEVNULL, timeout: float = 120.0) -> subprocess.Popen:
+    """Start ``python -m deploy.warm_clientapp serve`` (its shim written to ``shim_dir``)
+    in a session of its own, and return once its socket is in place; a server that exits
+    or is not listening within ``timeout`` is stopped and RuntimeError raised."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deploy.warm_clientapp", "serve", "--socket", str(socket_path),
+         "--shim-dir", str(shim_dir), *args],
+        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not Path(socket_path).exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            raise RuntimeError(f"the warm ClientApp server did not start (exit status "
+                               f"{process.returncode})")
+        time.sleep(0.1)
+    return process
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,13 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from deploy.launch import REPO
+from deploy.warm_clientapp import start_server
 
 OUT = REPO / "docs" / "benchmarks" / "warm_start.jsonl"
 TARGET = '''import os, time
@@ -50,20 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         (root / "warm_start_target.py").write_text(TARGET)
         sock = root / "s.sock"
-        command = [sys.executable, "-m", "deploy.warm_clientapp", "serve", "--socket", str(sock),
-                   "--shim-dir", str(root / "bin"), "--target", "warm_start_target:main"]
+        extra = ["--target", "warm_start_target:main"]
         if args.preload is not None:
-            command += ["--preload", *args.preload]
+            extra += ["--preload", *args.preload]
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{root}"}
         with open(root / "server.log", "wb") as log:
-            server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                deadline = time.monotonic() + 300
-                while not sock.exists():
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError((root / "server.log").read_text())
-                    time.sleep(0.1)
+                server = start_server(sock, root / "bin", extra, env=env, cwd=REPO, log=log,
+                                      timeout=300)
+            except RuntimeError as err:
+                raise RuntimeError(f"{err}: {(root / 'server.log').read_text()}") from None
+            try:
                 to_child, whole = [], []
                 stamp = root / "stamp"
                 for _ in range(args.messages):
