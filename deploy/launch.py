@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .app_copy import copy_app
 from .credentials import TLSFiles
 from .prompt_supernode import PULL_ENV, check_seconds, install_launcher
 from .warm_clientapp import start_server
@@ -330,7 +331,17 @@ class LocalSuperLink:
     ) -> subprocess.CompletedProcess:
         """``flwr run <app> private --stream`` with run-config (and, in simulation,
         federation) overrides. ``output``: None captures stdout and stderr, a path appends
-        them to that file, "-" streams them to this process's stdout."""
+        them to that file, "-" streams them to this process's stdout. ``flwr run`` is
+        given a copy of ``app``'s FAB files (``deploy/app_copy.py``): the same FAB, byte
+        for byte, without Flower listing every file of a ``.venv`` inside ``app`` first."""
+        with tempfile.TemporaryDirectory(prefix="app-", dir=self.home) as folder:
+            return self._run(copy_app(app, Path(folder) / "app"), overrides,
+                             num_supernodes=num_supernodes, num_cpus=num_cpus,
+                             timeout=timeout, output=output)
+
+    def _run(self, app: Path, overrides: dict[str, Any], *, num_supernodes: int | None,
+             num_cpus: float, timeout: float, output: Path | str | None,
+             ) -> subprocess.CompletedProcess:
         cmd = [executable("flwr"), "run", str(app), "private", "--stream"]
         if self.simulation:
             if num_supernodes is None:

@@ -85,7 +85,7 @@ def test_supernodes_train_on_their_own_data(tmp_path):
         configs.append(f'partition-id={pid} num-partitions=3 '
                        f'data-path="{tmp_path / f"device-{pid}"}"')
     configs.append("partition-id=2 num-partitions=3")
-    summary, _ = deploy(tmp_path, 3, "own-data", node_configs=configs,  # evaluation proves
+    summary, _ = deploy(tmp_path, 3, "own-data", node_configs=configs, warm=True, prompt=True,  # evaluation proves
                         **{"fraction-evaluate": 0.0})  # nothing more here: it costs a process
     assert summary["status"] == "completed", summary.get("error")
     assert summary["data_source"] == {"0": "node data-path", "1": "node data-path",

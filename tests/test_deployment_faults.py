@@ -4,7 +4,10 @@ restarted under DP-SGD, and a SuperNode killed in the middle of the SecAgg+ prot
 Each is a real SuperLink with SuperNodes as separate processes (deploy.launch); every
 message runs in a ClientApp process of its own, forked by the warm server
 (deploy/warm_clientapp.py, deploy.local's default): a SuperNode's stop or SIGKILL must
-reach its ClientApp, and the server must outlive a SuperLink restart. Slow (minutes). The
+reach its ClientApp, and the server must outlive a SuperLink restart. The SuperNodes are
+prompt ones (deploy/prompt_supernode.py, deploy.local's default: Flower's own SuperNode,
+its idle waits capped at 0.2 s), so a stop, kill or restart is met by the SuperNode
+whose pull loop is the one deploy.local runs. Slow (minutes). The
 deployments where nothing goes wrong are in tests/test_deployment.py (a file of their
 own so that pytest-xdist's per-file scheduling can run the two halves side by side).
 """
@@ -29,7 +32,8 @@ def test_a_superlink_restarted_with_its_database_keeps_the_authenticated_federat
     (Without a database the keys are forgotten and the nodes die with a 401.)"""
     files = make_all(tmp_path / "credentials", nodes=2)
     link = LocalSuperLink(tmp_path, simulation=False, tls=files.root, node_auth=True,
-                          database=tmp_path / "superlink.db", warm_clientapp=True).start()
+                          database=tmp_path / "superlink.db", warm_clientapp=True,
+                          supernode_pull_seconds=0.2).start()
     try:
         for pid in range(2):
             link.register_node(files.node_public_key(pid))
@@ -67,7 +71,8 @@ def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     from fl_app.privacy import NODE_SCOPE, accountant_file, steps_per_epoch
 
     rounds, run_name = 4, "stopped-node"
-    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True).start()
+    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True,
+                          supernode_pull_seconds=0.2).start()
     configs = [f'partition-id={pid} num-partitions=3 state-dir="{tmp_path / f"state-{pid}"}" '
                f'cache-dir="{tmp_path / "cache"}"' for pid in range(3)]
     summary_path = tmp_path / "results" / run_name / "summary.json"
@@ -152,7 +157,8 @@ def test_a_supernode_killed_after_sharing_keys_leaves_the_survivors_sum(tmp_path
     import time
 
     run_name, victim, survivors = "killed-after-share-keys", 3, (0, 1, 2)
-    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True).start()
+    link = LocalSuperLink(tmp_path, simulation=False, warm_clientapp=True,
+                          supernode_pull_seconds=0.2).start()
     started = time.monotonic()
     done, seen = threading.Event(), {}
 

@@ -254,13 +254,16 @@ def test_a_deployed_run_is_the_same_cold_and_warm(tmp_path):
     """Two SuperNodes, digits, one seeded round with evaluation: every message in a fresh
     process (Flower's way), then every message forked by the warm server. The final
     model's test loss and accuracy are equal to the last digit, and every message of the
-    warm run went through the server (3 a node: the size query, train, evaluate)."""
+    warm run went through the server (3 a node: the size query, train, evaluate). Both halves
+    run prompt SuperNodes (deploy.local's default): what differs is the ClientApp process
+    alone."""
     from deploy.launch import LocalSuperLink
 
     results = {}
     for warm in (False, True):
         link = LocalSuperLink(tmp_path / f"warm-{warm}", simulation=False,
-                              warm_clientapp=warm).start()
+                              warm_clientapp=warm,
+                              supernode_pull_seconds=0.2).start()
         try:
             for pid in range(2):
                 link.add_supernode(pid, 2)
