@@ -40,6 +40,37 @@ def collect(grid: str, results: Path = RESULTS) -> dict[tuple[str, str, str], di
     return cells
 
 
+def collect_kept(grid: str, results: Path = RESULTS) -> dict[tuple[str, str, str], dict[int, int]]:
+    """(split, defence, attack label) -> {seed: attackers' replies the rule kept, summed over
+    the rounds}, for the rules that select replies (those whose rounds record
+    ``attackers_selected``: Krum, Multi-Krum, Bulyan) and the runs with attackers."""
+    kept: dict[tuple[str, str, str], dict[int, int]] = defaultdict(dict)
+    for path in (results / grid / "runs").glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        if summary.get("status") != "completed":
+            continue
+        selected = [r.get("attackers_selected") for r in summary["history"][1:]]
+        if all(v is None for v in selected):
+            continue
+        label, split, seed = GRIDS[grid].parse_run_name(path.parent.name)
+        defence, attack = label.split("-", 1)
+        kept[(split, defence, attack)][seed] = int(sum(v or 0 for v in selected))
+    return kept
+
+
+def kept_table(kept, split: str, attacks: list[str]) -> str:
+    """Rows: attacks; columns: the selecting rules; a cell: the kept counts by seed, in
+    seed order (s0 / s1 / ...)."""
+    defences = defences_of(kept)
+    lines = ["| attack | " + " | ".join(defences) + " |", "|---" * (len(defences) + 1) + "|"]
+    for attack in attacks:
+        row = [" / ".join(str(v) for _, v in sorted(kept.get((split, d, attack), {}).items()))
+               for d in defences]
+        if any(row):
+            lines.append(f"| {attack} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def fmt(values: dict[int, float], seeds: int) -> str:
     if not values:
         return ""
@@ -121,6 +152,16 @@ def build_matrix(grid_name: str, results: Path = RESULTS) -> str:
              f"A number in brackets: seeds run for that cell, when fewer than {seeds}.\n"]
     for split in grid.splits:
         parts.append(f"\n## {split}\n\n" + table(cells, split, attacks_of(cells), seeds) + "\n")
+    kept = collect_kept(grid_name, results)
+    if kept:
+        k = headline_attackers(cells)
+        attacks = [a for a in attacks_of(cells)[1:] if a.endswith(str(k))]
+        rounds = grid.base.get("num-server-rounds")
+        parts.append(f"\n## Attackers' replies kept, {k} attackers\n\n"
+                     f"Summed over the {rounds} rounds, by seed (s0 / s1 / ...), for the rules "
+                     f"that select replies.\n")
+        for split in grid.splits:
+            parts.append(f"\n### {split}\n\n" + kept_table(kept, split, attacks) + "\n")
     return "\n".join(parts)
 
 
@@ -128,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", choices=[g for g in GRIDS if g.startswith("robustness")])
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="root of grid outputs (run_grid's --out; default docs/results)")
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
-    out = RESULTS / args.grid
-    (out / "matrix.md").write_text(build_matrix(args.grid))
-    heatmap(collect(args.grid), list(grid.splits), out / "matrix.png", grid.num_supernodes)
+    out = args.results / args.grid
+    (out / "matrix.md").write_text(build_matrix(args.grid, args.results))
+    heatmap(collect(args.grid, args.results), list(grid.splits), out / "matrix.png",
+            grid.num_supernodes)
     print((out / "matrix.md").read_text())
     return 0
 
