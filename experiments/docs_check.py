@@ -45,7 +45,6 @@ RESULTS = DOCS / "results"
 # Grids whose records the report refuses to pair until they are rerun with one code
 # version (issue 24); their committed table.md predates the pairing check.
 UNPAIRED = {
-    "robustness-digits": "its runs with 1 and 3 attackers mix two code versions",
     "privacy-fmnist": "eps8__dir0.5__s0 is from newer code than its no-DP pair",
 }
 
