@@ -27,48 +27,45 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 ATTACKS = ("signflip", "gaussian", "labelflip", "alie", "ipm")
 
 
-def collect(grid: str, results: Path = RESULTS) -> dict[tuple[str, str, str], dict[int, float]]:
-    """(split, defence, attack label) -> {seed: final test accuracy %}."""
-    cells: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+def records(grid: str, results: Path = RESULTS) -> list[tuple[tuple[str, str, str], int, dict]]:
+    """Each completed run's ((split, defence, attack label), seed, summary), read once."""
+    out = []
     for path in (results / grid / "runs").glob("*/summary.json"):
         summary = json.loads(path.read_text())
         if summary.get("status") != "completed":
             continue
         label, split, seed = GRIDS[grid].parse_run_name(path.parent.name)
         defence, attack = label.split("-", 1)
-        cells[(split, defence, attack)][seed] = 100 * summary["final_test_accuracy"]
+        out.append(((split, defence, attack), seed, summary))
+    return out
+
+
+def collect(grid: str, results: Path = RESULTS,
+            runs=None) -> dict[tuple[str, str, str], dict[int, float]]:
+    """(split, defence, attack label) -> {seed: final test accuracy %}; ``runs``: what
+    ``records`` returned, else read."""
+    cells: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    for key, seed, summary in records(grid, results) if runs is None else runs:
+        cells[key][seed] = 100 * summary["final_test_accuracy"]
     return cells
 
 
-def collect_kept(grid: str, results: Path = RESULTS) -> dict[tuple[str, str, str], dict[int, int]]:
+def collect_kept(grid: str, results: Path = RESULTS,
+                 runs=None) -> dict[tuple[str, str, str], dict[int, int]]:
     """(split, defence, attack label) -> {seed: attackers' replies the rule kept, summed over
     the rounds}, for the rules that select replies (those whose rounds record
     ``attackers_selected``: Krum, Multi-Krum, Bulyan) and the runs with attackers."""
     kept: dict[tuple[str, str, str], dict[int, int]] = defaultdict(dict)
-    for path in (results / grid / "runs").glob("*/summary.json"):
-        summary = json.loads(path.read_text())
-        if summary.get("status") != "completed":
-            continue
+    for key, seed, summary in records(grid, results) if runs is None else runs:
         selected = [r.get("attackers_selected") for r in summary["history"][1:]]
-        if all(v is None for v in selected):
-            continue
-        label, split, seed = GRIDS[grid].parse_run_name(path.parent.name)
-        defence, attack = label.split("-", 1)
-        kept[(split, defence, attack)][seed] = int(sum(v or 0 for v in selected))
+        if any(v is not None for v in selected):
+            kept[key][seed] = int(sum(v or 0 for v in selected))
     return kept
 
 
-def kept_table(kept, split: str, attacks: list[str]) -> str:
-    """Rows: attacks; columns: the selecting rules; a cell: the kept counts by seed, in
-    seed order (s0 / s1 / ...)."""
-    defences = defences_of(kept)
-    lines = ["| attack | " + " | ".join(defences) + " |", "|---" * (len(defences) + 1) + "|"]
-    for attack in attacks:
-        row = [" / ".join(str(v) for _, v in sorted(kept.get((split, d, attack), {}).items()))
-               for d in defences]
-        if any(row):
-            lines.append(f"| {attack} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+def by_seed(values: dict[int, int]) -> str:
+    """A kept-attackers cell: the counts in seed order (s0 / s1 / ...)."""
+    return " / ".join(str(v) for _, v in sorted(values.items()))
 
 
 def fmt(values: dict[int, float], seeds: int) -> str:
@@ -102,11 +99,13 @@ def headline_attackers(cells) -> int:
     return 2 if 2 in counts or not counts else max(counts)
 
 
-def table(cells, split: str, attacks: list[str], seeds: int) -> str:
+def table(cells, split: str, attacks: list[str], cell) -> str:
+    """Rows: attacks; columns: the defences ``cells`` holds; ``cell(values)`` writes one."""
     defences = defences_of(cells)
     lines = ["| attack | " + " | ".join(defences) + " |", "|---" * (len(defences) + 1) + "|"]
     for attack in attacks:
-        row = [fmt(cells.get((split, d, attack), {}), seeds) for d in defences]
+        row = [cell(cells.get((split, d, attack), {})) if cells.get((split, d, attack)) else ""
+               for d in defences]
         if any(row):
             lines.append(f"| {attack} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -145,14 +144,18 @@ def heatmap(cells, splits: list[str], path: Path, num_clients: int) -> None:
 def build_matrix(grid_name: str, results: Path = RESULTS) -> str:
     """matrix.md's text from the grid's committed records."""
     grid = GRIDS[grid_name]
-    cells = collect(grid_name, results)
+    runs = records(grid_name, results)
+    cells = collect(grid_name, runs=runs)
     seeds = len(grid.seeds)
     parts = [f"# {grid.name}: final test accuracy (%), mean ± std over seeds\n",
              grid.description + "\n",
              f"A number in brackets: seeds run for that cell, when fewer than {seeds}.\n"]
+    def accuracy(values):
+        return fmt(values, seeds)
+
     for split in grid.splits:
-        parts.append(f"\n## {split}\n\n" + table(cells, split, attacks_of(cells), seeds) + "\n")
-    kept = collect_kept(grid_name, results)
+        parts.append(f"\n## {split}\n\n" + table(cells, split, attacks_of(cells), accuracy) + "\n")
+    kept = collect_kept(grid_name, runs=runs)
     if kept:
         k = headline_attackers(cells)
         attacks = [a for a in attacks_of(cells)[1:] if a.endswith(str(k))]
@@ -161,7 +164,7 @@ def build_matrix(grid_name: str, results: Path = RESULTS) -> str:
                      f"Summed over the {rounds} rounds, by seed (s0 / s1 / ...), for the rules "
                      f"that select replies.\n")
         for split in grid.splits:
-            parts.append(f"\n### {split}\n\n" + kept_table(kept, split, attacks) + "\n")
+            parts.append(f"\n### {split}\n\n" + table(kept, split, attacks, by_seed) + "\n")
     return "\n".join(parts)
 
 
