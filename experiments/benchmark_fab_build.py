@@ -14,13 +14,10 @@ and checks that both give the same FAB. Appends one row to docs/benchmarks/fab_b
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
@@ -28,6 +25,7 @@ from flwr.cli.utils import collect_files
 
 from deploy.app_copy import app_files, copy_app, fab_paths
 from deploy.launch import REPO
+from experiments.records import append_record
 
 OUT = REPO / "docs" / "benchmarks" / "fab_build.jsonl"
 
@@ -55,19 +53,14 @@ def main(argv: list[str] | None = None) -> int:
                     copied.append(time.perf_counter() - start)
             if fab != reference:
                 raise RuntimeError("the copy's FAB differs from Flower's build of the folder")
-    row = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": args.label,
-           "machine": platform.node(), "cores": os.cpu_count(), "app": str(app),
-           "files_flower_lists": len(collect_files(app)), "files_copy_lists": len(app_files(app)),
-           "files_in_fab": len(fab_paths(app)), "pairs": args.pairs,
-           "flower_build_s": flower, "copy_and_build_s": copied,
-           "median_flower_build_s": statistics.median(flower),
-           "median_copy_and_build_s": statistics.median(copied),
-           "ratio_of_medians": statistics.median(flower) / statistics.median(copied),
-           "load_average": os.getloadavg()}
-    print(json.dumps({k: v for k, v in row.items() if not k.endswith("build_s")}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_record(args.out, args.label, os.cpu_count(), {
+        "app": str(app), "files_flower_lists": len(collect_files(app)),
+        "files_copy_lists": len(app_files(app)), "files_in_fab": len(fab_paths(app)),
+        "pairs": args.pairs, "flower_build_s": flower, "copy_and_build_s": copied,
+        "median_flower_build_s": statistics.median(flower),
+        "median_copy_and_build_s": statistics.median(copied),
+        "ratio_of_medians": statistics.median(flower) / statistics.median(copied)},
+        shown=lambda key: not key.endswith("build_s"))
     return 0
 
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from deploy.launch import REPO, LocalSuperLink
 from deploy.ray_cluster import RayCluster
+from experiments.records import append_record
 
 OUT = REPO / "docs" / "benchmarks" / "ray_join.jsonl"
 RUN = {"dataset": "digits", "num-server-rounds": 1, "run-name": "ray-join"}
@@ -62,14 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                 env = {"RAY_ADDRESS": cluster.address} if side == "joined_ray_s" else {}
                 seconds[side].append(one_run(Path(tmp) / f"{side}-{i}", env))
     own, joined = (statistics.median(seconds[k]) for k in ("own_ray_s", "joined_ray_s"))
-    row = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": args.label,
-           "machine": platform.node(), "cores": cores, "run": RUN, "num_supernodes": 2,
-           "pairs": args.pairs, **seconds, "median_own_ray_s": own, "median_joined_ray_s": joined,
-           "saved_per_run_s": own - joined, "load_average": os.getloadavg()}
-    print(json.dumps(row, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_record(args.out, args.label, cores, {
+        "run": RUN, "num_supernodes": 2, "pairs": args.pairs, **seconds,
+        "median_own_ray_s": own, "median_joined_ray_s": joined, "saved_per_run_s": own - joined})
     return 0
 
 

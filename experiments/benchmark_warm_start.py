@@ -14,18 +14,16 @@ one row to docs/benchmarks/warm_start.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from deploy.launch import REPO
 from deploy.warm_clientapp import start_server
+from experiments.records import append_record
 
 OUT = REPO / "docs" / "benchmarks" / "warm_start.jsonl"
 TARGET = '''import os, time
@@ -77,15 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.terminate()
                 server.wait(timeout=30)
-    row = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": args.label,
-           "machine": platform.node(), "cores": os.cpu_count(), "preload": args.preload,
-           "messages": args.messages, "shim_to_child_s": to_child, "shim_whole_s": whole,
-           "median_shim_to_child_s": statistics.median(to_child),
-           "median_shim_whole_s": statistics.median(whole), "load_average": os.getloadavg()}
-    print(json.dumps({k: v for k, v in row.items() if not k.startswith("shim_")}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_record(args.out, args.label, os.cpu_count(), {
+        "preload": args.preload, "messages": args.messages, "shim_to_child_s": to_child,
+        "shim_whole_s": whole, "median_shim_to_child_s": statistics.median(to_child),
+        "median_shim_whole_s": statistics.median(whole)},
+        shown=lambda key: not key.startswith("shim_"))
     return 0
 
 

@@ -1,0 +1,24 @@
+"""One benchmark record: a JSON line appended to a file under docs/benchmarks/."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+
+def append_record(out: Path, label: str, cores: int | None, fields: dict[str, Any],
+                  shown: Callable[[str], bool] = lambda key: True) -> dict[str, Any]:
+    """Append ``{when, label, machine, cores, **fields, load_average}`` to ``out`` (JSON
+    Lines), print the keys ``shown`` keeps, and return the row."""
+    row = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": label,
+           "machine": platform.node(), "cores": cores, **fields,
+           "load_average": os.getloadavg()}
+    print(json.dumps({k: v for k, v in row.items() if shown(k)}, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row
