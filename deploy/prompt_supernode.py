@@ -113,15 +113,34 @@ def shorten_clientapp_retries(module: ModuleType, seconds: float) -> bool:
     return True
 
 
+def write_script(path: Path, text: str, mode: int) -> None:
+    """Write an executable script so that a process executing ``path`` while it is
+    rewritten runs the old script or the new one, never a truncated (empty) file: a
+    temporary file in the same folder, its mode set, renamed over ``path``. Stdlib only,
+    not ``fl_common.atomic``: the warm ClientApp server imports this module and must hold
+    none of the app's packages (deploy/warm_clientapp.py, APP_PACKAGES)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.chmod(mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def install_launcher(folder: Path, python: str | None = None) -> Path:
     """A ``flower-supernode`` script in ``folder`` that starts this launcher (the name is
-    kept, so ``fl_app/node_runtime.py`` counts it as a SuperNode)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    script = folder / "flower-supernode"
-    script.write_text(f"#!{python or sys.executable}\n"
-                      "import sys\nfrom deploy.prompt_supernode import main\n"
-                      "sys.exit(main())\n")
-    script.chmod(0o755)
+    kept, so ``fl_app/node_runtime.py`` counts it as a SuperNode). Written atomically:
+    ``LocalSuperLink`` installs it again for each SuperNode it starts, and a SuperNode
+    started a moment before whose interpreter opened a truncated script ran nothing and
+    exited 0, silently (seen under load: two of three SuperNodes never connected)."""
+    script = Path(folder) / "flower-supernode"
+    text = (f"#!{python or sys.executable}\n"
+            "import sys\nfrom deploy.prompt_supernode import main\nsys.exit(main())\n")
+    write_script(script, text, 0o755)
     return script
 
 

@@ -64,7 +64,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .prompt_supernode import CLIENTAPP_MODULE, PULL_ENV, pull_seconds, shorten_clientapp_retries
+from .prompt_supernode import (CLIENTAPP_MODULE, PULL_ENV, pull_seconds,
+                               shorten_clientapp_retries, write_script)
 
 # Imported once by the server. Libraries only: the app's own packages must come from each
 # message's FAB (APP_PACKAGES are refused).
@@ -164,9 +165,9 @@ def install_shim(shim_dir: Path, socket_path: Path, real: str | None = None) -> 
     real = real if real is not None else real_clientapp()
     if Path(real).resolve() == shim.resolve():
         raise ValueError(f"the shim's fallback {real} is the shim itself")
-    shim.write_text(SHIM.format(python=sys.executable, socket=str(Path(socket_path).resolve()),
-                                real=real))
-    shim.chmod(stat.S_IRWXU)
+    write_script(shim, SHIM.format(python=sys.executable,
+                                   socket=str(Path(socket_path).resolve()), real=real),
+                 stat.S_IRWXU)
     return shim
 
 

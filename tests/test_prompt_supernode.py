@@ -67,6 +67,37 @@ def test_the_launcher_is_named_flower_supernode_and_runs_flowers_cli(tmp_path):
     assert proc.returncode == 0 and "--superlink" in proc.stdout
 
 
+def test_reinstalling_the_launcher_never_shows_a_starting_process_an_empty_script(tmp_path):
+    """LocalSuperLink installs the launcher again for each SuperNode it starts. Written in
+    place (truncate, then write), a SuperNode started a moment before could open it
+    empty and run nothing, exiting 0 without a line (a CI run under load: two of three
+    SuperNodes never connected and the run waited). A reader that opens the script while
+    it is rewritten as fast as possible must always find the whole of it."""
+    import threading
+
+    from deploy.warm_clientapp import install_shim
+
+    for install in (lambda: ps.install_launcher(tmp_path / "bin"),
+                    lambda: install_shim(tmp_path / "shim", tmp_path / "s.sock", real="/bin/true")):
+        script = install()
+        whole, seen, stop = script.read_text(), [], threading.Event()
+
+        def rewrite(install=install) -> None:
+            while not stop.is_set():
+                install()
+
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        try:
+            for _ in range(3000):
+                seen.append(script.read_text())
+        finally:
+            stop.set()
+            writer.join()
+        assert all(text == whole for text in seen), sorted({len(t) for t in seen})
+        assert script.stat().st_mode & 0o100 and not list(script.parent.glob("*.tmp"))
+
+
 def test_a_warm_child_under_a_prompt_supernode_retries_its_object_pull_promptly(monkeypatch):
     """The SuperNode creates a message's task before it has pulled the message's objects,
     so a promptly started ClientApp can ask first and wait Flower's 1 s. A warm child
