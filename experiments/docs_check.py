@@ -44,9 +44,8 @@ RESULTS = DOCS / "results"
 
 # Grids whose records the report refuses to pair until they are rerun with one code
 # version (issue 24); their committed table.md predates the pairing check.
-UNPAIRED = {
-    "privacy-fmnist": "eps8__dir0.5__s0 is from newer code than its no-DP pair",
-}
+# None left: privacy-fmnist's were superseded on 2026-12-04 (docs/privacy.md).
+UNPAIRED: dict[str, str] = {}
 
 MARKER = re.compile(r"^<!-- generated: (?P<path>\S+), table (?P<k>\d+) -->\s*$")
 END = "<!-- end generated -->"
