@@ -16,7 +16,8 @@ Two checks:
    grid's table.md is still checked, as the report writes it without the paired table
    (``build_report(unpaired_ok=True)``: the refusal in its place). A
    robustness grid's ``matrix.md`` (defence x attack, ``experiments.robustness_table``)
-   needs no pairing and is always checked.
+   needs no pairing and is always checked, and so is ``privacy-fmnist``'s ``curve.md``
+   (``experiments.privacy_curve``).
 2. **A table the docs include is the generated one, not a copy.** In README.md and
    docs/*.md a generated table sits between
 
@@ -119,6 +120,18 @@ def check_matrices(results: Path = RESULTS) -> list[Problem]:
     return problems
 
 
+def check_curves(results: Path = RESULTS) -> list[Problem]:
+    """The committed privacy-utility ``curve.md`` equals what experiments.privacy_curve
+    builds from the grid's runs (its superseded copies are not checked)."""
+    from experiments.privacy_curve import build_curve
+
+    curve = results / "privacy-fmnist" / "curve.md"
+    if not curve.exists() or build_curve(curve.parent / "runs")[0] == curve.read_text():
+        return []
+    return [Problem(f"{results.name}/privacy-fmnist/curve.md", "differs from what its records "
+                    "give (python -m experiments.privacy_curve rewrites it)")]
+
+
 # ------------------------------------------------------------------ 2. tables the docs include
 def markdown_tables(text: str) -> list[list[str]]:
     """The markdown tables of ``text``: each a maximal run of lines starting with '|'."""
@@ -198,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace each included table with the generated one")
     args = parser.parse_args(argv)
     problems = (check_included(doc_files(), write=args.write) + check_grid_tables()
-                + check_matrices())
+                + check_matrices() + check_curves())
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{len(problems)} problem(s)")

@@ -16,7 +16,8 @@ def _lower_final_accuracy(summary_path, by: float) -> None:
 
 
 def test_every_grid_table_and_every_included_table_matches_its_records():
-    problems = dc.check_included(dc.doc_files()) + dc.check_grid_tables() + dc.check_matrices()
+    problems = (dc.check_included(dc.doc_files()) + dc.check_grid_tables() + dc.check_matrices()
+                + dc.check_curves())
     assert problems == [], "\n".join(map(str, problems))
 
 
