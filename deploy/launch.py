@@ -192,6 +192,7 @@ class LocalSuperLink:
                                  "(simulation has no SuperNode processes)")
             check_seconds(supernode_pull_seconds, "supernode_pull_seconds")  # refused now
         self.supernode_pull_seconds = supernode_pull_seconds
+        self._launcher: Path | None = None  # the prompt SuperNode's script, installed once
 
     @property
     def env(self) -> dict[str, str]:
@@ -310,7 +311,9 @@ class LocalSuperLink:
         command = [executable("flower-supernode")]
         if self.supernode_pull_seconds is not None:
             env[PULL_ENV] = str(self.supernode_pull_seconds)
-            command = [sys.executable, str(install_launcher(self.home / "supernode-bin"))]
+            if self._launcher is None:
+                self._launcher = install_launcher(self.home / "supernode-bin")
+            command = [sys.executable, str(self._launcher)]
         self.supernodes.append(subprocess.Popen(
             [*command, *security, "--superlink", f"127.0.0.1:{self.port}",
              "--port", str(free_port()), "--node-config", config],

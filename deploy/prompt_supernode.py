@@ -133,10 +133,10 @@ def write_script(path: Path, text: str, mode: int) -> None:
 
 def install_launcher(folder: Path, python: str | None = None) -> Path:
     """A ``flower-supernode`` script in ``folder`` that starts this launcher (the name is
-    kept, so ``fl_app/node_runtime.py`` counts it as a SuperNode). Written atomically:
-    ``LocalSuperLink`` installs it again for each SuperNode it starts, and a SuperNode
-    started a moment before whose interpreter opened a truncated script ran nothing and
-    exited 0, silently (seen under load: two of three SuperNodes never connected)."""
+    kept, so ``fl_app/node_runtime.py`` counts it as a SuperNode). Written atomically: a
+    SuperNode whose interpreter opened a script being rewritten in place found it
+    truncated, ran nothing and exited 0, silently (seen under load, when
+    ``LocalSuperLink`` reinstalled it for each SuperNode; it now installs it once)."""
     script = Path(folder) / "flower-supernode"
     text = (f"#!{python or sys.executable}\n"
             "import sys\nfrom deploy.prompt_supernode import main\nsys.exit(main())\n")

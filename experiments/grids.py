@@ -347,8 +347,7 @@ register(Grid(
     strategies={
         "nodp": {"strategy": "fedavg"},
         **{f"eps{eps:g}": {"strategy": "fedavg", "dp": True, "dp-target-epsilon": eps,
-                           "dp-max-grad-norm": 1.0, "dp-delta": 1e-5,
-                           "batch-size": DP_TUNED["batch-size"], "lr": DP_TUNED["lr"]}
+                           "dp-max-grad-norm": 1.0, "dp-delta": 1e-5, **DP_TUNED}
            for eps in (0.5, 1, 2, 4, 8)},
     },
     splits=("iid", "dir0.5"),

@@ -60,10 +60,11 @@ def test_a_superlink_restarted_with_its_database_keeps_the_authenticated_federat
 def test_a_supernode_stopped_mid_run_and_restarted_keeps_its_dp_spend(tmp_path):
     """3 SuperNodes with sample-level DP-SGD, each with a state-dir; min-train-nodes 2.
     SuperNode 2 is stopped (SIGTERM, as a device shutting down) once round 1 is recorded,
-    and started again, same node config, once round 2 has been sent to the other two. The run completes; the results
-    say how many nodes took part in each round; the restarted node's accountant continues
-    from its state-dir: its history holds exactly one entry per round it trained, so no
-    round's spend is lost (a fresh accountant would hold only the rounds after restart)."""
+    and started again, same node config, once round 2 has been sent to the other two. The
+    run completes; the results say how many nodes took part in each round; the restarted
+    node's accountant continues from its state-dir: its history holds exactly one entry
+    per round it trained, so no round's spend is lost (a fresh accountant would hold only
+    the rounds after restart)."""
     import threading
     import time
 
