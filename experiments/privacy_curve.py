@@ -7,7 +7,9 @@ Reads ``<runs>/*/summary.json`` (runs named ``eps<target>__<split>__s<seed>`` an
 ``nodp__<split>__s<seed>``), keeps the completed ones, and writes ``curve.md`` (per split
 and target: the seeds, the epsilon actually spent, the noise multiplier, the final test
 accuracy and the mean of the last 10 rounds, each mean ± std over the seeds, and the cost
-against no DP over the seeds both have) and ``curve.png``. ``build_curve`` is what
+against no DP over the seeds both have; then the cost alone, per target and split, with
+its 95 % t-interval over the paired seeds, the table the README includes) and
+``curve.png``. ``build_curve`` is what
 ``experiments.docs_check`` regenerates to check the committed ``curve.md``.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.report import LAST_ROUNDS, last_rounds_mean
+from experiments.report import LAST_ROUNDS, _t_summary, last_rounds_mean
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "privacy-fmnist"
 
@@ -61,6 +63,42 @@ def _cost(runs: dict[int, dict], nodp: dict[int, dict], key: str) -> str:
     return f"{np.mean([runs[s][key] - nodp[s][key] for s in seeds]):+.2f}"
 
 
+def _cost_interval(runs: dict[int, dict], nodp: dict[int, dict], key: str) -> str:
+    """DP minus no DP over the seeds both have: mean [95 % t-interval], in points."""
+    seeds = sorted(set(runs) & set(nodp))
+    if not seeds:
+        return "–"
+    mean, low, high, _ = _t_summary([runs[s][key] - nodp[s][key] for s in seeds])
+    if len(seeds) == 1:
+        return f"{mean:+.2f} (1 seed)"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def cost_table(cells: Cells, splits: list[str]) -> list[str]:
+    """Per target epsilon (rows) and split (columns): what DP-SGD costs against no DP,
+    final round and last-10 mean, with the seeds each split's no-DP runs have; a cell
+    paired over other seeds names them."""
+    targets = sorted({lab for _, lab in cells if lab != "nodp"}, key=_order, reverse=True)
+    header, cols = ["target epsilon"], []
+    for split in splits:
+        nodp = cells.get((split, "nodp"), {})
+        seeds = ("seeds " + ", ".join(str(s) for s in sorted(nodp))) if nodp else "no no-DP run"
+        header += [f"{split}: final round ({seeds})", f"{split}: last {LAST_ROUNDS} rounds"]
+        cols.append((split, nodp))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in targets:
+        row = [label.removeprefix("eps")]
+        for split, nodp in cols:
+            runs_ = cells.get((split, label), {})
+            paired = sorted(set(runs_) & set(nodp))
+            note = ("" if paired == sorted(nodp) or not paired
+                    else f" (seeds {', '.join(str(s) for s in paired)})")
+            row += [_cost_interval(runs_, nodp, "accuracy") + note,
+                    _cost_interval(runs_, nodp, "last") + note]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def build_curve(runs: Path) -> tuple[str, Cells]:
     """curve.md's text, and the cells it was built from (for the plot)."""
     cells = collect(runs)
@@ -89,6 +127,8 @@ def build_curve(runs: Path) -> tuple[str, Cells]:
             cost = f"{_cost(runs_, nodp, 'accuracy')}; {_cost(runs_, nodp, 'last')}"
             lines.append(f"| {split} | target {label.removeprefix('eps')} | {seeds} | "
                          f"{eps:.2f} | {sigma:.3f} | {acc} | {last} | {cost} |")
+    lines += ["", "What DP-SGD costs against no DP, in points (DP minus no DP, seed by seed; "
+              "mean [95 % t-interval over the seeds]):", "", *cost_table(cells, splits)]
     return "\n".join(lines) + "\n", cells
 
 

@@ -40,6 +40,14 @@ def test_the_curve_table_is_what_the_records_give_by_hand(tmp_path):
         "| iid | no DP | 0, 1 | – | – | 89.00 ± 1.41 | 88.80 ± 1.41 | – |",
     ]
     assert ("iid", "eps8") not in cells  # a run that did not finish is left out
+    # The cost table: seeds 0 and 1 pair, differences -10 and -12 points: mean -11, std
+    # sqrt(2), so the 95 % half-width is t(0.975, 1) * sqrt(2) / sqrt(2) = 12.706.
+    cost = text.split("What DP-SGD costs")[1].splitlines()
+    assert cost[2:] == [
+        "| target epsilon | iid: final round (seeds 0, 1) | iid: last 10 rounds |",
+        "|---|---|---|",
+        "| 2 | -11.00 [-23.71, +1.71] | -11.00 [-23.71, +1.71] |",
+    ]
 
 
 def test_docs_check_names_a_curve_that_drifted_from_its_records(tmp_path):
