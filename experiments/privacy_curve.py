@@ -152,6 +152,9 @@ def plot(cells: Cells, path: Path) -> None:
                     yerr=[np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in acc],
                     marker="o", capsize=3, color=color, label=f"{split}, DP-SGD")
     ax.set_xscale("log")
+    ticks = sorted({float(lab.removeprefix("eps")) for _, lab in cells if lab != "nodp"})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("epsilon spent after 20 rounds (delta = 1e-5, per client)")
     ax.set_ylabel("final test accuracy (%), mean ± std over seeds")
     ax.set_title("Fashion-MNIST, 10 clients, sample-level DP-SGD")
