@@ -17,7 +17,10 @@ Two checks:
    (``build_report(unpaired_ok=True)``: the refusal in its place). A
    robustness grid's ``matrix.md`` (defence x attack, ``experiments.robustness_table``)
    needs no pairing and is always checked, and so is ``privacy-fmnist``'s ``curve.md``
-   (``experiments.privacy_curve``).
+   (``experiments.privacy_curve``). So are the attacks' tables: ``results/audit/table.md``
+   (``experiments.audit.build_table``, from its ``*.json`` records) and
+   ``results/membership/table.md`` (``experiments.membership.build_table``, from its
+   records and their score arrays).
 2. **A table the docs include is the generated one, not a copy.** In README.md and
    docs/*.md a generated table sits between
 
@@ -132,6 +135,30 @@ def check_curves(results: Path = RESULTS) -> list[Problem]:
                     "give (python -m experiments.privacy_curve rewrites it)")]
 
 
+# the attacks' tables: results folder -> (module, what rewrites it)
+ATTACK_TABLES = {
+    "audit": ("experiments.audit", "python -m experiments.audit --table-only"),
+    "membership": ("experiments.membership", "python -m experiments.membership --table-only"),
+}
+
+
+def check_attack_tables(results: Path = RESULTS) -> list[Problem]:
+    """Each attack's committed ``table.md`` equals what its module's ``build_table``
+    makes of the records beside it."""
+    import importlib
+
+    problems = []
+    for folder, (module, command) in ATTACK_TABLES.items():
+        table = results / folder / "table.md"
+        if not table.exists():
+            continue
+        built = importlib.import_module(module).build_table(table.parent)
+        if built != table.read_text():
+            problems.append(Problem(f"{results.name}/{folder}/table.md", "differs from what "
+                                    f"its records give ({command} rewrites it)"))
+    return problems
+
+
 # ------------------------------------------------------------------ 2. tables the docs include
 def markdown_tables(text: str) -> list[list[str]]:
     """The markdown tables of ``text``: each a maximal run of lines starting with '|'."""
@@ -211,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace each included table with the generated one")
     args = parser.parse_args(argv)
     problems = (check_included(doc_files(), write=args.write) + check_grid_tables()
-                + check_matrices() + check_curves())
+                + check_matrices() + check_curves() + check_attack_tables())
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{len(problems)} problem(s)")

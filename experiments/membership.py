@@ -587,6 +587,79 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def family(record: dict) -> str:
+    """"model" (one model trained on a random half), "example" (``clients`` > 1: one
+    example's membership in a federation) or "user" (``users`` > 0: one client's)."""
+    if record["config"].get("users", 0):
+        return "user"
+    return "example" if record["config"].get("clients", 1) > 1 else "model"
+
+
+def summary_table(records: list[dict], all_bounds: dict[str, dict[str, dict]],
+                  which: str) -> str:
+    """One federated family's ``FIGURE_ATTACK`` metrics per target, its federations' test
+    accuracy, and the largest lower bound on epsilon over all its attacks and targets beside
+    the epsilon that must bound it (``_bound_epsilon``): the tables docs/privacy.md shows."""
+    targets = FIGURE_TARGETS[which]
+    if which == "example":
+        header = ("| configuration | epsilon | test accuracy % | global model: AUC [95%] | "
+                  "global: TPR at FPR 1e-3 [95% CP] | client 0's update: AUC | "
+                  "update: TPR at FPR 1e-3 | largest epsilon lower bound (≤ the claim) |")
+    else:
+        header = ("| configuration | epsilon (add/remove) | test accuracy % | LiRA online AUC [95%] | "
+                  "TPR at FPR 1e-3 [95% CP] | largest epsilon lower bound "
+                  "(≤ the replace-one epsilon) |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in records:
+        if family(r) != which:
+            continue
+        cells = [r["config"]["name"], f"{r['epsilon_max']:.2f}" if r["epsilon_max"] else "no DP",
+                 f"{100 * r['test_accuracy_mean']:.1f}"]
+        for target in targets:
+            a = r["attacks"][f"{target}: {FIGURE_ATTACK}"]
+            t3 = a["tpr_at_fpr_0.001"]
+            tpr = f"{t3['tpr']:.4f} [{t3['tpr_ci95'][0]:.4f}, {t3['tpr_ci95'][1]:.4f}]"
+            cells += [f"{a['auc']:.3f} [{a['auc_ci95'][0]:.3f}, {a['auc_ci95'][1]:.3f}]", tpr]
+        best = max(b["epsilon_lower_bound"] for b in all_bounds[r["config"]["name"]].values())
+        limit = _bound_epsilon(r)
+        cells.append(f"{best:.2f}" + (f" (≤ {limit:.2f})" if limit is not None else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_table(out: Path) -> str:
+    """table.md from the records in ``out`` (and, for the bounds, their arrays), in the
+    order of CONFIGS: what ``--table-only`` writes and ``experiments.docs_check`` checks.
+    Tables: 1 single models, 2 federations (example membership), 3 user-level federations
+    (client membership), 4 every configuration's lower bounds on epsilon, 5 and 6 the
+    federations' summaries (LiRA online per target, accuracy, the largest bound)."""
+    order = list(CONFIGS)
+    records = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))
+               if p.name != "held-out-thresholds.json"]
+    records.sort(key=lambda r: order.index(r["config"]["name"]) if r["config"]["name"] in order else 99)
+    bounds = all_epsilon_bounds(records, Path(out))
+    by = {k: [r for r in records if family(r) == k] for k in ("model", "example", "user")}
+    return (
+        "Membership inference (experiments/membership.py): digits, the app's MLP trained by "
+        "train_local on random halves of a pool; every model the target once, the others its "
+        "shadows.\n\nSingle models (one example's membership):\n\n" + table(by["model"])
+        + "\nFederations (one example's membership; two targets: the final global model and "
+        "client 0's update):\n\n" + table(by["example"])
+        + "\nUser-level federations (one client's membership, on the final global model):\n\n"
+        + table(by["user"])
+        + "\nEach attack's trials turned into a one-sided 95% lower bound on epsilon "
+        "(experiments.audit.audit_scores: the rule chosen on half of the trials, its "
+        "Clopper-Pearson bounds on the other half; the trials of one model are not "
+        "independent, so this compares, it does not audit). The epsilon the attack must "
+        "respect is the accountant's for example membership and, for client membership, "
+        "that of sigma / 2 (one user replaced by another: sensitivity 2C).\n\n"
+        + bounds_table(records, bounds)
+        + f"\nThe federations: {FIGURE_ATTACK} per target, and the largest bound over all "
+        "their attacks and targets (above) beside the epsilon that must bound it.\n\n"
+        + summary_table(records, bounds, "example") + "\n"
+        + summary_table(records, bounds, "user"))
+
+
 def _bound_epsilon(record: dict) -> float | None:
     """The epsilon that bounds this experiment's attack. Example membership (a random half
     with or without the example) is the add/remove relation the accountant reports. Client
@@ -724,29 +797,19 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": args.threads})
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     order = list(CONFIGS)
-    records = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))
+               if p.name != "held-out-thresholds.json"]
     records.sort(key=lambda r: order.index(r["config"]["name"]) if r["config"]["name"] in order else 99)
+    (args.out / "table.md").write_text(build_table(args.out))
     bounds = all_epsilon_bounds(records, args.out)
-    (args.out / "table.md").write_text(
-        "Membership inference (experiments/membership.py): digits, the app's MLP trained by "
-        "train_local on random halves of a pool; every model the target once, the others its "
-        "shadows.\n\n" + table(records)
-        + "\nEach attack's trials turned into a one-sided 95% lower bound on epsilon "
-        "(experiments.audit.audit_scores: the rule chosen on half of the trials, its "
-        "Clopper-Pearson bounds on the other half; the trials of one model are not "
-        "independent, so this compares, it does not audit). The epsilon the attack must "
-        "respect is the accountant's for example membership and, for client membership, "
-        "that of sigma / 2 (one user replaced by another: sensitivity 2C).\n\n"
-        + bounds_table(records, bounds))
     held_out = {}
     for r in records:  # the figures' TPR at FPR 1e-3, its threshold checked across models
-        family = "user" if r["config"].get("users", 0) else (
-            "example" if r["config"].get("clients", 1) > 1 else None)
-        if family:
+        kind = family(r)
+        if kind != "model":
             with np.load(args.out / r["arrays_file"]) as arrays:
                 held_out[r["config"]["name"]] = {
                     t: held_out_threshold(r, arrays, f"{t}: {FIGURE_ATTACK}", 1e-3)
-                    for t in FIGURE_TARGETS[family]}
+                    for t in FIGURE_TARGETS[kind]}
     (args.out / "held-out-thresholds.json").write_text(json.dumps(held_out, indent=1) + "\n")
     write_figure(records, args.out / "curve.png", "example", bounds)
     write_figure(records, args.out / "user-curve.png", "user", bounds)

@@ -17,7 +17,7 @@ def _lower_final_accuracy(summary_path, by: float) -> None:
 
 def test_every_grid_table_and_every_included_table_matches_its_records():
     problems = (dc.check_included(dc.doc_files()) + dc.check_grid_tables() + dc.check_matrices()
-                + dc.check_curves())
+                + dc.check_curves() + dc.check_attack_tables())
     assert problems == [], "\n".join(map(str, problems))
 
 
@@ -41,6 +41,29 @@ def test_a_robustness_matrix_that_drifted_from_its_records_is_named(tmp_path):
     problems = dc.check_matrices(results)
     assert [p.where for p in problems] == ["results/robustness-digits/matrix.md"]
     assert "robustness_table robustness-digits" in problems[0].what
+
+
+def test_an_attack_table_that_drifted_from_its_records_is_named(tmp_path):
+    """The audit's and membership's table.md are rebuilt from their records: a record
+    whose bound changed, or a table cell edited by hand, is named; the real ones pass."""
+    import json
+    import shutil
+
+    results = tmp_path / "results"
+    for folder in dc.ATTACK_TABLES:
+        shutil.copytree(dc.RESULTS / folder, results / folder)
+    assert dc.check_attack_tables(results) == []
+
+    record = results / "audit" / "full-1step-eps8.json"
+    audit = json.loads(record.read_text())
+    audit["epsilon_lower_bound"] = 8.5  # above the accountant's 7.998: the verdict flips too
+    record.write_text(json.dumps(audit))
+    table = results / "membership" / "table.md"
+    table.write_text(table.read_text().replace("| fed-dp-eps8 | 8.00 | 72.1 |",
+                                               "| fed-dp-eps8 | 8.00 | 82.1 |", 1))
+    problems = dc.check_attack_tables(results)
+    assert [p.where for p in problems] == ["results/audit/table.md", "results/membership/table.md"]
+    assert "experiments.audit --table-only" in problems[0].what
 
 
 def test_the_docs_include_generated_tables():
