@@ -20,7 +20,8 @@ Two checks:
    (``experiments.privacy_curve``). So are the attacks' tables: ``results/audit/table.md``
    (``experiments.audit.build_table``, from its ``*.json`` records) and
    ``results/membership/table.md`` (``experiments.membership.build_table``, from its
-   records and their score arrays).
+   records and their score arrays) and ``results/inversion/table.md``
+   (``experiments.inversion.build_table``).
 2. **A table the docs include is the generated one, not a copy.** In README.md and
    docs/*.md a generated table sits between
 
@@ -29,7 +30,8 @@ Two checks:
        <!-- end generated -->
 
    (k: the k-th markdown table of that file, from 1; the path is relative to docs/). The
-   lines between the markers must equal that table; ``--write`` replaces them with it.
+   lines between the markers must equal that table (indented as the marker is, inside a
+   list item); ``--write`` replaces them with it.
 
 Nothing in the app imports this module.
 """
@@ -51,7 +53,7 @@ RESULTS = DOCS / "results"
 # None left: privacy-fmnist's were superseded on 2026-12-04 (docs/privacy.md).
 UNPAIRED: dict[str, str] = {}
 
-MARKER = re.compile(r"^<!-- generated: (?P<path>\S+), table (?P<k>\d+) -->\s*$")
+MARKER = re.compile(r"^\s*<!-- generated: (?P<path>\S+), table (?P<k>\d+) -->\s*$")
 END = "<!-- end generated -->"
 
 
@@ -139,6 +141,7 @@ def check_curves(results: Path = RESULTS) -> list[Problem]:
 ATTACK_TABLES = {
     "audit": ("experiments.audit", "python -m experiments.audit --table-only"),
     "membership": ("experiments.membership", "python -m experiments.membership --table-only"),
+    "inversion": ("experiments.inversion", "python -m experiments.inversion --table-only"),
 }
 
 
@@ -219,10 +222,11 @@ def check_included(files: list[Path], docs: Path = DOCS, write: bool = False) ->
             except ValueError as error:
                 problems.append(Problem(f"{path.name}:{start + 1}", str(error)))
                 continue
-            shown = [line for line in lines[start + 1:end] if line.strip()]
+            indent = lines[start][:len(lines[start]) - len(lines[start].lstrip())]  # in a list item
+            shown = [line.removeprefix(indent) for line in lines[start + 1:end] if line.strip()]
             if shown != table:
                 if write:
-                    lines[start + 1:end] = table
+                    lines[start + 1:end] = [indent + line for line in table]
                 else:
                     problems.append(Problem(f"{path.name}:{start + 1}",
                                             f"the table differs from table {k} of {source} "

@@ -536,6 +536,102 @@ ROW_TITLES = {"true": "true", "plain-b1": "plain, batch 1", "plain-b4": "plain, 
               "default-epoch-dp1": "DP eps 1, 1 epoch"}
 
 
+# the records docs/privacy.md shows, one table each, in this order
+TABLE_RECORDS = ("digits-cnn", "digits-mlp", "fashion-mnist-cnn", "digits-cnn-2000it")
+
+
+def _case_title(key: str, case: dict, setting: dict) -> str:
+    if key == "prior-mean-image":
+        return "no attack: the server's mean test image"
+    if key.startswith("plain-b"):
+        return f"plain, one step, batch {key.removeprefix('plain-b')}"
+    if key == "secagg":
+        return f"SecAgg+, {setting['secagg_clients']} clients x one image, one step"
+    if key == "dp-clip-only":
+        return "DP-SGD clipping only (sigma 0), batch 1"
+    if key.startswith("dp-eps"):
+        return f"DP-SGD epsilon {case['target_epsilon']:g} (sigma {case['sigma']:.3g}), batch 1"
+    default = (f"the app's default round: 1 epoch, batch {setting['batch_size']}, momentum "
+               f"{setting['momentum']:g} ({case['steps']} steps)")
+    if key == "default-epoch":
+        return default
+    return (f"{default}, DP-SGD epsilon {case['target_epsilon']:g} (sigma {case['sigma']:.3g}, "
+            f"q = {case['sample_rate']:.3g})")
+
+
+def _labels(case: dict, n: int) -> str:
+    """Labels recovered out of n, and how: iDLG for one example an attack, else counts."""
+    how = "iDLG" if case["images"] == case["attacks"] else "counts"
+    return f"{round(case['label_recovery'] * n)} / {n} ({how})"
+
+
+def case_table(record: dict) -> str:
+    """One record's cases: the server's mean test image (the level of no leak), then each
+    attacked case in CASES order, with the mean, sd and range of PSNR over the true images,
+    the mean SSIM and the labels recovered."""
+    setting, cases = record["setting"], record["cases"]
+    lines = ["| case | the server holds | images (attacks) | PSNR dB, mean ± sd [min, max] | "
+             "SSIM mean | labels recovered |", "|---|---|---|---|---|---|"]
+    prior = cases.get("prior-mean-image")
+    if prior:
+        lines.append(f"| {_case_title('prior-mean-image', prior, setting)} | – | {prior['images']} | "
+                     f"{prior['psnr_mean']:.1f} | {prior['ssim_mean']:.3f} | – |")
+    for key in CASES:
+        if key not in cases:
+            continue
+        c = cases[key]
+        holds = "the quantized sum" if key == "secagg" else "y - x"
+        lines.append(
+            f"| {_case_title(key, c, setting)} | {holds} | {c['images']} ({c['attacks']}) | "
+            f"{c['psnr_mean']:.1f} ± {c['psnr_std']:.1f} [{c['psnr_min']:.1f}, {c['psnr_max']:.1f}] | "
+            f"{c['ssim_mean']:.3f} | {_labels(c, c['images'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def label_table(records: dict[str, dict]) -> str:
+    """The default round's label recovery against the server's prior (no update), plain
+    and under DP-SGD, one row per client record (``digits-cnn-default-dp*``)."""
+    lines = ["| client | prior alone (no update) | plain round | DP, epsilon 8 | DP, epsilon 1 |",
+             "|---|---|---|---|---|"]
+    for stem, record in records.items():
+        s, c = record["setting"], record["cases"]
+        split = ("IID" if s.get("partitioner", "iid") == "iid"
+                 else f"Dir({s.get('alpha'):g})")
+        cells = [f"{split}, {c['prior-label-counts']['num_examples']} examples",
+                 f"{100 * c['prior-label-counts']['label_recovery']:.1f} %"]
+        for key in ("default-epoch", "default-epoch-dp8", "default-epoch-dp1"):
+            k = c[key]
+            sigma = f", sigma {k['sigma']:.3g}" if "sigma" in k else ""
+            cells.append(f"{100 * k['label_recovery']:.1f} % ({k['psnr_mean']:.1f} dB{sigma})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_table(out: Path) -> str:
+    """table.md from the records in ``out``: tables 1-4 the cases of TABLE_RECORDS, table 5
+    the default round's labels (``digits-cnn-default-dp*.json``); what ``--table-only``
+    writes and ``experiments.docs_check`` checks."""
+    out = Path(out)
+    parts = ["Gradient inversion by the server (experiments/inversion.py): per record, each "
+             "case's reconstructions of the true images (PSNR and SSIM against them, the "
+             "reconstructions matched to the images), and the labels the attack recovered.\n"]
+    for stem in TABLE_RECORDS:
+        path = out / f"{stem}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            s, a = record["setting"], record["setting"]["attack"]
+            parts.append(f"`{stem}.json`: {s['dataset']}, {s['model']}, partition "
+                         f"{s['partition']} of {s['num_partitions']}, images 0-{s['images'] - 1}, "
+                         f"{a['iterations']} iterations.\n\n" + case_table(record))
+    labels = {p.stem: json.loads(p.read_text())  # the IID client first, then the skewed
+              for p in sorted(out.glob("digits-cnn-default-dp*.json"), key=lambda p: (len(p.stem), p.stem))}
+    if labels:
+        parts.append("The default round's labels against the server's prior (`"
+                     + "`, `".join(f"{k}.json" for k in labels) + "`): label recovery, and in "
+                     "brackets the reconstructions' mean PSNR.\n\n" + label_table(labels))
+    return "\n".join(parts)
+
+
 def plot(arrays: dict[str, np.ndarray], record: dict, path: Path) -> None:
     import matplotlib
 
@@ -580,7 +676,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="how the attacked client's data was split (dirichlet: --alpha)")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--name", default="", help="file stem (default: DATASET-MODEL)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="attack nothing: rebuild table.md from the records in --out")
     args = parser.parse_args(argv)
+    if args.table_only:
+        (args.out / "table.md").write_text(build_table(args.out))
+        print(f"wrote {args.out / 'table.md'}")
+        return 0
     torch.set_num_threads(args.threads)
     attack = AttackConfig(iterations=args.iterations, restarts=args.restarts, tv=args.tv,
                           seed=args.seed)
@@ -602,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     np.savez_compressed(args.out / f"{stem}.npz", **result["arrays"])
     plot(result["arrays"], result["cases"], args.out / f"{stem}.png")
+    (args.out / "table.md").write_text(build_table(args.out))
     print(f"wrote {args.out / stem}.json/.npz/.png ({record['wall_seconds']:.0f} s wall, "
           f"{record['cpu_seconds']:.0f} s CPU)")
     return 0

@@ -44,15 +44,18 @@ def test_a_robustness_matrix_that_drifted_from_its_records_is_named(tmp_path):
 
 
 def test_an_attack_table_that_drifted_from_its_records_is_named(tmp_path):
-    """The audit's and membership's table.md are rebuilt from their records: a record
-    whose bound changed, or a table cell edited by hand, is named; the real ones pass."""
+    """The audit's, membership's and inversion's table.md are rebuilt from their records:
+    a record whose bound or score changed, or a table cell edited by hand, is named; the
+    real ones pass."""
     import json
     import shutil
 
     results = tmp_path / "results"
     for folder in dc.ATTACK_TABLES:
-        shutil.copytree(dc.RESULTS / folder, results / folder)
+        shutil.copytree(dc.RESULTS / folder, results / folder,
+                        ignore=shutil.ignore_patterns("*.png"))
     assert dc.check_attack_tables(results) == []
+    assert sorted(dc.ATTACK_TABLES) == ["audit", "inversion", "membership"]
 
     record = results / "audit" / "full-1step-eps8.json"
     audit = json.loads(record.read_text())
@@ -61,8 +64,13 @@ def test_an_attack_table_that_drifted_from_its_records_is_named(tmp_path):
     table = results / "membership" / "table.md"
     table.write_text(table.read_text().replace("| fed-dp-eps8 | 8.00 | 72.1 |",
                                                "| fed-dp-eps8 | 8.00 | 82.1 |", 1))
+    record = results / "inversion" / "digits-cnn.json"
+    inversion = json.loads(record.read_text())
+    inversion["cases"]["secagg"]["psnr_mean"] = 12.0  # as if SecAgg+ had hidden the images
+    record.write_text(json.dumps(inversion))
     problems = dc.check_attack_tables(results)
-    assert [p.where for p in problems] == ["results/audit/table.md", "results/membership/table.md"]
+    assert [p.where for p in problems] == ["results/audit/table.md", "results/membership/table.md",
+                                           "results/inversion/table.md"]
     assert "experiments.audit --table-only" in problems[0].what
 
 
