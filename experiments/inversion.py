@@ -423,7 +423,7 @@ def run_cases(setting: Setting, cases: list[str] | None = None, log=print) -> di
             f"labels {record[label]['label_recovery']:.2f} ({record[label]['seconds']:.0f} s)")
 
     plain = lambda data, start: (client_update(model, data, batch_size=len(data), lr=lr), {})
-    wanted = set(cases or CASES)
+    wanted = set(cases or case_names(setting.dp_epsilons))
     for batch in (1, 4, 8):
         if f"plain-b{batch}" in wanted and k % batch == 0:
             one_step(batch, plain, f"plain-b{batch}",
@@ -529,6 +529,23 @@ def run_cases(setting: Setting, cases: list[str] | None = None, log=print) -> di
 
 CASES = ("plain-b1", "plain-b4", "plain-b8", "secagg", "dp-clip-only", "dp-eps8", "dp-eps1",
          "default-epoch", "default-epoch-dp8", "default-epoch-dp1")
+
+
+def case_names(dp_epsilons) -> list[str]:
+    """Every case a run with these DP epsilons can attack, in table and figure order: the
+    one-step cases (plain, SecAgg+, clipping only, DP by decreasing epsilon), then the
+    default round (plain, then DP by decreasing epsilon)."""
+    eps = sorted({float(e) for e in dp_epsilons}, reverse=True)
+    return (["plain-b1", "plain-b4", "plain-b8", "secagg", "dp-clip-only"]
+            + [f"dp-eps{e:g}" for e in eps] + ["default-epoch"]
+            + [f"default-epoch-dp{e:g}" for e in eps])
+
+
+def _ordered(keys) -> list[str]:
+    """``keys`` (case names) in ``case_names`` order, for whatever epsilons they name."""
+    eps = [float(k.removeprefix("default-epoch-dp")) for k in keys if k.startswith("default-epoch-dp")]
+    eps += [float(k.removeprefix("dp-eps")) for k in keys if k.startswith("dp-eps")]
+    return [k for k in case_names(eps) if k in keys]
 ROW_TITLES = {"true": "true", "plain-b1": "plain, batch 1", "plain-b4": "plain, batch 4",
               "plain-b8": "plain, batch 8", "secagg": "SecAgg+ sum of 4",
               "dp-clip-only": "DP clip only", "dp-eps8": "DP eps 8", "dp-eps1": "DP eps 1",
@@ -537,7 +554,8 @@ ROW_TITLES = {"true": "true", "plain-b1": "plain, batch 1", "plain-b4": "plain, 
 
 
 # the records docs/privacy.md shows, one table each, in this order
-TABLE_RECORDS = ("digits-cnn", "digits-mlp", "fashion-mnist-cnn", "digits-cnn-2000it")
+TABLE_RECORDS = ("digits-cnn", "digits-mlp", "fashion-mnist-cnn", "digits-cnn-2000it",
+                 "digits-cnn-dp-curve")
 
 
 def _case_title(key: str, case: dict, setting: dict) -> str:
@@ -576,9 +594,7 @@ def case_table(record: dict) -> str:
     if prior:
         lines.append(f"| {_case_title('prior-mean-image', prior, setting)} | – | {prior['images']} | "
                      f"{prior['psnr_mean']:.1f} | {prior['ssim_mean']:.3f} | – |")
-    for key in CASES:
-        if key not in cases:
-            continue
+    for key in _ordered(cases):
         c = cases[key]
         holds = "the quantized sum" if key == "secagg" else "y - x"
         lines.append(
@@ -608,8 +624,8 @@ def label_table(records: dict[str, dict]) -> str:
 
 
 def build_table(out: Path) -> str:
-    """table.md from the records in ``out``: tables 1-4 the cases of TABLE_RECORDS, table 5
-    the default round's labels (``digits-cnn-default-dp*.json``); what ``--table-only``
+    """table.md from the records in ``out``: one table per record of TABLE_RECORDS (those
+    present, in order), then the default round's labels (``digits-cnn-default-dp*.json``); what ``--table-only``
     writes and ``experiments.docs_check`` checks."""
     out = Path(out)
     parts = ["Gradient inversion by the server (experiments/inversion.py): per record, each "
@@ -638,7 +654,7 @@ def plot(arrays: dict[str, np.ndarray], record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in ("true", *CASES) if r in arrays]
+    rows = ["true", *_ordered([r for r in arrays if r != "true"])]
     k = len(arrays["true"])
     fig, axes = plt.subplots(len(rows), k, figsize=(1.1 * k + 1.6, 1.15 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
@@ -652,7 +668,8 @@ def plot(arrays: dict[str, np.ndarray], record: dict, path: Path) -> None:
                 per = [p for a in record[row]["per_attack"] for p in a["psnr"]]
                 if not row.startswith("default-epoch"):
                     ax.set_title(f"{per[j]:.0f} dB", fontsize=7, pad=2)
-        title = ROW_TITLES.get(row, row)
+        title = ROW_TITLES.get(row) or (f"DP eps {row.removeprefix('dp-eps')}" if row.startswith("dp-eps")
+                                        else f"DP eps {row.removeprefix('default-epoch-dp')}, 1 epoch")
         if row in record:
             title += f"\n{record[row]['psnr_mean']:.1f} dB"
         axes[i][0].set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
@@ -670,7 +687,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", type=int, default=AttackConfig.restarts)
     parser.add_argument("--tv", type=float, default=AttackConfig.tv)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--dp-epsilons", nargs="+", type=float, default=list(Setting.dp_epsilons),
+                        help="the DP cases' epsilons for the round (dp-eps<e>, default-epoch-dp<e>)")
+    parser.add_argument("--cases", nargs="+", default=None,
+                        help="the cases to attack (default: all of --dp-epsilons'): "
+                             + ", ".join(case_names(Setting.dp_epsilons)) + "; dp-eps<e> and "
+                             "default-epoch-dp<e> for each e of --dp-epsilons")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--partitioner", default="iid", choices=["iid", "dirichlet"],
                         help="how the attacked client's data was split (dirichlet: --alpha)")
@@ -683,13 +705,20 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "table.md").write_text(build_table(args.out))
         print(f"wrote {args.out / 'table.md'}")
         return 0
+    known = case_names(args.dp_epsilons)
+    cases = args.cases or known
+    unknown = [c for c in cases if c not in known]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)} for --dp-epsilons "
+                     f"{' '.join(f'{e:g}' for e in args.dp_epsilons)}; accepted: {', '.join(known)}")
     torch.set_num_threads(args.threads)
     attack = AttackConfig(iterations=args.iterations, restarts=args.restarts, tv=args.tv,
                           seed=args.seed)
     setting = Setting(dataset=args.dataset, model=args.model, attack=attack,
-                      partitioner=args.partitioner, alpha=args.alpha)
+                      partitioner=args.partitioner, alpha=args.alpha,
+                      dp_epsilons=tuple(args.dp_epsilons))
     started, cpu = time.perf_counter(), time.process_time()
-    result = run_cases(setting, args.cases)
+    result = run_cases(setting, cases)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{args.dataset}-{args.model}"
     record = {

@@ -137,3 +137,41 @@ def test_ssim_matches_scikit_image():
         b = np.clip(a + rng.normal(scale=0.3, size=a.shape), 0, 1)
         expected = skimage_metrics.structural_similarity(a, b, data_range=1.0)
         assert inv.ssim(a[None], b[None]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_case_names_follow_the_dp_epsilons_and_unknown_cases_are_refused(capsys):
+    """The DP cases exist for each epsilon asked for, in decreasing order after the plain
+    and SecAgg+ cases; a case no epsilon names is refused before anything is attacked."""
+    assert inv.case_names([1, 8, 4]) == [
+        "plain-b1", "plain-b4", "plain-b8", "secagg", "dp-clip-only",
+        "dp-eps8", "dp-eps4", "dp-eps1", "default-epoch",
+        "default-epoch-dp8", "default-epoch-dp4", "default-epoch-dp1"]
+    assert inv.case_names(inv.Setting.dp_epsilons)[5:7] == ["dp-eps8", "dp-eps1"]
+    assert inv._ordered({"default-epoch-dp0.5", "dp-eps0.5", "plain-b1", "dp-eps2"}) == [
+        "plain-b1", "dp-eps2", "dp-eps0.5", "default-epoch-dp0.5"]
+    with pytest.raises(SystemExit):
+        inv.main(["--dp-epsilons", "8", "4", "--cases", "dp-eps2"])
+    err = capsys.readouterr().err
+    assert "unknown case(s) dp-eps2 for --dp-epsilons 8 4" in err and "dp-eps4" in err
+
+
+def test_the_table_is_built_from_the_records(tmp_path):
+    """table.md's rows are the record's numbers, rounded: a hand-made record with two DP
+    epsilons gives its rows in case order, the labels as counts out of the images."""
+    import json
+
+    case = {"images": 8, "attacks": 8, "psnr_mean": 30.04, "psnr_std": 1.96, "psnr_min": 27.0,
+            "psnr_max": 33.25, "ssim_mean": 0.9876, "label_recovery": 0.875}
+    record = {"setting": {"dataset": "digits", "model": "cnn", "partition": 0, "num_partitions": 10,
+                          "images": 8, "secagg_clients": 4, "batch_size": 32, "momentum": 0.9,
+                          "attack": {"iterations": 400}},
+              "cases": {"dp-eps0.5": {**case, "target_epsilon": 0.5, "sigma": 7.1234},
+                        "plain-b1": case,
+                        "prior-mean-image": {"psnr_mean": 11.57, "ssim_mean": 0.5563, "images": 8}}}
+    (tmp_path / "digits-cnn.json").write_text(json.dumps(record))
+    rows = [line for line in inv.build_table(tmp_path).splitlines() if line.startswith("| ")][1:]
+    assert rows == [
+        "| no attack: the server's mean test image | – | 8 | 11.6 | 0.556 | – |",
+        "| plain, one step, batch 1 | y - x | 8 (8) | 30.0 ± 2.0 [27.0, 33.2] | 0.988 | 7 / 8 (iDLG) |",
+        "| DP-SGD epsilon 0.5 (sigma 7.12), batch 1 | y - x | 8 (8) | 30.0 ± 2.0 [27.0, 33.2] "
+        "| 0.988 | 7 / 8 (iDLG) |"]
