@@ -21,7 +21,8 @@ Two checks:
    (``experiments.audit.build_table``, from its ``*.json`` records) and
    ``results/membership/table.md`` (``experiments.membership.build_table``, from its
    records and their score arrays) and ``results/inversion/table.md``
-   (``experiments.inversion.build_table``).
+   (``experiments.inversion.build_table``); and ``benchmarks/goals.md``, the performance
+   goals with each one's measurements from its benchmark record (``experiments.goals``).
 2. **A table the docs include is the generated one, not a copy.** In README.md and
    docs/*.md a generated table sits between
 
@@ -162,6 +163,22 @@ def check_attack_tables(results: Path = RESULTS) -> list[Problem]:
     return problems
 
 
+def check_goals(benchmarks: Path = DOCS / "benchmarks") -> list[Problem]:
+    """The committed ``benchmarks/goals.md`` equals what experiments.goals builds from the
+    benchmark records."""
+    from experiments.goals import build_goals
+
+    goals = benchmarks / "goals.md"
+    try:
+        built = build_goals(benchmarks)
+    except (OSError, ValueError, KeyError) as error:
+        return [Problem(f"{benchmarks.name}/goals.md", f"cannot be built from its records ({error})")]
+    if goals.exists() and built == goals.read_text():
+        return []
+    return [Problem(f"{benchmarks.name}/goals.md", "differs from what its records give "
+                    "(python -m experiments.goals rewrites it)")]
+
+
 # ------------------------------------------------------------------ 2. tables the docs include
 def markdown_tables(text: str) -> list[list[str]]:
     """The markdown tables of ``text``: each a maximal run of lines starting with '|'."""
@@ -242,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace each included table with the generated one")
     args = parser.parse_args(argv)
     problems = (check_included(doc_files(), write=args.write) + check_grid_tables()
-                + check_matrices() + check_curves() + check_attack_tables())
+                + check_matrices() + check_curves() + check_attack_tables() + check_goals())
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{len(problems)} problem(s)")

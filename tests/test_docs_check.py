@@ -17,7 +17,7 @@ def _lower_final_accuracy(summary_path, by: float) -> None:
 
 def test_every_grid_table_and_every_included_table_matches_its_records():
     problems = (dc.check_included(dc.doc_files()) + dc.check_grid_tables() + dc.check_matrices()
-                + dc.check_curves() + dc.check_attack_tables())
+                + dc.check_curves() + dc.check_attack_tables() + dc.check_goals())
     assert problems == [], "\n".join(map(str, problems))
 
 
@@ -72,6 +72,32 @@ def test_an_attack_table_that_drifted_from_its_records_is_named(tmp_path):
     assert [p.where for p in problems] == ["results/audit/table.md", "results/membership/table.md",
                                            "results/inversion/table.md"]
     assert "experiments.audit --table-only" in problems[0].what
+
+
+def test_a_goal_whose_record_changed_is_named_and_its_verdict_follows_the_record(tmp_path):
+    """goals.md is rebuilt from the benchmark records: a SecAgg+ measurement that moved
+    past its limit changes the table (the committed copy is named) and turns "met" into
+    "mixed"; a record with no row for a goal is named too."""
+    import json
+    import shutil
+
+    from experiments.goals import GOALS, build_goals
+
+    bench = tmp_path / "benchmarks"
+    shutil.copytree(dc.DOCS / "benchmarks", bench)
+    assert dc.check_goals(bench) == []
+    secagg = bench / "secagg_overhead.jsonl"
+    rows = [json.loads(line) for line in secagg.read_text().splitlines()]
+    for row in rows:
+        if row["when"].startswith("2026-12-02T02:21:52"):  # the CNN at 10 clients
+            row["round_ratio"] = 1.2
+    secagg.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.where for p in dc.check_goals(bench)] == ["benchmarks/goals.md"]
+    cnn10 = next(line for line in build_goals(bench).splitlines() if "10 clients, the 46,826" in line)
+    assert "1.021x (2026-12-01T22:22), 1.200x (2026-12-02T02:21) | mixed |" in cnn10
+    secagg.write_text("")
+    assert "cannot be built" in dc.check_goals(bench)[0].what
+    assert len(GOALS) >= 7
 
 
 def test_the_docs_include_generated_tables():
