@@ -22,7 +22,9 @@ Two checks:
    ``results/membership/table.md`` (``experiments.membership.build_table``, from its
    records and their score arrays) and ``results/inversion/table.md``
    (``experiments.inversion.build_table``); and ``benchmarks/goals.md``, the performance
-   goals with each one's measurements from its benchmark record (``experiments.goals``).
+   goals with each one's measurements from its benchmark record (``experiments.goals``),
+   and ``benchmarks/tables.md``, tables of the benchmark records
+   (``experiments.benchmark_tables``).
 2. **A table the docs include is the generated one, not a copy.** In README.md and
    docs/*.md a generated table sits between
 
@@ -164,19 +166,24 @@ def check_attack_tables(results: Path = RESULTS) -> list[Problem]:
 
 
 def check_goals(benchmarks: Path = DOCS / "benchmarks") -> list[Problem]:
-    """The committed ``benchmarks/goals.md`` equals what experiments.goals builds from the
-    benchmark records."""
+    """The committed ``benchmarks/goals.md`` and ``benchmarks/tables.md`` equal what
+    experiments.goals and experiments.benchmark_tables build from the benchmark records."""
+    from experiments.benchmark_tables import build_tables
     from experiments.goals import build_goals
 
-    goals = benchmarks / "goals.md"
-    try:
-        built = build_goals(benchmarks)
-    except (OSError, ValueError, KeyError) as error:
-        return [Problem(f"{benchmarks.name}/goals.md", f"cannot be built from its records ({error})")]
-    if goals.exists() and built == goals.read_text():
-        return []
-    return [Problem(f"{benchmarks.name}/goals.md", "differs from what its records give "
-                    "(python -m experiments.goals rewrites it)")]
+    problems = []
+    for name, build, module in (("goals.md", build_goals, "experiments.goals"),
+                                ("tables.md", build_tables, "experiments.benchmark_tables")):
+        where = f"{benchmarks.name}/{name}"
+        try:
+            built = build(benchmarks)
+        except (OSError, ValueError, KeyError) as error:
+            problems.append(Problem(where, f"cannot be built from its records ({error})"))
+            continue
+        if not (benchmarks / name).exists() or built != (benchmarks / name).read_text():
+            problems.append(Problem(where, f"differs from what its records give (python -m "
+                                           f"{module} rewrites it)"))
+    return problems
 
 
 # ------------------------------------------------------------------ 2. tables the docs include

@@ -75,9 +75,9 @@ def test_an_attack_table_that_drifted_from_its_records_is_named(tmp_path):
 
 
 def test_a_goal_whose_record_changed_is_named_and_its_verdict_follows_the_record(tmp_path):
-    """goals.md is rebuilt from the benchmark records: a SecAgg+ measurement that moved
-    past its limit changes the table (the committed copy is named) and turns "met" into
-    "mixed"; a record with no row for a goal is named too."""
+    """goals.md and tables.md are rebuilt from the benchmark records: a SecAgg+
+    measurement that moved past its limit changes both (the committed copies are named)
+    and turns "met" into "mixed"; a record with no row for a goal is named too."""
     import json
     import shutil
 
@@ -92,11 +92,12 @@ def test_a_goal_whose_record_changed_is_named_and_its_verdict_follows_the_record
         if row["when"].startswith("2026-12-02T02:21:52"):  # the CNN at 10 clients
             row["round_ratio"] = 1.2
     secagg.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert [p.where for p in dc.check_goals(bench)] == ["benchmarks/goals.md"]
+    assert [p.where for p in dc.check_goals(bench)] == ["benchmarks/goals.md", "benchmarks/tables.md"]
     cnn10 = next(line for line in build_goals(bench).splitlines() if "10 clients, the 46,826" in line)
     assert "1.021x (2026-12-01T22:22), 1.200x (2026-12-02T02:21) | mixed |" in cnn10
     secagg.write_text("")
     assert "cannot be built" in dc.check_goals(bench)[0].what
+    assert "tables.md" in dc.check_goals(bench)[1].where
     assert len(GOALS) >= 7
 
 
