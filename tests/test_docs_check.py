@@ -179,3 +179,24 @@ def test_an_unpaired_grids_table_is_still_checked(tmp_path, monkeypatch):
     problems = dc.check_grid_tables(results)
     assert [p.where for p in problems] == ["results/fmnist-niid/table.md"]
     assert "differs" in problems[0].what
+
+
+def test_a_dp_invocations_table_is_its_rows_with_the_batch_32_baseline():
+    """benchmark_tables' DP table: each mode against the plain epoch of its batch, and ew
+    against the plain epoch at batch 32 of the same noise (1.90 / 1.16 = 1.64x), hand-made
+    rows; rows outside the span are left out, and a span with no row is refused."""
+    import pytest
+
+    from experiments.benchmark_tables import dp_table
+
+    rows = [{"when": "2026-12-04T02:05:59", "batch_size": 32, "randomness": "secure", "load_avg": 2.9,
+             "plain_s": 1.16, "ew_s": 2.83, "ew_ratio": 2.44, "hooks_s": 2.98, "hooks_ratio": 2.57},
+            {"when": "2026-12-04T02:06:16", "batch_size": 128, "randomness": "secure", "load_avg": 3.1,
+             "plain_s": 0.90, "ew_s": 1.90, "ew_ratio": 2.11},
+            {"when": "2026-12-05T00:00:00", "batch_size": 32, "plain_s": 9.0, "ew_s": 9.0, "ew_ratio": 1.0,
+             "load_avg": 0.0}]
+    table = dp_table(rows, "2026-12-04T02:05", "2026-12-04T02:07")
+    assert "| 128 | secure | 0.90 s | – | 1.90 s, 2.11x | – | 1.64x |" in table
+    assert "load average 2.90-3.10" in table and "9.00 s" not in table
+    with pytest.raises(ValueError, match="no row from"):
+        dp_table(rows, "2027-01-01", "2027-01-02")
