@@ -15,6 +15,7 @@ and the docs include its tables (``<!-- generated: benchmarks/tables.md, table k
 5-6. ``round_overhead.jsonl``: a warm round against the compute floor, and a sweep
    against separate runs, and 7, each strategy's training phase against FedAvg's
    (``experiments.benchmark_round``).
+8. ``krum.jsonl``: our Krum against Flower's (``experiments.benchmark_krum``).
 
 Nothing in the app imports this module.
 """
@@ -142,6 +143,16 @@ def strategy_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def krum_table(rows: list[dict]) -> str:
+    """Every Krum measurement: ours against Flower's on the same n replies of d values."""
+    lines = ["| n | d | f | ours | Flower's `Krum` | ours / Flower |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = f"{r['d'] // 1_000_000}M" if r["d"] % 1_000_000 == 0 else f"{r['d'] // 1000}k"
+        lines.append(f"| {r['n']} | {d} | {r['f']} | {r['ours_s']:.3f} s | {r['flower_s']:.3f} s | "
+                     f"{r['ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_tables(benchmarks: Path = BENCHMARKS) -> str:
     benchmarks = Path(benchmarks)
     dp = _rows(benchmarks / "dp_overhead.jsonl")
@@ -163,7 +174,9 @@ def build_tables(benchmarks: Path = BENCHMARKS) -> str:
             + sweep_table(rounds)
             + "\n7. A warm round's training phase per strategy against FedAvg's "
               "(`round_overhead.jsonl`, the invocations that compared them):\n\n"
-            + strategy_table(rounds))
+            + strategy_table(rounds)
+            + "\n8. Krum's aggregation against Flower's `Krum` (`krum.jsonl`, every row):\n\n"
+            + krum_table(_rows(benchmarks / "krum.jsonl")))
 
 
 def main(argv: list[str] | None = None) -> int:
