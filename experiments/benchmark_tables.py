@@ -16,6 +16,8 @@ and the docs include its tables (``<!-- generated: benchmarks/tables.md, table k
    against separate runs, and 7, each strategy's training phase against FedAvg's
    (``experiments.benchmark_round``).
 8. ``krum.jsonl``: our Krum against Flower's (``experiments.benchmark_krum``).
+9. ``deployment_profile.jsonl``: a deployed round's training phase against the simulated
+   one, cold, warm and warm with prompt SuperNodes (``experiments.benchmark_message_profile``).
 
 Nothing in the app imports this module.
 """
@@ -153,6 +155,29 @@ def krum_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+DEPLOYMENT_LABEL = "quiet, after the object-pull caps and the clock fix"  # the latest pairs
+DEPLOYMENT_MODES = (  # the record's deployment mode -> the row's name
+    ("deployment", "cold, Flower's way (a fresh ClientApp process a message, Flower's waits)"),
+    ("deployment-warm", "warm ClientApps (`deploy/warm_clientapp.py`)"),
+    ("deployment-warm-prompt", "warm + prompt SuperNodes (`deploy/prompt_supernode.py`), "
+                               "`deploy.local`'s default"),
+)
+
+
+def deployment_table(rows: list[dict], label: str = DEPLOYMENT_LABEL) -> str:
+    """A deployed round's training phase against the simulated one, per mode, for the runs
+    whose label starts with ``label``: pair k is each mode's k-th run, in the order run."""
+    runs = [r for r in rows if r.get("kind") == "run" and str(r.get("label", "")).startswith(label)]
+    by_mode = {mode: [r for r in runs if r["deployment"]["mode"] == mode] for mode, _ in DEPLOYMENT_MODES}
+    pairs = max(len(v) for v in by_mode.values())
+    lines = ["| deployed / simulated training phase | "
+             + " | ".join(f"pair {k + 1}" for k in range(pairs)) + " |", "|---|" + "---|" * pairs]
+    for mode, name in DEPLOYMENT_MODES:
+        cells = [f"{r['deployment_over_simulation']:.2f}x ({r['when'][11:16]})" for r in by_mode[mode]]
+        lines.append(f"| {name} | " + " | ".join(cells + ["–"] * (pairs - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def build_tables(benchmarks: Path = BENCHMARKS) -> str:
     benchmarks = Path(benchmarks)
     dp = _rows(benchmarks / "dp_overhead.jsonl")
@@ -176,7 +201,11 @@ def build_tables(benchmarks: Path = BENCHMARKS) -> str:
               "(`round_overhead.jsonl`, the invocations that compared them):\n\n"
             + strategy_table(rounds)
             + "\n8. Krum's aggregation against Flower's `Krum` (`krum.jsonl`, every row):\n\n"
-            + krum_table(_rows(benchmarks / "krum.jsonl")))
+            + krum_table(_rows(benchmarks / "krum.jsonl"))
+            + "\n9. A deployed round's training phase against the simulated one "
+              f"(`deployment_profile.jsonl`, the runs labelled \"{DEPLOYMENT_LABEL} ...\", "
+              "2026-12-03, UTC times):\n\n"
+            + deployment_table(_rows(benchmarks / "deployment_profile.jsonl")))
 
 
 def main(argv: list[str] | None = None) -> int:
