@@ -85,6 +85,7 @@ def test_a_goal_whose_record_changed_is_named_and_its_verdict_follows_the_record
 
     bench = tmp_path / "benchmarks"
     shutil.copytree(dc.DOCS / "benchmarks", bench)
+    shutil.copytree(dc.RESULTS / "redesign-check", tmp_path / "results" / "redesign-check")
     assert dc.check_goals(bench) == []
     secagg = bench / "secagg_overhead.jsonl"
     rows = [json.loads(line) for line in secagg.read_text().splitlines()]
