@@ -1,4 +1,5 @@
-"""Tables of the benchmark records, for the docs to include (issue 24).
+"""Tables of the benchmark records (and of run records no grid report tabulates), for the
+docs to include (issue 24).
 
     python -m experiments.benchmark_tables     # writes docs/benchmarks/tables.md
 
@@ -21,6 +22,8 @@ and the docs include its tables (``<!-- generated: benchmarks/tables.md, table k
 10. ``lora_overhead.jsonl``: LoRA's epoch with and without DP-SGD (``experiments.benchmark_lora``).
 11. ``../results/redesign-check/``: every run before and after the redesign
     (``experiments.redesign_check``).
+12. ``../results/scaffold-lr-sweep/`` with ``fmnist-niid``'s seed-0 runs: SCAFFOLD's client
+    lr against eta_g (``experiments.run_grid``).
 
 Nothing in the app imports this module.
 """
@@ -220,6 +223,30 @@ def redesign_table(before: dict, after: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _final_and_lowest(summary_path: Path) -> str:
+    """A run's final test accuracy, and in brackets the lowest of its last 10 rounds (%)."""
+    summary = json.loads(summary_path.read_text())
+    acc = [100 * r["test_accuracy"] for r in summary["history"] if r["round"] >= 1]
+    return f"{100 * summary['final_test_accuracy']:.2f} ({min(acc[-10:]):.1f})"
+
+
+def lr_sweep_table(results: Path) -> str:
+    """SCAFFOLD's client lr x eta_g (grid scaffold-lr-sweep, seed 0), with fmnist-niid's
+    own seed-0 SCAFFOLD run for lr 0.05 and eta_g 1 and its FedAvg run beside them."""
+    sweep, niid = results / "scaffold-lr-sweep" / "runs", results / "fmnist-niid" / "runs"
+    lines = ["| client lr | eta_g | dir0.1 | path2 |", "|---|---|---|---|"]
+    for lr in ("0.01", "0.02", "0.05"):
+        for eta in ("0.5", "1"):
+            own = (lr, eta) == ("0.05", "1")
+            cells = [_final_and_lowest((niid / f"scaffold__{split}__s0" if own else
+                                        sweep / f"scaffold-lr{lr}-etag{eta}__{split}__s0") / "summary.json")
+                     for split in ("dir0.1", "path2")]
+            lines.append(f"| {lr} | {eta}{' (`fmnist-niid`)' if own else ''} | " + " | ".join(cells) + " |")
+    cells = [_final_and_lowest(niid / f"fedavg__{split}__s0" / "summary.json") for split in ("dir0.1", "path2")]
+    lines.append("| FedAvg, lr 0.05 (`fmnist-niid`, seed 0) | | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def build_tables(benchmarks: Path = BENCHMARKS) -> str:
     benchmarks = Path(benchmarks)
     dp = _rows(benchmarks / "dp_overhead.jsonl")
@@ -254,7 +281,10 @@ def build_tables(benchmarks: Path = BENCHMARKS) -> str:
             + "\n11. The redesign check, before and after the specs and the assembly "
               "(`../results/redesign-check/before.json`, `after-specs.json`):\n\n"
             + redesign_table(*(json.loads((redesign / f"{n}.json").read_text())
-                               for n in ("before", "after-specs"))))
+                               for n in ("before", "after-specs")))
+            + "\n12. SCAFFOLD's client lr against eta_g (`../results/scaffold-lr-sweep/` and "
+              "`../results/fmnist-niid/`, seed 0): final test accuracy %, in brackets the lowest "
+              "of the last 10 rounds:\n\n" + lr_sweep_table(benchmarks.parent / "results"))
 
 
 def main(argv: list[str] | None = None) -> int:
