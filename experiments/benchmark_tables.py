@@ -24,6 +24,8 @@ and the docs include its tables (``<!-- generated: benchmarks/tables.md, table k
     (``experiments.redesign_check``).
 12. ``../results/scaffold-lr-sweep/`` with ``fmnist-niid``'s seed-0 runs: SCAFFOLD's client
     lr against eta_g (``experiments.run_grid``).
+13. ``../results/secagg-time-10/`` and ``secagg-digits/``: a SecAgg+ round's training
+    phase against a plain one in Flower's simulation.
 
 Nothing in the app imports this module.
 """
@@ -247,6 +249,38 @@ def lr_sweep_table(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+SECAGG_GRIDS = (  # label, grid, plain strategy, SecAgg+ strategy
+    ("Fashion-MNIST IID, 10 clients, CNN, 5 rounds, 2 seeds alternating (`secagg-time-10`)",
+     "secagg-time-10", "fedavg", "fedavg-secagg"),
+    ("digits, 10 clients, CNN, 20 rounds, 3 seeds × 2 splits (`secagg-digits`), FedAvg",
+     "secagg-digits", "fedavg", "fedavg-secagg"),
+    ("same, SCAFFOLD", "secagg-digits", "scaffold", "scaffold-secagg"),
+)
+
+
+def _median_train_seconds(runs: Path, strategy: str) -> float:
+    """The median of the per-round ``train_seconds`` from round 2 on, over every run of
+    ``strategy`` (``<strategy>__<split>__s<seed>``)."""
+    import statistics
+
+    values = [r["train_seconds"] for p in sorted(runs.glob(f"{strategy}__*/summary.json"))
+              for r in json.loads(p.read_text())["history"] if r["round"] >= 2 and "train_seconds" in r]
+    if not values:
+        raise ValueError(f"{runs} has no round 2+ of {strategy}")
+    return statistics.median(values)
+
+
+def secagg_simulation_table(results: Path) -> str:
+    """A SecAgg+ round's training phase against a plain one in Flower's simulation."""
+    lines = ["| setting | plain | SecAgg+ | ratio |", "|---|---|---|---|"]
+    for label, grid, plain, secure in SECAGG_GRIDS:
+        runs = results / grid / "runs"
+        a, b = _median_train_seconds(runs, plain), _median_train_seconds(runs, secure)
+        digits = 1 if a >= 10 else 2
+        lines.append(f"| {label} | {a:.{digits}f} s | {b:.{digits}f} s | {b / a:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def build_tables(benchmarks: Path = BENCHMARKS) -> str:
     benchmarks = Path(benchmarks)
     dp = _rows(benchmarks / "dp_overhead.jsonl")
@@ -284,7 +318,10 @@ def build_tables(benchmarks: Path = BENCHMARKS) -> str:
                                for n in ("before", "after-specs")))
             + "\n12. SCAFFOLD's client lr against eta_g (`../results/scaffold-lr-sweep/` and "
               "`../results/fmnist-niid/`, seed 0): final test accuracy %, in brackets the lowest "
-              "of the last 10 rounds:\n\n" + lr_sweep_table(benchmarks.parent / "results"))
+              "of the last 10 rounds:\n\n" + lr_sweep_table(benchmarks.parent / "results")
+            + "\n13. A SecAgg+ round's training phase against a plain one in Flower's simulation "
+              "(median of the per-round `train_seconds` from round 2 on, over the grid's runs):\n\n"
+            + secagg_simulation_table(benchmarks.parent / "results"))
 
 
 def main(argv: list[str] | None = None) -> int:
