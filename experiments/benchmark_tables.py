@@ -26,6 +26,8 @@ and the docs include its tables (``<!-- generated: benchmarks/tables.md, table k
     lr against eta_g (``experiments.run_grid``).
 13. ``../results/secagg-time-10/`` and ``secagg-digits/``: a SecAgg+ round's training
     phase against a plain one in Flower's simulation.
+14. ``../results/fmnist-niid/`` (and its superseded sets), ``scaffold-variates/`` and
+    ``momentum-path2/``: SCAFFOLD's control variates under momentum.
 
 Nothing in the app imports this module.
 """
@@ -281,6 +283,53 @@ def secagg_simulation_table(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+MOMENTUM_ROWS = (  # split, variant, the run folders under docs/results/ ({s}: the seed)
+    ("dir0.1", "scaffold, momentum 0.9, gradient-mean c_i (`fmnist-niid/superseded/`, before "
+               "the weighting fix)", "fmnist-niid/superseded/scaffold__dir0.1__s{s}"),
+    ("dir0.1", "scaffold, momentum 0.9, gradient-mean c_i (`fmnist-niid`, after the fix)",
+     "fmnist-niid/runs/scaffold__dir0.1__s{s}"),
+    ("dir0.1", "scaffold, momentum 0.9, displacement c_i (the paper's formula)",
+     "scaffold-variates/runs/scaffold-displacement__dir0.1__s{s}"),
+    ("dir0.1", "scaffold, plain SGD (before the weighting fix)",
+     "scaffold-variates/runs/scaffold-sgd__dir0.1__s{s}"),
+    ("dir0.1", "fedavg, plain SGD", "scaffold-variates/runs/fedavg-sgd__dir0.1__s{s}"),
+    ("dir0.1", "fedavg, momentum 0.9 (`fmnist-niid/superseded-2026-12/`)",
+     "fmnist-niid/superseded-2026-12/fedavg__dir0.1__s{s}"),
+    ("dir0.1", "fedavg, momentum 0.9 (`fmnist-niid`, the rerun)", "fmnist-niid/runs/fedavg__dir0.1__s{s}"),
+    ("path2", "scaffold, momentum 0.9, gradient-mean c_i (`fmnist-niid/superseded/`, before "
+              "the weighting fix)", "fmnist-niid/superseded/scaffold__path2__s{s}"),
+    ("path2", "scaffold, momentum 0.9, gradient-mean c_i (`fmnist-niid`, after the fix)",
+     "fmnist-niid/runs/scaffold__path2__s{s}"),
+    ("path2", "scaffold, momentum 0.9, displacement c_i (the paper's formula)",
+     "scaffold-variates/runs/scaffold-displacement__path2__s{s}"),
+    ("path2", "scaffold, plain SGD (before the weighting fix)",
+     "scaffold-variates/runs/scaffold-sgd__path2__s{s}"),
+    ("path2", "fedavg, plain SGD", "scaffold-variates/runs/fedavg-sgd__path2__s{s}"),
+    ("path2", "fedavg, momentum 0.9 (`fmnist-niid/superseded-2026-12/`)",
+     "fmnist-niid/superseded-2026-12/fedavg__path2__s{s}"),
+    ("path2", "fedavg, momentum 0.9 (`fmnist-niid`, the rerun)", "fmnist-niid/runs/fedavg__path2__s{s}"),
+    ("path2", "fedprox, plain SGD (grid `momentum-path2`)", "momentum-path2/runs/fedprox-sgd__path2__s{s}"),
+    ("path2", "fedadam, plain SGD (grid `momentum-path2`)", "momentum-path2/runs/fedadam-sgd__path2__s{s}"),
+)
+
+
+def momentum_table(results: Path, seeds=(0, 1, 2)) -> str:
+    """SCAFFOLD's control variates and momentum, beside FedAvg, FedProx and FedAdam: the
+    final test accuracy (mean ± std over seeds 0-2) and each run's best over rounds
+    (mean over the seeds), from the record sets each row names."""
+    import statistics
+
+    lines = ["| split | variant | final test acc (mean ± std, 3 seeds) | best over rounds |",
+             "|---|---|---|---|"]
+    for split, variant, pattern in MOMENTUM_ROWS:
+        runs = [json.loads((results / pattern.format(s=s) / "summary.json").read_text()) for s in seeds]
+        final = [100 * r["final_test_accuracy"] for r in runs]
+        best = [100 * r["best_test_accuracy"] for r in runs]
+        lines.append(f"| {split} | {variant} | {statistics.mean(final):.2f} ± "
+                     f"{statistics.stdev(final):.2f} | {statistics.mean(best):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_tables(benchmarks: Path = BENCHMARKS) -> str:
     benchmarks = Path(benchmarks)
     dp = _rows(benchmarks / "dp_overhead.jsonl")
@@ -321,7 +370,10 @@ def build_tables(benchmarks: Path = BENCHMARKS) -> str:
               "of the last 10 rounds:\n\n" + lr_sweep_table(benchmarks.parent / "results")
             + "\n13. A SecAgg+ round's training phase against a plain one in Flower's simulation "
               "(median of the per-round `train_seconds` from round 2 on, over the grid's runs):\n\n"
-            + secagg_simulation_table(benchmarks.parent / "results"))
+            + secagg_simulation_table(benchmarks.parent / "results")
+            + "\n14. SCAFFOLD's control variates under momentum, beside FedAvg, FedProx and "
+              "FedAdam with plain SGD (Fashion-MNIST, 10 clients, seeds 0-2; each row's record "
+              "set under `../results/`):\n\n" + momentum_table(benchmarks.parent / "results"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,9 +86,9 @@ def test_a_goal_whose_record_changed_is_named_and_its_verdict_follows_the_record
     bench = tmp_path / "benchmarks"
     shutil.copytree(dc.DOCS / "benchmarks", bench)
     for grid in ("redesign-check", "scaffold-lr-sweep", "fmnist-niid", "secagg-time-10",
-                 "secagg-digits"):  # tables.md reads them too
+                 "secagg-digits", "scaffold-variates", "momentum-path2"):  # tables.md reads them
         shutil.copytree(dc.RESULTS / grid, tmp_path / "results" / grid,
-                        ignore=shutil.ignore_patterns("*.png", "*.log", "superseded*"))
+                        ignore=shutil.ignore_patterns("*.png", "*.log", "*.csv"))
     assert dc.check_goals(bench) == []
     secagg = bench / "secagg_overhead.jsonl"
     rows = [json.loads(line) for line in secagg.read_text().splitlines()]
