@@ -14,11 +14,12 @@ ones met. Nothing in the app imports this module.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from experiments.records import read_records
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -33,10 +34,6 @@ class Goal:
     measure: Callable[[list[dict] | str], list[tuple[float, str]]]
     decimals: int = 2
     where: str = ""  # the docs section that explains it
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _round_floor(rows) -> list[tuple[float, str]]:
@@ -113,7 +110,7 @@ def build_goals(benchmarks: Path = BENCHMARKS, goals=GOALS) -> str:
              "|---|---|---|---|---|---|"]
     for g in goals:
         path = Path(benchmarks) / g.record
-        source = path.read_text() if path.suffix == ".txt" else _rows(path)
+        source = path.read_text() if path.suffix == ".txt" else read_records(path)
         measured = g.measure(source)
         if not measured:
             raise ValueError(f"{g.record} has no row measuring: {g.what}")

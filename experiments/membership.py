@@ -587,7 +587,7 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def family(record: dict) -> str:
+def record_family(record: dict) -> str:
     """"model" (one model trained on a random half), "example" (``clients`` > 1: one
     example's membership in a federation) or "user" (``users`` > 0: one client's)."""
     if record["config"].get("users", 0):
@@ -611,7 +611,7 @@ def summary_table(records: list[dict], all_bounds: dict[str, dict[str, dict]],
                   "(≤ the replace-one epsilon) |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in records:
-        if family(r) != which:
+        if record_family(r) != which:
             continue
         cells = [r["config"]["name"], f"{r['epsilon_max']:.2f}" if r["epsilon_max"] else "no DP",
                  f"{100 * r['test_accuracy_mean']:.1f}"]
@@ -627,18 +627,27 @@ def summary_table(records: list[dict], all_bounds: dict[str, dict[str, dict]],
     return "\n".join(lines) + "\n"
 
 
-def build_table(out: Path) -> str:
-    """table.md from the records in ``out`` (and, for the bounds, their arrays), in the
-    order of CONFIGS: what ``--table-only`` writes and ``experiments.docs_check`` checks.
-    Tables: 1 single models, 2 federations (example membership), 3 user-level federations
-    (client membership), 4 every configuration's lower bounds on epsilon, 5 and 6 the
-    federations' summaries (LiRA online per target, accuracy, the largest bound)."""
+def load_records(out: Path) -> list[dict]:
+    """The configurations' records in ``out`` (not held-out-thresholds.json), in the order
+    of CONFIGS."""
     order = list(CONFIGS)
     records = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))
                if p.name != "held-out-thresholds.json"]
     records.sort(key=lambda r: order.index(r["config"]["name"]) if r["config"]["name"] in order else 99)
-    bounds = all_epsilon_bounds(records, Path(out))
-    by = {k: [r for r in records if family(r) == k] for k in ("model", "example", "user")}
+    return records
+
+
+def build_table(out: Path, records: list[dict] | None = None,
+                bounds: dict[str, dict[str, dict]] | None = None) -> str:
+    """table.md from the records in ``out`` (and, for the bounds, their arrays), in the
+    order of CONFIGS: what ``--table-only`` writes and ``experiments.docs_check`` checks
+    (``records`` and ``bounds``, where the caller has them already, are not read again).
+    Tables: 1 single models, 2 federations (example membership), 3 user-level federations
+    (client membership), 4 every configuration's lower bounds on epsilon, 5 and 6 the
+    federations' summaries (LiRA online per target, accuracy, the largest bound)."""
+    records = load_records(out) if records is None else records
+    bounds = all_epsilon_bounds(records, Path(out)) if bounds is None else bounds
+    by = {k: [r for r in records if record_family(r) == k] for k in ("model", "example", "user")}
     return (
         "Membership inference (experiments/membership.py): digits, the app's MLP trained by "
         "train_local on random halves of a pool; every model the target once, the others its "
@@ -684,8 +693,7 @@ def curve_points(records: list[dict], family: str = "example") -> list[dict]:
     accuracy, and per target of ``FIGURE_TARGETS[family]`` the ``FIGURE_ATTACK`` metrics."""
     points = []
     for r in records:
-        user = bool(r["config"].get("users", 0))
-        if (family == "user") != user or (not user and r["config"].get("clients", 1) <= 1):
+        if record_family(r) != family:
             continue
         attacks = {t: r["attacks"][f"{t}: {FIGURE_ATTACK}"] for t in FIGURE_TARGETS[family]}
         points.append({"name": r["config"]["name"], "epsilon": r["epsilon_max"],
@@ -796,15 +804,12 @@ def main(argv: list[str] | None = None) -> int:
                        "torch": torch.__version__, "python": platform.python_version(),
                        "threads": args.threads})
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    order = list(CONFIGS)
-    records = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))
-               if p.name != "held-out-thresholds.json"]
-    records.sort(key=lambda r: order.index(r["config"]["name"]) if r["config"]["name"] in order else 99)
-    (args.out / "table.md").write_text(build_table(args.out))
+    records = load_records(args.out)
     bounds = all_epsilon_bounds(records, args.out)
+    (args.out / "table.md").write_text(build_table(args.out, records, bounds))
     held_out = {}
     for r in records:  # the figures' TPR at FPR 1e-3, its threshold checked across models
-        kind = family(r)
+        kind = record_family(r)
         if kind != "model":
             with np.load(args.out / r["arrays_file"]) as arrays:
                 held_out[r["config"]["name"]] = {

@@ -1,4 +1,4 @@
-"""One benchmark record: a JSON line appended to a file under docs/benchmarks/."""
+"""Benchmark records: JSON lines appended to, and read from, files under docs/benchmarks/."""
 
 from __future__ import annotations
 
@@ -22,3 +22,8 @@ def append_record(out: Path, label: str, cores: int | None, fields: dict[str, An
     with out.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
     return row
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every row of the JSON-lines file ``path``, in the order appended (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
